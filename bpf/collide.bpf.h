@@ -1,0 +1,232 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * tcpcollide-trace: the collision logic shared by every hook backend.
+ *
+ * Not a real header: tracer/program.py inlines it into the backend source,
+ * because bcc rewrites map operations only in the main translation unit.
+ *
+ * A backend (tracepoints.bpf.c today) only extracts the socket pointer and the
+ * hook's arguments, then calls the tc_on_*() handlers below. Everything read
+ * from a kernel struct goes through tc_read() with an offset from the running
+ * kernel (macros OFF_*, defined by tracer/offsets.py from BTF), and every
+ * kernel enum value comes from the running kernel too (macros K_*).
+ *
+ * Filtering happens here, in the kernel: a host churning thousands of
+ * ordinary connections streams nothing. Only a SYN challenged by a
+ * non-listening socket starts a collision; it registers the connection's tuple
+ * in `tracked`, and only events on tracked tuples reach user space.
+ */
+#include "tcpcollide.h"
+
+#ifndef __always_inline /* the compat tree has no linux/compiler_types.h */
+#define __always_inline inline __attribute__((always_inline))
+#endif
+
+#define TC_AF_INET 2   /* ABI constants (UAPI), identical on every kernel */
+#define TC_AF_INET6 10
+
+/* The connection a collision is about, oriented: server = the end that owns
+ * the lingering socket and the listener; client = the end reusing the port. */
+struct tc_tuple {
+	__u16 family;
+	__u16 sport;
+	__u16 cport;
+	__u16 pad;
+	__u8 saddr[16];
+	__u8 caddr[16];
+};
+
+struct tc_track {
+	__u64 first_ns; /* when the first challenged SYN was seen */
+	__u64 skaddr;   /* the lingering socket */
+};
+
+BPF_PERF_OUTPUT(events);
+/* socket address -> ktime it entered CLOSE_WAIT (LRU: a full map forgets the
+ * oldest; such a socket's age then comes from tp->rcv_tstamp instead) */
+BPF_TABLE("lru_hash", __u64, __u64, cw_since, TC_CW_MAP_SIZE);
+/* collisions in progress; user space deletes an entry when its incident ends */
+BPF_TABLE("lru_hash", struct tc_tuple, struct tc_track, tracked, TC_TRACK_MAP_SIZE);
+
+#define tc_read(dst, base, off) bpf_probe_read_kernel(&(dst), sizeof(dst), (const char *)(base) + (off))
+
+/* Fill the socket part of an event. Returns 0 when the event passes the
+ * user's filters (compile-time macros TC_FILTER_*), non-zero otherwise. */
+static __always_inline int tc_fill_sock(const void *sk, struct tc_event *ev)
+{
+	__u16 family = 0, sport_be = 0, dport_be = 0;
+	__u8 state = 0;
+	void *net = 0;
+	void *sock = 0;
+
+	tc_read(family, sk, OFF_SKC_FAMILY);
+	if (family != TC_AF_INET && family != TC_AF_INET6)
+		return 1;
+#ifdef TC_FILTER_FAMILY
+	if (family != TC_FILTER_FAMILY)
+		return 1;
+#endif
+	tc_read(sport_be, sk, OFF_INET_SPORT);
+	tc_read(dport_be, sk, OFF_SKC_DPORT);
+	ev->family = family;
+	ev->lport = (__u16)((sport_be >> 8) | (sport_be << 8));
+	ev->rport = (__u16)((dport_be >> 8) | (dport_be << 8));
+#ifdef TC_FILTER_PORT
+	if (ev->lport != TC_FILTER_PORT && ev->rport != TC_FILTER_PORT)
+		return 1;
+#endif
+	tc_read(net, sk, OFF_SKC_NET);
+	if (net)
+		tc_read(ev->netns, net, OFF_NET_NS_INUM);
+#ifdef TC_FILTER_NETNS
+	if (ev->netns != TC_FILTER_NETNS)
+		return 1;
+#endif
+	if (family == TC_AF_INET) {
+		bpf_probe_read_kernel(ev->laddr, 4, (const char *)sk + OFF_SKC_RCV_SADDR);
+		bpf_probe_read_kernel(ev->raddr, 4, (const char *)sk + OFF_SKC_DADDR);
+	} else {
+		bpf_probe_read_kernel(ev->laddr, 16, (const char *)sk + OFF_SKC_V6_RCV_SADDR);
+		bpf_probe_read_kernel(ev->raddr, 16, (const char *)sk + OFF_SKC_V6_DADDR);
+	}
+	tc_read(state, sk, OFF_SKC_STATE);
+	ev->oldstate = state;
+	ev->newstate = state;
+	tc_read(sock, sk, OFF_SK_SOCKET);
+	if (sock)
+		tc_read(ev->sk_ino, sock, OFF_SOCKET_INODE_INO);
+	ev->skaddr = (__u64)sk;
+	ev->ts_ns = bpf_ktime_get_ns();
+	ev->cpu = bpf_get_smp_processor_id();
+	ev->pid = bpf_get_current_pid_tgid() >> 32;
+	bpf_get_current_comm(ev->comm, sizeof(ev->comm));
+	return 0;
+}
+
+static __always_inline void tc_tuple_of(const struct tc_event *ev, int local_is_server, struct tc_tuple *t)
+{
+	t->family = ev->family;
+	if (local_is_server) {
+		t->sport = ev->lport;
+		t->cport = ev->rport;
+		__builtin_memcpy(t->saddr, ev->laddr, 16);
+		__builtin_memcpy(t->caddr, ev->raddr, 16);
+	} else {
+		t->sport = ev->rport;
+		t->cport = ev->lport;
+		__builtin_memcpy(t->saddr, ev->raddr, 16);
+		__builtin_memcpy(t->caddr, ev->laddr, 16);
+	}
+}
+
+/* Is this socket an end of a tracked collision (either orientation)? */
+static __always_inline int tc_is_tracked(const struct tc_event *ev)
+{
+	struct tc_tuple t = {};
+
+	tc_tuple_of(ev, 1, &t);
+	if (tracked.lookup(&t))
+		return 1;
+	tc_tuple_of(ev, 0, &t);
+	return tracked.lookup(&t) != 0;
+}
+
+/* A SYN was dropped by a socket that is not listening (skb drop reason
+ * TCP_INVALID_SYN): tcp_validate_incoming() has just called
+ * tcp_send_challenge_ack(). The collision starts here. */
+static __always_inline int tc_on_syn_challenged(void *ctx, const void *sk, __u32 hook)
+{
+	struct tc_event ev = {};
+	struct tc_tuple t = {};
+	struct tc_track tr = {};
+	__u64 skp = (__u64)sk;
+	__u64 *since;
+	__u32 now_j, rcv_tstamp = 0, last_oow = 0;
+
+	if (tc_fill_sock(sk, &ev))
+		return 0;
+	ev.type = TC_EV_SYN_CHALLENGED;
+	ev.hook = hook;
+	tc_read(ev.seq, sk, OFF_TP_SND_NXT);
+	tc_read(ev.ack, sk, OFF_TP_RCV_NXT);
+	now_j = (__u32)bpf_jiffies64();
+	tc_read(rcv_tstamp, sk, OFF_TP_RCV_TSTAMP);
+	tc_read(last_oow, sk, OFF_TP_LAST_OOW_ACK_TIME);
+	if (rcv_tstamp) {
+		ev.age_jiffies = now_j - rcv_tstamp;
+		ev.flags |= TC_F_AGE_JIFFIES;
+	}
+	/* __tcp_oow_rate_limited() stamps last_oow_ack_time only when it lets
+	 * the ACK through; a stamp from this tick (or the one before, should a
+	 * tick have passed since) means the challenge ACK went out now. */
+	if (last_oow && now_j - last_oow <= 1)
+		ev.flags |= TC_F_CHALLENGE_PASSED;
+	since = cw_since.lookup(&skp);
+	if (since && ev.ts_ns > *since) {
+		ev.age_ns = ev.ts_ns - *since;
+		ev.flags |= TC_F_AGE_OBSERVED;
+	}
+	tc_tuple_of(&ev, 1, &t);
+	tr.first_ns = ev.ts_ns;
+	tr.skaddr = skp;
+	tracked.insert(&t, &tr); /* keeps the first entry on a repeat */
+	events.perf_submit(ctx, &ev, sizeof(ev));
+	return 0;
+}
+
+/* Any socket event that matters only when it is about a tracked tuple. */
+static __always_inline int tc_on_tracked(void *ctx, const void *sk, __u32 type, __u32 hook,
+					 int oldstate, int newstate, __u32 seq)
+{
+	struct tc_event ev = {};
+
+	if (!sk || tc_fill_sock(sk, &ev))
+		return 0;
+	if (!tc_is_tracked(&ev))
+		return 0;
+	ev.type = type;
+	ev.hook = hook;
+	ev.seq = seq;
+	if (oldstate >= 0)
+		ev.oldstate = oldstate;
+	if (newstate >= 0)
+		ev.newstate = newstate;
+	events.perf_submit(ctx, &ev, sizeof(ev));
+	return 0;
+}
+
+/* tcp_set_state(): remember when sockets enter CLOSE_WAIT, forget them when
+ * they leave it, and report transitions of tracked tuples. */
+static __always_inline int tc_on_set_state(void *ctx, const void *sk, int oldstate, int newstate, __u32 hook)
+{
+	__u64 skp = (__u64)sk;
+
+	if (newstate == K_TCP_CLOSE_WAIT) {
+		__u64 now = bpf_ktime_get_ns();
+
+		cw_since.update(&skp, &now);
+		return 0;
+	}
+	if (oldstate == K_TCP_CLOSE_WAIT)
+		cw_since.delete(&skp);
+	return tc_on_tracked(ctx, sk, TC_EV_STATE, hook, oldstate, newstate, 0);
+}
+
+/* The RST a socket sends in reply to `skb` (tcp_v4/v6_send_reset): its
+ * sequence number is the ack number of the segment that provoked it. */
+static __always_inline __u32 tc_rst_seq(const void *skb)
+{
+	unsigned char *head = 0;
+	__u16 thoff = 0;
+	__u32 ack_seq_be = 0;
+
+	if (!skb)
+		return 0;
+	tc_read(head, skb, OFF_SKB_HEAD);
+	tc_read(thoff, skb, OFF_SKB_TRANSPORT_HEADER);
+	if (!head || thoff == 0xffff)
+		return 0;
+	/* struct tcphdr: ack_seq is the third 32-bit word */
+	bpf_probe_read_kernel(&ack_seq_be, 4, head + thoff + 8);
+	return __builtin_bswap32(ack_seq_be);
+}

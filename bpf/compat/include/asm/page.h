@@ -1,0 +1,1 @@
+/* bcc includes asm/page.h from its helpers; nothing from it is used. */

@@ -1,0 +1,1 @@
+/* bcc includes linux/log2.h from its helpers; nothing from it is used. */

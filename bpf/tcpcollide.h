@@ -1,0 +1,66 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * tcpcollide-trace: the event layout shared by the BPF programs and Python.
+ *
+ * This header is the one home of the layout. tracer/events.py parses it (the
+ * struct below and the enums) to decode perf-buffer records and recordings, so
+ * keep to its simple grammar: one field per line, `__u8`/`__u16`/`__u32`/
+ * `__u64`/`char` types, fixed-size arrays, fields in natural alignment with no
+ * hidden padding, enumerators written as `NAME = NUMBER,`.
+ */
+#ifndef TCPCOLLIDE_H
+#define TCPCOLLIDE_H
+
+/* What happened. One record per event, produced in the kernel. */
+enum tc_event_type {
+	TC_EV_SYN_CHALLENGED = 1, /* a SYN was dropped by a non-listening socket (RFC 5961 challenge) */
+	TC_EV_RST_SENT = 2,       /* a socket on a tracked tuple sent RST (the client in SYN-SENT) */
+	TC_EV_RST_RECEIVED = 3,   /* a socket on a tracked tuple received RST */
+	TC_EV_STATE = 4,          /* a socket on a tracked tuple changed TCP state */
+	TC_EV_RETRANSMIT = 5,     /* a socket on a tracked tuple retransmitted (the client's SYN) */
+	TC_EV_QUEUED = 6,         /* a child on a tracked tuple was added to its listener's accept queue */
+};
+
+/* Which kernel hook produced the event. */
+enum tc_hook {
+	TC_HOOK_TP_KFREE_SKB = 1,     /* tracepoint skb:kfree_skb */
+	TC_HOOK_TP_SET_STATE = 2,     /* tracepoint sock:inet_sock_set_state */
+	TC_HOOK_TP_SEND_RESET = 3,    /* tracepoint tcp:tcp_send_reset */
+	TC_HOOK_TP_RECEIVE_RESET = 4, /* tracepoint tcp:tcp_receive_reset */
+	TC_HOOK_TP_RETRANSMIT = 5,    /* tracepoint tcp:tcp_retransmit_skb */
+};
+
+/* Event flags. */
+enum tc_flag {
+	TC_F_AGE_OBSERVED = 1,      /* age_ns is valid: the tracer saw the socket enter CLOSE_WAIT */
+	TC_F_CHALLENGE_PASSED = 2,  /* the per-socket challenge-ACK rate limiter let the ACK through now */
+	TC_F_AGE_JIFFIES = 4,       /* age_jiffies is valid (tp->rcv_tstamp was set) */
+};
+
+struct tc_event {
+	__u64 ts_ns;       /* bpf_ktime_get_ns(): CLOCK_MONOTONIC, nanoseconds */
+	__u64 skaddr;      /* kernel address of the socket (an identity, never dereferenced) */
+	__u64 age_ns;      /* TC_F_AGE_OBSERVED: nanoseconds since the socket entered CLOSE_WAIT */
+	__u32 netns;       /* inode number of the socket's network namespace */
+	__u32 type;        /* enum tc_event_type */
+	__u32 hook;        /* enum tc_hook */
+	__u32 cpu;         /* CPU the hook ran on */
+	__u32 pid;         /* current task's tgid when the hook fired (often softirq context) */
+	__u32 seq;         /* SYN_CHALLENGED: socket's snd_nxt; RST_SENT: the RST's sequence number */
+	__u32 ack;         /* SYN_CHALLENGED: socket's rcv_nxt (the challenge ACK's ack number) */
+	__u32 age_jiffies; /* TC_F_AGE_JIFFIES: jiffies since the socket last accepted an ACK */
+	__u32 sk_ino;      /* inode of the socket's struct socket, 0 when it has none */
+	__u32 flags;       /* enum tc_flag bits */
+	__u32 backlog;     /* QUEUED: listener's accept-queue length after the add */
+	__u32 max_backlog; /* QUEUED: listener's accept-queue limit */
+	__u16 family;      /* AF_INET or AF_INET6 */
+	__u16 lport;       /* local port, host order */
+	__u16 rport;       /* remote port, host order */
+	__u8 oldstate;     /* STATE: previous TCP state; other events: state at the event */
+	__u8 newstate;     /* STATE: new TCP state */
+	__u8 laddr[16];    /* local address: 4 bytes for AF_INET, 16 for AF_INET6, network order */
+	__u8 raddr[16];    /* remote address, same encoding */
+	char comm[16];     /* current task's command name (untrusted text) */
+};
+
+#endif /* TCPCOLLIDE_H */

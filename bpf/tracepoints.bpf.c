@@ -1,0 +1,54 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * tcpcollide-trace: the tracepoint backend. Works on kernels without kprobes
+ * or fentry, as long as they have the tracepoints below (and BTF or headers
+ * for the offsets). Each program only extracts the socket and hands over to
+ * the shared logic in collide.bpf.h.
+ *
+ * tracer/hooks.py reads each tracepoint's format file and defines
+ * TC_HAVE_<EVENT>_<FIELD> for the optional fields used here, and declares the
+ * kernel enum types the formats name (bcc builds args structs from them).
+ */
+#include "collide.bpf.h"
+
+/* every tcp_set_state() goes through inet_sk_state_store() and this event */
+TRACEPOINT_PROBE(sock, inet_sock_set_state)
+{
+	if (args->protocol != K_IPPROTO_TCP)
+		return 0;
+	return tc_on_set_state(args, args->skaddr, args->oldstate, args->newstate, TC_HOOK_TP_SET_STATE);
+}
+
+#ifdef TC_HAVE_KFREE_SKB_RX_SK
+/* a SYN dropped with SKB_DROP_REASON_TCP_INVALID_SYN by the socket rx_sk */
+TRACEPOINT_PROBE(skb, kfree_skb)
+{
+	if (args->reason != K_SKB_DROP_REASON_TCP_INVALID_SYN || !args->rx_sk)
+		return 0;
+	return tc_on_syn_challenged(args, args->rx_sk, TC_HOOK_TP_KFREE_SKB);
+}
+#endif
+
+#ifdef TC_HAVE_TCP_SEND_RESET_SKADDR
+TRACEPOINT_PROBE(tcp, tcp_send_reset)
+{
+	return tc_on_tracked(args, args->skaddr, TC_EV_RST_SENT, TC_HOOK_TP_SEND_RESET, -1, -1,
+			     tc_rst_seq(args->skbaddr));
+}
+#endif
+
+#ifdef TC_HAVE_TCP_RECEIVE_RESET_SKADDR
+TRACEPOINT_PROBE(tcp, tcp_receive_reset)
+{
+	return tc_on_tracked(args, args->skaddr, TC_EV_RST_RECEIVED, TC_HOOK_TP_RECEIVE_RESET, -1, -1, 0);
+}
+#endif
+
+#ifdef TC_HAVE_TCP_RETRANSMIT_SKB_STATE
+TRACEPOINT_PROBE(tcp, tcp_retransmit_skb)
+{
+	if (args->state != K_TCP_SYN_SENT)
+		return 0;
+	return tc_on_tracked(args, args->skaddr, TC_EV_RETRANSMIT, TC_HOOK_TP_RETRANSMIT, -1, -1, 0);
+}
+#endif

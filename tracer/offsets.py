@@ -1,0 +1,121 @@
+"""Every kernel struct field and enum value the BPF programs use, in one list.
+
+The BPF programs never include kernel struct definitions. They read fields
+with `tc_read(dst, base, OFF_X)` and compare with `K_Y`, and this module
+defines those macros for the running kernel:
+
+- from BTF (`/sys/kernel/btf/vmlinux`, or a vmlinux ELF's `.BTF` section):
+  numbers, and the program compiles against the small compat tree;
+- from kernel headers, when there is no BTF: `offsetof()` expressions and the
+  enumerator names themselves, and the program compiles against the headers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tracer.btf import BTF, BTFError
+
+
+@dataclass(frozen=True)
+class Field:
+    macro: str
+    struct: str
+    path: str
+    size: int  # the size the C code reads; checked against the kernel's
+
+
+FIELDS = [
+    Field("OFF_SKC_FAMILY", "sock", "__sk_common.skc_family", 2),
+    Field("OFF_SKC_STATE", "sock", "__sk_common.skc_state", 1),
+    # not skc_num: tcp_set_state(TCP_CLOSE) zeroes it (inet_put_port) before
+    # the state change is traced; inet_sport survives until the socket dies
+    Field("OFF_INET_SPORT", "inet_sock", "inet_sport", 2),
+    Field("OFF_SKC_DPORT", "sock", "__sk_common.skc_dport", 2),
+    Field("OFF_SKC_RCV_SADDR", "sock", "__sk_common.skc_rcv_saddr", 4),
+    Field("OFF_SKC_DADDR", "sock", "__sk_common.skc_daddr", 4),
+    Field("OFF_SKC_V6_RCV_SADDR", "sock", "__sk_common.skc_v6_rcv_saddr", 16),
+    Field("OFF_SKC_V6_DADDR", "sock", "__sk_common.skc_v6_daddr", 16),
+    Field("OFF_SKC_NET", "sock", "__sk_common.skc_net", 8),
+    Field("OFF_NET_NS_INUM", "net", "ns.inum", 4),
+    Field("OFF_SK_SOCKET", "sock", "sk_socket", 8),
+    Field("OFF_SK_ACK_BACKLOG", "sock", "sk_ack_backlog", 4),
+    Field("OFF_SK_MAX_ACK_BACKLOG", "sock", "sk_max_ack_backlog", 4),
+    Field("OFF_TP_SND_NXT", "tcp_sock", "snd_nxt", 4),
+    Field("OFF_TP_RCV_NXT", "tcp_sock", "rcv_nxt", 4),
+    Field("OFF_TP_RCV_TSTAMP", "tcp_sock", "rcv_tstamp", 4),
+    Field("OFF_TP_LAST_OOW_ACK_TIME", "tcp_sock", "last_oow_ack_time", 4),
+    Field("OFF_SKB_HEAD", "sk_buff", "head", 8),
+    Field("OFF_SKB_TRANSPORT_HEADER", "sk_buff", "transport_header", 2),
+]
+
+# From a `struct socket *` to its inode number: struct socket sits inside
+# struct socket_alloc next to its inode (SOCK_INODE() in include/net/sock.h).
+SOCKET_INODE = ("OFF_SOCKET_INODE_INO", "socket_alloc", "vfs_inode.i_ino", "socket")
+
+# (macro, enumerator, enum type or None for anonymous enums)
+ENUMS = [
+    ("K_IPPROTO_TCP", "IPPROTO_TCP", None),
+    ("K_TCP_ESTABLISHED", "TCP_ESTABLISHED", None),
+    ("K_TCP_SYN_SENT", "TCP_SYN_SENT", None),
+    ("K_TCP_SYN_RECV", "TCP_SYN_RECV", None),
+    ("K_TCP_CLOSE", "TCP_CLOSE", None),
+    ("K_TCP_CLOSE_WAIT", "TCP_CLOSE_WAIT", None),
+    ("K_TCP_LISTEN", "TCP_LISTEN", None),
+    ("K_SKB_DROP_REASON_TCP_INVALID_SYN", "SKB_DROP_REASON_TCP_INVALID_SYN", "skb_drop_reason"),
+]
+
+# The TCP state names as the kernel numbers them (include/net/tcp_states.h);
+# the numbers are read from the running kernel, these are only the names.
+TCP_STATE_NAMES = [
+    "TCP_ESTABLISHED", "TCP_SYN_SENT", "TCP_SYN_RECV", "TCP_FIN_WAIT1", "TCP_FIN_WAIT2",
+    "TCP_TIME_WAIT", "TCP_CLOSE", "TCP_CLOSE_WAIT", "TCP_LAST_ACK", "TCP_LISTEN", "TCP_CLOSING",
+    "TCP_NEW_SYN_RECV",
+]
+
+
+class OffsetError(Exception):
+    """The running kernel lacks a field or enum value the tracer needs."""
+
+
+def btf_defines(btf: BTF) -> dict[str, int]:
+    """Macro values for every field and enum, read from BTF."""
+    out: dict[str, int] = {}
+    try:
+        for f in FIELDS:
+            size = btf.member_size(f.struct, f.path)
+            if size != f.size:
+                raise OffsetError(f"struct {f.struct}.{f.path} is {size} bytes on this kernel, the tracer reads {f.size}")
+            out[f.macro] = btf.member_offset(f.struct, f.path)
+        macro, struct, path, anchor = SOCKET_INODE
+        out[macro] = btf.member_offset(struct, path) - btf.member_offset(struct, anchor)
+        for macro, name, enum in ENUMS:
+            out[macro] = btf.enum_value(name, enum)
+    except BTFError as e:
+        raise OffsetError(str(e)) from e
+    return out
+
+
+def header_defines() -> dict[str, str]:
+    """Macro values for compiling against real kernel headers (no BTF)."""
+    out: dict[str, str] = {f.macro: f"__builtin_offsetof(struct {f.struct}, {f.path})" for f in FIELDS}
+    macro, struct, path, anchor = SOCKET_INODE
+    out[macro] = f"(__builtin_offsetof(struct {struct}, {path}) - __builtin_offsetof(struct {struct}, {anchor}))"
+    for macro, name, _ in ENUMS:
+        out[macro] = name
+    return out
+
+
+# What a program compiled against headers needs to see those names.
+HEADER_INCLUDES = ["linux/skbuff.h", "linux/tcp.h", "net/sock.h", "net/net_namespace.h", "net/dropreason.h"]
+
+
+def tcp_states(btf: BTF) -> dict[int, str]:
+    """Kernel TCP state number -> name (`ESTABLISHED`, `CLOSE_WAIT`, ...)."""
+    states = {}
+    for name in TCP_STATE_NAMES:
+        try:
+            states[btf.enum_value(name)] = name.removeprefix("TCP_")
+        except BTFError:
+            continue
+    return states

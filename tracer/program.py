@@ -1,0 +1,165 @@
+"""Assemble the BPF program for this kernel and load it with bcc.
+
+The source is a `.c` file under bpf/. What varies per kernel and per run is
+passed as macros: field offsets and enum values (tracer/offsets.py), the
+tracepoint fields present (tracer/hooks.py), the user's filters and map sizes.
+With BTF, bcc compiles against the project's compat tree (bpf/compat) in a
+fraction of a second; without BTF it compiles against the kernel's headers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tracer import kernel, offsets
+from tracer.btf import BTF, BTFError
+from tracer.hooks import TracepointPlan
+from tracer.resources import bpf_dir, compat_dir
+
+AF_BY_NAME = {"ipv4": 2, "ipv6": 10}
+CW_MAP_SIZE = 65536  # sockets remembered in CLOSE_WAIT (LRU)
+TRACK_MAP_SIZE = 4096  # collisions in progress (LRU)
+UAPI_DIRS = ("/usr/include", "/usr/include/x86_64-linux-gnu")  # Debian's linux-libc-dev
+
+
+class BuildError(Exception):
+    """The program cannot be built or loaded on this kernel."""
+
+
+@dataclass(frozen=True)
+class Filters:
+    """What the operator asked to see. Applied in the kernel."""
+
+    port: int | None = None
+    netns: int | None = None
+    family: str | None = None  # "ipv4" / "ipv6"
+
+    def defines(self) -> dict[str, int]:
+        out = {}
+        if self.port is not None:
+            out["TC_FILTER_PORT"] = self.port
+        if self.netns is not None:
+            out["TC_FILTER_NETNS"] = self.netns
+        if self.family is not None:
+            out["TC_FILTER_FAMILY"] = AF_BY_NAME[self.family]
+        return out
+
+    def as_dict(self) -> dict:
+        return {"port": self.port, "netns": self.netns, "family": self.family}
+
+
+@dataclass
+class KernelTypes:
+    """Where kernel type information came from, and what it says."""
+
+    source: str  # "btf:PATH" or "headers:PATH"
+    defines: dict[str, int | str]
+    tcp_states: dict[int, str]
+    btf: BTF | None = None
+
+
+def kernel_types(btf_path: str | None = None) -> KernelTypes:
+    """Read offsets and enum values from BTF, else fall back to kernel headers."""
+    path = btf_path or str(kernel.SYSFS_BTF)
+    if btf_path or kernel.SYSFS_BTF.exists():
+        try:
+            btf = BTF.load(path)
+            return KernelTypes(f"btf:{path}", dict(offsets.btf_defines(btf)), offsets.tcp_states(btf), btf)
+        except (BTFError, OSError) as e:
+            if btf_path:
+                raise BuildError(f"cannot use BTF from {path}: {e}") from e
+        except offsets.OffsetError as e:
+            raise BuildError(f"this kernel's BTF lacks what the tracer reads: {e}") from e
+    headers = kernel.headers_dir()
+    if headers is None:
+        raise BuildError(
+            "no BTF (/sys/kernel/btf/vmlinux) and no kernel headers "
+            f"(/lib/modules/{kernel.release()}/build): enable CONFIG_DEBUG_INFO_BTF or install the headers package"
+        )
+    return KernelTypes(f"headers:{headers}", dict(offsets.header_defines()), {})
+
+
+@dataclass
+class BuildSpec:
+    text: str
+    cflags: list[str]
+    kernel_source: Path | None  # BCC_KERNEL_SOURCE (None: bcc finds the headers)
+    source_file: str
+    defines: dict[str, int | str] = field(default_factory=dict)
+
+
+def build_spec(plan: TracepointPlan, types: KernelTypes, filters: Filters) -> BuildSpec:
+    source = bpf_dir() / "tracepoints.bpf.c"
+    defines: dict[str, int | str] = {"TC_CW_MAP_SIZE": CW_MAP_SIZE, "TC_TRACK_MAP_SIZE": TRACK_MAP_SIZE}
+    defines.update(types.defines)
+    defines.update(plan.defines())
+    defines.update(filters.defines())
+    prelude = plan.prelude()
+    if types.source.startswith("btf:"):
+        cflags = ["-I", str(bpf_dir())]
+        for d in UAPI_DIRS:
+            cflags += ["-idirafter", d]
+        ksrc: Path | None = compat_dir()
+    else:
+        cflags = ["-I", str(bpf_dir())]
+        prelude = "".join(f"#include <{h}>\n" for h in offsets.HEADER_INCLUDES)
+        ksrc = None
+    cflags += [f"-D{k}={v}" for k, v in sorted(defines.items())]
+    text = prelude + _inline_local_includes(source)
+    return BuildSpec(text, cflags, ksrc, source.name, defines)
+
+
+def _inline_local_includes(source: Path) -> str:
+    """The source with its `#include "*.bpf.h"` lines replaced by the files.
+
+    bcc rewrites map operations (`map.lookup()`, `events.perf_submit()`) only
+    in the main translation unit, so the shared logic cannot be a real header.
+    `#line` markers keep compiler messages pointing at the right file."""
+    out = []
+    for n, line in enumerate(source.read_text().splitlines(keepends=True), 1):
+        m = re.match(r'\s*#include\s+"([\w.]+\.bpf\.h)"', line)
+        if m:
+            inc = source.parent / m.group(1)
+            out.append(f'#line 1 "{inc.name}"\n{inc.read_text()}#line {n + 1} "{source.name}"\n')
+        else:
+            out.append(line)
+    return f'#line 1 "{source.name}"\n' + "".join(out)
+
+
+@contextlib.contextmanager
+def _kernel_source(path: Path | None):
+    old = os.environ.get("BCC_KERNEL_SOURCE")
+    if path is not None:
+        os.environ["BCC_KERNEL_SOURCE"] = str(path)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("BCC_KERNEL_SOURCE", None)
+        else:
+            os.environ["BCC_KERNEL_SOURCE"] = old
+
+
+def import_bcc():
+    try:
+        import bcc  # noqa: PLC0415 - optional at import time: replay and unit tests need no bcc
+    except ImportError as e:
+        raise BuildError(
+            "bcc is not importable: install Debian's python3-bpfcc and run with a Python that sees "
+            "/usr/lib/python3/dist-packages (scripts/setup does both)"
+        ) from e
+    return bcc
+
+
+def load(spec: BuildSpec):
+    """Compile and load; bcc attaches TRACEPOINT_PROBE programs as it loads."""
+    bcc = import_bcc()
+    with _kernel_source(spec.kernel_source):
+        try:
+            return bcc.BPF(text=spec.text, cflags=spec.cflags)
+        except Exception as e:  # bcc raises bare Exception for compile and attach failures
+            raise BuildError(f"loading {spec.source_file} failed: {e}") from e
