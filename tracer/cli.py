@@ -1,0 +1,171 @@
+"""The `tcpcollide-trace` command line.
+
+Exit status: 0 success (also after Ctrl-C or SIGTERM), 1 the tracer cannot
+run here (not root, no bcc, no BTF and no headers, a hook that cannot attach,
+a demo that failed), 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import click
+
+from tracer import __version__, hooks, kernel, netns, program
+from tracer.render import JsonWriter, TextWriter, inert
+from tracer.session import Options, Session
+
+EPILOG = """\b
+Examples:
+  tcpcollide-trace                     trace the whole host until Ctrl-C
+  tcpcollide-trace -p 8080 --json      collisions on port 8080, as JSON lines
+  tcpcollide-trace --netns 4026532177 -4 -c 1
+  tcpcollide-trace demo                reproduce the collision in a private namespace
+"""
+
+RUNTIME_ERRORS = (kernel.KernelError, program.BuildError, hooks.BackendError, netns.NetnsError)
+
+
+def _port(ctx, param, value):
+    if value is not None and not 1 <= value <= 65535:
+        raise click.BadParameter(f"{value} is not a TCP port (1-65535)")
+    return value
+
+
+def _positive(ctx, param, value):
+    if value is not None and value <= 0:
+        raise click.BadParameter(f"{value} must be greater than 0")
+    return value
+
+
+def _family(ipv4: bool, ipv6: bool) -> str | None:
+    if ipv4 and ipv6:
+        raise click.UsageError("-4 and -6 exclude each other (give neither for both)")
+    return "ipv4" if ipv4 else "ipv6" if ipv6 else None
+
+
+def _writer(as_json: bool, no_color: bool):
+    return JsonWriter() if as_json else TextWriter(color=False if no_color else None)
+
+
+def _fail(message: str) -> None:
+    click.echo(f"tcpcollide-trace: error: {inert(message)}", err=True)
+    sys.exit(1)
+
+
+def _run(options: Options, writer, on_ready=None, on_idle=None) -> dict:
+    session = Session(options, writer.write)
+    try:
+        session.start()
+        if on_ready is not None:
+            on_ready()
+        return session.run(on_idle)
+    except RUNTIME_ERRORS as e:
+        _fail(str(e))
+    finally:
+        session.close()
+
+
+@click.group(invoke_without_command=True, epilog=EPILOG,
+             context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-p", "--port", type=int, callback=_port, help="Only collisions where either end uses this port.")
+@click.option("--netns", type=int, callback=_positive, metavar="INODE",
+              help="Only sockets in this network namespace (inode, as `ls -Li /proc/PID/ns/net` shows).")
+@click.option("-4", "ipv4", is_flag=True, help="IPv4 only.")
+@click.option("-6", "ipv6", is_flag=True, help="IPv6 only.")
+@click.option("--duration", type=float, callback=_positive, metavar="SECONDS", help="Stop after this long.")
+@click.option("-c", "--count", type=int, callback=_positive, metavar="N", help="Stop after N collisions.")
+@click.option("--json", "as_json", is_flag=True, help="JSON lines on stdout (schema: docs/json-schema.md).")
+@click.option("-v", "--verbose", is_flag=True, help="Attach the raw kernel events to each collision.")
+@click.option("--backend", type=click.Choice(["auto", "tracepoint"]), default="auto", show_default=True,
+              help="Which kernel hooks to use.")
+@click.option("--btf", type=click.Path(exists=True, dir_okay=False), metavar="FILE",
+              help="Kernel BTF (raw, or a vmlinux ELF with .BTF) instead of /sys/kernel/btf/vmlinux.")
+@click.option("--incident-timeout", type=float, default=15.0, show_default=True, callback=_positive,
+              metavar="SECONDS", help="End an incident that never completes after this long.")
+@click.option("--no-color", is_flag=True, help="No colors in the readable output.")
+@click.version_option(__version__, prog_name="tcpcollide-trace")
+@click.pass_context
+def main(ctx, port, netns, ipv4, ipv6, duration, count, as_json, verbose, backend, btf, incident_timeout,
+         no_color):
+    """Trace TCP connections whose SYN hits a socket left in CLOSE_WAIT.
+
+    With no command: trace the whole host (all network namespaces, IPv4 and
+    IPv6) and report each collision as it completes."""
+    options = Options(
+        filters=program.Filters(port=port, netns=netns, family=_family(ipv4, ipv6)),
+        backend=backend, btf=btf, duration=duration, count=count, verbose=verbose,
+        incident_timeout=incident_timeout,
+    )
+    ctx.obj = {"options": options, "as_json": as_json, "no_color": no_color}
+    if ctx.invoked_subcommand is None:
+        _run(options, _writer(as_json, no_color))
+
+
+@main.command(epilog="\b\nExamples:\n  tcpcollide-trace demo\n  tcpcollide-trace --json demo -6")
+@click.option("-4", "ipv4", is_flag=True, help="Demonstrate over IPv4 (the default).")
+@click.option("-6", "ipv6", is_flag=True, help="Demonstrate over IPv6.")
+@click.option("--timeout", type=float, default=30.0, show_default=True, callback=_positive, metavar="SECONDS",
+              help="Give up if no collision is reported by then.")
+@click.pass_context
+def demo(ctx, ipv4, ipv6, timeout):
+    """Reproduce the seed's collision in a private namespace while tracing it.
+
+    A listener that never accepts, a client that connects and closes (its
+    server end stays in CLOSE_WAIT), then a new client from the same port.
+    The namespace is created for the demo and removed afterwards."""
+    family = _family(ipv4, ipv6) or "ipv4"
+    as_json, no_color = ctx.obj["as_json"], ctx.obj["no_color"]
+    writer = _writer(as_json, no_color)
+    name = f"tcpcollide-demo-{os.getpid()}"
+    ip = "::1" if family == "ipv6" else "127.0.0.1"
+    try:
+        kernel.require_root()
+        ns = netns.NetNS(name).__enter__()
+    except RUNTIME_ERRORS as e:
+        _fail(str(e))
+    base = ctx.obj["options"]
+    options = Options(filters=program.Filters(port=base.filters.port, netns=ns.inode, family=family),
+                      backend=base.backend, btf=base.btf, count=1, verbose=base.verbose,
+                      incident_timeout=base.incident_timeout)
+    state: dict = {}
+
+    def narrate(line: str) -> None:
+        try:
+            step = json.loads(line)
+        except ValueError:
+            return
+        text = f"demo: {step['step']}" + "".join(f" {k}={v}" for k, v in step.items() if k != "step")
+        click.echo(inert(text), err=as_json)
+
+    def start_scenario():
+        state["deadline"] = time.monotonic() + timeout
+        state["proc"] = subprocess.Popen(
+            [sys.executable, "-m", "tracer.scenario", "--server-ns", name, "--server-ip", ip, "--client-ip", ip,
+             "--hold", "2"], stdout=subprocess.PIPE, text=True, bufsize=1)
+        os.set_blocking(state["proc"].stdout.fileno(), False)
+
+    def on_idle():
+        proc = state["proc"]
+        for line in proc.stdout.readlines():
+            narrate(line)
+        if proc.poll() not in (None, 0):
+            return "scenario failed"
+        if time.monotonic() > state["deadline"]:
+            return "timeout"
+        return None
+
+    try:
+        summary = _run(options, writer, start_scenario, on_idle)
+    finally:
+        proc = state.get("proc")
+        if proc is not None:
+            proc.kill()
+            proc.wait()
+        ns.delete()
+    if summary["collisions"] < 1:
+        _fail(f"the demo saw no collision ({summary['stopped_by']})")

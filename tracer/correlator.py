@@ -1,0 +1,306 @@
+"""The correlator: a pure state machine from kernel events to collision incidents.
+
+No I/O, no clock of its own: time is the kernel's (event timestamps, and the
+`now_ns` given to tick()). Feed it events in timestamp order (tracer/reorder.py
+does that for a live stream); it returns incidents as they complete.
+
+A collision is keyed by its connection tuple, oriented server/client: the
+server end owns the lingering socket and the listener, the client end reuses
+the port. Events from both ends (loopback, or two namespaces of one host) land
+on the same incident.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tracer.events import Event, format_addr
+
+# Step names, in the order they normally happen.
+STEPS = ("syn", "challenge_ack", "rst", "closewait_closed", "retry_syn", "established", "queued")
+OUTCOMES = ("recovered", "stuck", "pending")
+
+Key = tuple[int, bytes, int, bytes, int]  # family, server addr, server port, client addr, client port
+
+MAX_RAW_EVENTS = 64  # raw events kept per incident (for --verbose and research)
+
+
+@dataclass
+class Step:
+    name: str
+    ts_ns: int
+    detail: dict = field(default_factory=dict)
+
+
+@dataclass
+class Incident:
+    id: int
+    key: Key
+    family: int
+    server: str
+    client: str
+    netns: int  # the server end's network namespace
+    first_ns: int
+    lingering_state: str
+    closewait: dict  # the lingering socket: skaddr, inode, seq/ack, age
+    steps: list[Step] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    client_netns: int | None = None
+    outcome: str | None = None
+    ended_by: str = ""  # "complete", "timeout", "flush", "evicted"
+    incomplete: bool = False  # events were lost while it was open
+    syn_hits: int = 1  # SYNs of this connection that hit the lingering socket
+    established_ends: set[str] = field(default_factory=set)  # "client", "server"
+    last_ns: int = 0
+
+    def step(self, name: str) -> Step | None:
+        return next((s for s in self.steps if s.name == name), None)
+
+    def has(self, name: str) -> bool:
+        return self.step(name) is not None
+
+    @property
+    def penalty_ns(self) -> int | None:
+        est = self.step("established")
+        return est.ts_ns - self.first_ns if est else None
+
+    def add(self, name: str, ts_ns: int, **detail) -> Step:
+        s = Step(name, ts_ns, detail)
+        self.steps.append(s)
+        return s
+
+
+def _key(ev: Event, local_is_server: bool) -> Key:
+    laddr = ev.laddr[:16] if ev.family == 10 else ev.laddr[:4]
+    raddr = ev.raddr[:16] if ev.family == 10 else ev.raddr[:4]
+    if local_is_server:
+        return (ev.family, laddr, ev.lport, raddr, ev.rport)
+    return (ev.family, raddr, ev.rport, laddr, ev.lport)
+
+
+class Correlator:
+    """Events in, incidents out.
+
+    states: kernel TCP state number -> name ("CLOSE_WAIT"), from the running
+    kernel (or the recording). hz: the kernel's jiffies per second, to turn
+    an estimated age into seconds (None: unknown)."""
+
+    def __init__(
+        self,
+        states: dict[int, str],
+        hz: int | None = None,
+        grace_ns: int = 200_000_000,
+        timeout_ns: int = 15_000_000_000,
+        max_open: int = 4096,
+    ):
+        self.states = states
+        self.state_nums = {v: k for k, v in states.items()}
+        self.hz = hz
+        self.grace_ns = grace_ns
+        self.timeout_ns = timeout_ns
+        self.max_open = max_open
+        self.open: dict[Key, Incident] = {}
+        self.next_id = 1
+        self.events_seen = 0
+        self.lost_events = 0
+        self.ignored_events = 0
+
+    # -- public interface ------------------------------------------------
+
+    def feed(self, ev: Event) -> list[Incident]:
+        """One event (in timestamp order). Returns incidents this completed."""
+        self.events_seen += 1
+        done = self.tick(ev.ts_ns)
+        if ev.type == "syn_challenged":
+            done += self._on_syn_challenged(ev)
+            return done
+        found = self._find(ev)
+        if found is None:
+            self.ignored_events += 1
+            return done
+        inc, local_is_server = found
+        if len(inc.events) < MAX_RAW_EVENTS:
+            inc.events.append(ev)
+        inc.last_ns = ev.ts_ns
+        handler = getattr(self, f"_on_{ev.type}", None)
+        if handler is not None:
+            handler(inc, ev, local_is_server)
+        if self._complete(inc):
+            done.append(self._close(inc, "complete"))
+        return done
+
+    def tick(self, now_ns: int) -> list[Incident]:
+        """Time passed (kernel clock): end incidents whose wait is over."""
+        done = []
+        for inc in list(self.open.values()):
+            est = inc.step("established")
+            if est is not None and now_ns - est.ts_ns >= self.grace_ns:
+                done.append(self._close(inc, "complete"))
+            elif est is None and now_ns - inc.first_ns >= self.timeout_ns:
+                done.append(self._close(inc, "timeout"))
+        return done
+
+    def lost(self, count: int) -> None:
+        """The kernel dropped `count` events: every open incident may miss some."""
+        self.lost_events += count
+        for inc in self.open.values():
+            inc.incomplete = True
+
+    def flush(self) -> list[Incident]:
+        """The stream ended: close every open incident with what is known."""
+        return [self._close(inc, "flush") for inc in list(self.open.values())]
+
+    # -- event handlers ----------------------------------------------------
+
+    def _state(self, num: int) -> str:
+        return self.states.get(num, str(num))
+
+    def _find(self, ev: Event) -> tuple[Incident, bool] | None:
+        for local_is_server in (True, False):
+            inc = self.open.get(_key(ev, local_is_server))
+            if inc is not None:
+                return inc, local_is_server
+        return None
+
+    def _age(self, ev: Event) -> tuple[float | None, str]:
+        if ev.has("TC_F_AGE_OBSERVED"):
+            return ev.age_ns / 1e9, "observed"
+        if ev.has("TC_F_AGE_JIFFIES") and self.hz:
+            return ev.age_jiffies / self.hz, "estimated"
+        return None, "unknown"
+
+    def _on_syn_challenged(self, ev: Event) -> list[Incident]:
+        key = _key(ev, True)
+        inc = self.open.get(key)
+        if inc is not None:  # the same connection's SYN hit the lingering socket again
+            inc.syn_hits += 1
+            inc.last_ns = ev.ts_ns
+            if len(inc.events) < MAX_RAW_EVENTS:
+                inc.events.append(ev)
+            retry = self._last_unresolved_retry(inc)
+            if retry is None:
+                retry = inc.add("retry_syn", ev.ts_ns, attempt=inc.syn_hits - 1)
+            retry.detail["reached"] = "lingering socket"
+            retry.detail["challenge_ack_sent"] = ev.has("TC_F_CHALLENGE_PASSED")
+            return []
+        done = []
+        if len(self.open) >= self.max_open:  # bounded memory: the oldest gives way
+            oldest = min(self.open.values(), key=lambda i: i.first_ns)
+            done.append(self._close(oldest, "evicted"))
+        age_s, age_source = self._age(ev)
+        inc = Incident(
+            id=self.next_id,
+            key=key,
+            family=ev.family,
+            server=format_addr(ev.family, ev.laddr, ev.lport),
+            client=format_addr(ev.family, ev.raddr, ev.rport),
+            netns=ev.netns,
+            first_ns=ev.ts_ns,
+            last_ns=ev.ts_ns,
+            lingering_state=self._state(ev.oldstate),
+            closewait={
+                "skaddr": ev.skaddr,
+                "inode": ev.sk_ino or None,
+                "snd_nxt": ev.seq,
+                "rcv_nxt": ev.ack,
+                "age_s": age_s,
+                "age_source": age_source,
+            },
+            events=[ev],
+        )
+        self.next_id += 1
+        inc.add("syn", ev.ts_ns)
+        if ev.has("TC_F_CHALLENGE_PASSED"):
+            inc.add("challenge_ack", ev.ts_ns, seq=ev.seq, ack=ev.ack)
+        self.open[key] = inc
+        return done
+
+    def _last_unresolved_retry(self, inc: Incident) -> Step | None:
+        for s in reversed(inc.steps):
+            if s.name == "retry_syn":
+                return None if "reached" in s.detail else s
+        return None
+
+    def _on_rst_sent(self, inc: Incident, ev: Event, local_is_server: bool) -> None:
+        if local_is_server or self._state(ev.oldstate) != "SYN_SENT":
+            return  # only the client's answer to the challenge ACK matters
+        inc.client_netns = ev.netns
+        if not inc.has("rst"):
+            inc.add("rst", ev.ts_ns, seq=ev.seq, in_window=ev.seq == inc.closewait["rcv_nxt"], seen_at="client")
+
+    def _on_rst_received(self, inc: Incident, ev: Event, local_is_server: bool) -> None:
+        if not local_is_server or ev.skaddr != inc.closewait["skaddr"]:
+            return
+        rst = inc.step("rst")
+        if rst is None:
+            inc.add("rst", ev.ts_ns, seen_at="server")
+        else:
+            rst.detail["received_ms"] = round((ev.ts_ns - inc.first_ns) / 1e6, 3)
+
+    def _on_retransmit(self, inc: Incident, ev: Event, local_is_server: bool) -> None:
+        if local_is_server or inc.has("established"):
+            return
+        inc.client_netns = ev.netns
+        attempts = sum(1 for s in inc.steps if s.name == "retry_syn")
+        inc.add("retry_syn", ev.ts_ns, attempt=attempts + 1)
+
+    def _on_queued(self, inc: Incident, ev: Event, local_is_server: bool) -> None:
+        if not inc.has("queued"):
+            inc.add("queued", ev.ts_ns, backlog=ev.backlog, max_backlog=ev.max_backlog)
+
+    def _on_state(self, inc: Incident, ev: Event, local_is_server: bool) -> None:
+        old, new = self._state(ev.oldstate), self._state(ev.newstate)
+        if local_is_server and ev.skaddr == inc.closewait["skaddr"]:
+            if new == "CLOSE" and not inc.has("closewait_closed"):
+                inc.add("closewait_closed", ev.ts_ns, from_state=old)
+            return
+        if local_is_server and old == "LISTEN" and new == "SYN_RECV":
+            self._retry_reached_listener(inc, ev)
+            return
+        if new != "ESTABLISHED" or old not in ("SYN_SENT", "SYN_RECV"):
+            return
+        end = "server" if local_is_server else "client"
+        if not local_is_server:
+            inc.client_netns = ev.netns
+        inc.established_ends.add(end)
+        est = inc.step("established")
+        if est is None:
+            inc.add("established", ev.ts_ns, end=end)
+        else:
+            est.detail[f"{end}_ms"] = round((ev.ts_ns - inc.first_ns) / 1e6, 3)
+        if local_is_server:
+            self._retry_reached_listener(inc, ev)
+            if not inc.has("queued"):
+                # tcp_child_process() moves a child to ESTABLISHED only after
+                # inet_csk_complete_hashdance() queued it on the listener
+                inc.add("queued", ev.ts_ns, evidence="child established")
+
+    def _retry_reached_listener(self, inc: Incident, ev: Event) -> None:
+        retry = self._last_unresolved_retry(inc)
+        if retry is None and not any(s.name == "retry_syn" for s in inc.steps):
+            retry = inc.add("retry_syn", ev.ts_ns, attempt=1, seen_at="server")
+        if retry is not None:
+            retry.detail["reached"] = "listener"
+
+    # -- completion ----------------------------------------------------------
+
+    def _complete(self, inc: Incident) -> bool:
+        """Complete once every traced end is established (and the child queued);
+        tick() closes, after a grace period, the ones whose other end is not seen."""
+        return (
+            inc.has("queued")
+            and "server" in inc.established_ends
+            and ("client" in inc.established_ends or inc.client_netns is None)
+        )
+
+    def _close(self, inc: Incident, why: str) -> Incident:
+        self.open.pop(inc.key, None)
+        inc.ended_by = why
+        if inc.has("established"):
+            inc.outcome = "recovered"
+        elif inc.syn_hits > 1 or (not inc.has("rst") and any(s.name == "retry_syn" for s in inc.steps)):
+            inc.outcome = "stuck"  # the client keeps knocking on the lingering socket
+        else:
+            inc.outcome = "pending"
+        inc.steps.sort(key=lambda s: (s.ts_ns, STEPS.index(s.name)))
+        return inc

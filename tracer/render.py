@@ -1,0 +1,126 @@
+"""Output: JSON lines, or readable reports drawn with rich.
+
+Both draw from the records of tracer/report.py. Text that comes from the
+kernel (addresses are formatted by us, but process names, for one, are not)
+is untrusted: it is made inert (control characters escaped, never parsed as
+rich markup) before it reaches a terminal.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from typing import TextIO
+
+from rich.console import Console
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+STEP_LABELS = {
+    "syn": "SYN from the reused port hits the lingering socket",
+    "challenge_ack": "challenge ACK with the old connection's numbers",
+    "rst": "client answers with RST",
+    "closewait_closed": "the RST kills the lingering socket",
+    "retry_syn": "client retries its SYN",
+    "established": "new connection established",
+    "queued": "new connection queued on the listener",
+}
+
+
+def inert(s: object) -> str:
+    """Escape control characters (terminal escape sequences included)."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(s))
+
+
+class JsonWriter:
+    def __init__(self, out: TextIO = sys.stdout):
+        self.out = out
+
+    def write(self, rec: dict) -> None:
+        # json.dumps escapes every control character: the line is inert
+        self.out.write(json.dumps(rec, separators=(",", ":")) + "\n")
+        self.out.flush()
+
+
+def _step_detail(step: dict) -> str:
+    skip = {"step", "t_ms"}
+    return ", ".join(f"{k}={v}" for k, v in step.items() if k not in skip)
+
+
+class TextWriter:
+    """Human-readable reports (rich)."""
+
+    def __init__(self, out: TextIO = sys.stdout, color: bool | None = None, width: int | None = None):
+        self.console = Console(
+            file=out, highlight=False, markup=False, emoji=False,
+            no_color=(color is False), force_terminal=color, width=width,
+        )
+
+    def write(self, rec: dict) -> None:
+        kind = rec.get("type")
+        if kind == "collision":
+            self._collision(rec)
+        elif kind == "ready":
+            self._ready(rec)
+        elif kind == "summary":
+            self._summary(rec)
+        elif kind == "event":
+            self.console.print(Text(inert(json.dumps(rec))))
+
+    def _ready(self, rec: dict) -> None:
+        hooks = ", ".join(f"{h['logical']}={h['target']}" for h in rec["hooks"] if h["available"])
+        missing = [h for h in rec["hooks"] if not h["available"]]
+        self.console.print(Text(
+            f"tcpcollide-trace {rec['version']} ready in {rec['startup_s']:.2f} s on {inert(rec['kernel'])}: "
+            f"backend {rec['backend']}, types from {inert(rec['types'])}", style="bold"))
+        self.console.print(Text(f"  hooks: {hooks}", style="dim"))
+        for h in missing:
+            self.console.print(Text(f"  cannot see {h['logical']}: {inert(h['note'])}", style="yellow"))
+        self.console.print(Text("Tracing TCP port collisions with lingering sockets... Ctrl-C to stop.", style="dim"))
+
+    def _collision(self, rec: dict) -> None:
+        style = {"recovered": "yellow", "stuck": "red", "pending": "magenta"}.get(rec["outcome"], "white")
+        head = Text(f"collision #{rec['id']}: {rec['client']} -> {rec['server']}", style="bold")
+        where = Text(f"{rec['time']}  {rec['family']}  server netns {rec['netns']}", style="dim")
+        table = Table(box=None, show_header=True, header_style="bold", pad_edge=False)
+        table.add_column("t (ms)", justify="right")
+        table.add_column("step")
+        table.add_column("detail", overflow="fold")
+        for s in rec["steps"]:
+            table.add_row(f"{s['t_ms']:.3f}", STEP_LABELS.get(s["step"], s["step"]), inert(_step_detail(s)))
+        age = rec["closewait_age_s"]
+        age_text = "unknown" if age is None else (
+            f"{age:.3f} s" + ("" if rec["closewait_age_source"] == "observed" else " (estimated)"))
+        penalty = rec["penalty_ms"]
+        facts = Text()
+        facts.append(f"outcome: {rec['outcome']}", style=style + " bold")
+        facts.append(f"   penalty: {'-' if penalty is None else f'{penalty:.1f} ms'}")
+        facts.append(f"   {rec['lingering_state']} socket age: {age_text}")
+        inode = rec["closewait_socket"]["inode"]
+        if inode:
+            facts.append(f"   socket inode: {inode}")
+        if rec["incomplete"]:
+            facts.append("   (events lost: incomplete)", style="red")
+        body = Table.grid()
+        body.add_row(where)
+        body.add_row(table)
+        body.add_row(facts)
+        body.add_row(Text(inert(rec["explanation"]), style="italic"))
+        if rec.get("events"):
+            for ev in rec["events"]:
+                body.add_row(Text(inert(json.dumps(ev)), style="dim"))
+        self.console.print(Panel(body, title=head, title_align="left", border_style=style))
+
+    def _summary(self, rec: dict) -> None:
+        outcomes = ", ".join(f"{k} {v}" for k, v in sorted(rec["by_outcome"].items())) or "none"
+        worst = rec["worst_penalty_ms"]
+        self.console.print(Text(
+            f"{rec['collisions']} collision(s) ({outcomes}); worst penalty "
+            f"{'-' if worst is None else f'{worst:.1f} ms'}; {rec['events']} kernel events, "
+            f"{rec['lost_events']} lost; {rec['duration_s']:.1f} s", style="bold"))
+        if rec["lost_events"]:
+            self.console.print(Text(f"warning: {rec['lost_events']} kernel events were lost", style="red"))

@@ -1,0 +1,139 @@
+"""The records the tracer writes: `ready`, `collision`, `summary`.
+
+One home for the output schema (documented in docs/json-schema.md): the JSON
+lines are these dicts, and the human-readable renderer draws from the same
+dicts, so the two outputs cannot tell different stories.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from tracer import __version__
+from tracer.correlator import Incident
+from tracer.events import AF_INET6, Event
+from tracer.explain import explain
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Clock:
+    """Kernel monotonic nanoseconds -> wall-clock time."""
+
+    offset_ns: int  # wall - monotonic
+
+    @classmethod
+    def now(cls) -> Clock:
+        return cls(time.time_ns() - time.monotonic_ns())
+
+    def iso(self, mono_ns: int) -> str:
+        wall = dt.datetime.fromtimestamp((mono_ns + self.offset_ns) / 1e9, dt.timezone.utc)
+        return wall.isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def _rel_ms(inc: Incident, ns: int) -> float:
+    return round((ns - inc.first_ns) / 1e6, 3)
+
+
+def event_record(ev: Event, first_ns: int | None = None) -> dict:
+    """A raw kernel event, for --verbose and research."""
+    rec = {
+        "type": ev.type,
+        "hook": ev.hook,
+        "cpu": ev.cpu,
+        "ts_ns": ev.ts_ns,
+        "netns": ev.netns,
+        "local": ev.local,
+        "remote": ev.remote,
+        "oldstate": ev.oldstate,
+        "newstate": ev.newstate,
+        "skaddr": f"{ev.skaddr:#x}",
+        "seq": ev.seq,
+        "ack": ev.ack,
+        "flags": ev.flags,
+    }
+    if first_ns is not None:
+        rec["t_ms"] = round((ev.ts_ns - first_ns) / 1e6, 3)
+    return rec
+
+
+def collision_record(inc: Incident, clock: Clock, backend: str, verbose: bool = False) -> dict:
+    penalty = inc.penalty_ns
+    rec = {
+        "type": "collision",
+        "id": inc.id,
+        "time": clock.iso(inc.first_ns),
+        "netns": inc.netns,
+        "family": "ipv6" if inc.family == AF_INET6 else "ipv4",
+        "server": inc.server,
+        "client": inc.client,
+        "lingering_state": inc.lingering_state,
+        "outcome": inc.outcome,
+        "penalty_ms": round(penalty / 1e6, 3) if penalty is not None else None,
+        "closewait_age_s": round(inc.closewait["age_s"], 3) if inc.closewait["age_s"] is not None else None,
+        "closewait_age_source": inc.closewait["age_source"],
+        "closewait_socket": {
+            "inode": inc.closewait["inode"],
+            "snd_nxt": inc.closewait["snd_nxt"],
+            "rcv_nxt": inc.closewait["rcv_nxt"],
+        },
+        "client_netns": inc.client_netns,
+        "syn_hits": inc.syn_hits,
+        "steps": [{"step": s.name, "t_ms": _rel_ms(inc, s.ts_ns), **s.detail} for s in inc.steps],
+        "explanation": explain(inc),
+        "backend": backend,
+        "incomplete": inc.incomplete,
+        "ended_by": inc.ended_by,
+    }
+    if verbose:
+        rec["events"] = [event_record(ev, inc.first_ns) for ev in inc.events]
+    return rec
+
+
+def ready_record(backend: str, hooks: list[dict], types_source: str, filters: dict, startup_s: float) -> dict:
+    return {
+        "type": "ready",
+        "schema": SCHEMA_VERSION,
+        "version": __version__,
+        "kernel": os.uname().release,
+        "backend": backend,
+        "types": types_source,
+        "hooks": hooks,
+        "filters": filters,
+        "startup_s": round(startup_s, 3),
+        "pid": os.getpid(),
+    }
+
+
+@dataclass
+class Summary:
+    """Running totals for the final `summary` record."""
+
+    started_ns: int = field(default_factory=time.monotonic_ns)
+    outcomes: Counter = field(default_factory=Counter)
+    worst_penalty_ms: float | None = None
+    collisions: int = 0
+
+    def add(self, rec: dict) -> None:
+        self.collisions += 1
+        self.outcomes[rec["outcome"]] += 1
+        p = rec["penalty_ms"]
+        if p is not None and (self.worst_penalty_ms is None or p > self.worst_penalty_ms):
+            self.worst_penalty_ms = p
+
+    def record(self, events: int, lost: int, reason: str) -> dict:
+        return {
+            "type": "summary",
+            "collisions": self.collisions,
+            "by_outcome": dict(self.outcomes),
+            "worst_penalty_ms": self.worst_penalty_ms,
+            "events": events,
+            "lost_events": lost,
+            "duration_s": round((time.monotonic_ns() - self.started_ns) / 1e9, 3),
+            "stopped_by": reason,
+        }

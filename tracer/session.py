@@ -1,0 +1,167 @@
+"""A live tracing session: load, stream, correlate, report, detach.
+
+The only module that touches bcc at run time. Everything it attaches is
+detached on every way out: the end of --duration/--count, Ctrl-C, SIGTERM,
+SIGHUP, and errors.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from tracer import hooks, kernel, program
+from tracer.correlator import Correlator, Incident
+from tracer.events import DecodeError, decode
+from tracer.reorder import Reorderer
+from tracer.report import Clock, Summary, collision_record, ready_record
+
+POLL_MS = 100
+PERF_PAGES = 64  # per CPU
+
+
+@dataclass
+class Options:
+    filters: program.Filters = field(default_factory=program.Filters)
+    backend: str = "auto"
+    btf: str | None = None
+    duration: float | None = None
+    count: int | None = None
+    verbose: bool = False
+    incident_timeout: float = 15.0
+    reorder_delay: float = 0.1
+
+
+class Stop(Exception):
+    """Raised inside the loop by a signal handler."""
+
+
+class Session:
+    def __init__(self, options: Options, sink: Callable[[dict], None]):
+        self.options = options
+        self.sink = sink
+        self.bpf = None
+        self.backend = "tracepoint"
+        self.correlator: Correlator | None = None
+        self.reorder = Reorderer(int(options.reorder_delay * 1e9))
+        self.summary = Summary()
+        self.clock = Clock.now()
+        self.decode_errors = 0
+        self.stopped_by = ""
+        self._stop_reason: str | None = None
+
+    # -- start ---------------------------------------------------------------
+
+    def start(self) -> dict:
+        """Attach everything; returns (and emits) the `ready` record."""
+        t0 = time.monotonic()
+        kernel.require_root()
+        plan = hooks.select(self.options.backend)
+        types = program.kernel_types(self.options.btf)
+        spec = program.build_spec(plan, types, self.options.filters)
+        self.bpf = program.load(spec)
+        self.correlator = Correlator(
+            states=types.tcp_states,
+            hz=kernel.jiffies_hz(),
+            timeout_ns=int(self.options.incident_timeout * 1e9),
+        )
+        self.bpf["events"].open_perf_buffer(self._on_raw, page_cnt=PERF_PAGES, lost_cb=self._on_lost)
+        ready = ready_record(
+            backend=self.backend,
+            hooks=[{"logical": c.logical, "backend": c.backend, "target": c.target,
+                    "available": c.available, "note": c.note} for c in plan.choices],
+            types_source=types.source,
+            filters=self.options.filters.as_dict(),
+            startup_s=time.monotonic() - t0,
+        )
+        self.sink(ready)
+        return ready
+
+    # -- stream ----------------------------------------------------------------
+
+    def _on_raw(self, cpu, data, size) -> None:
+        try:
+            ev = decode(ctypes.string_at(data, size))
+        except DecodeError:
+            self.decode_errors += 1
+            return
+        self.reorder.push(ev)
+
+    def _on_lost(self, count) -> None:
+        self.correlator.lost(count)
+
+    def _emit(self, incidents: list[Incident]) -> None:
+        for inc in incidents:
+            self._untrack(inc)
+            rec = collision_record(inc, self.clock, self.backend, self.options.verbose)
+            self.summary.add(rec)
+            self.sink(rec)
+            if self.options.count and self.summary.collisions >= self.options.count:
+                self._stop_reason = "count"
+
+    def _untrack(self, inc: Incident) -> None:
+        """Tell the kernel side to stop streaming this tuple's events."""
+        table = self.bpf["tracked"]
+        key = table.Key()
+        family, saddr, sport, caddr, cport = inc.key
+        key.family, key.sport, key.cport = family, sport, cport
+        key.saddr = (ctypes.c_ubyte * 16)(*saddr.ljust(16, b"\0"))
+        key.caddr = (ctypes.c_ubyte * 16)(*caddr.ljust(16, b"\0"))
+        try:
+            del table[key]
+        except KeyError:
+            pass
+
+    def _pump(self) -> None:
+        now = time.monotonic_ns()
+        for ev in self.reorder.pop_ready(now):
+            self._emit(self.correlator.feed(ev))
+        self._emit(self.correlator.tick(now - self.reorder.delay_ns))
+
+    def run(self, on_idle: Callable[[], str | None] | None = None) -> dict:
+        """Stream until --duration, --count, a signal, or on_idle() says stop.
+        Returns (and emits) the `summary` record."""
+        deadline = time.monotonic() + self.options.duration if self.options.duration else None
+
+        def handler(signum, frame):
+            raise Stop(signal.Signals(signum).name)
+
+        old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+        try:
+            while self._stop_reason is None:
+                self.bpf.perf_buffer_poll(POLL_MS)
+                self._pump()
+                if deadline is not None and time.monotonic() >= deadline:
+                    self._stop_reason = "duration"
+                elif on_idle is not None and self._stop_reason is None:
+                    self._stop_reason = on_idle()
+        except (Stop, KeyboardInterrupt) as e:
+            self._stop_reason = str(e) or "SIGINT"
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+        return self.finish()
+
+    def finish(self) -> dict:
+        """Flush what is known, write the summary. Safe to call once."""
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the flush must not be cut short
+        try:
+            self.bpf.perf_buffer_poll(0)
+            for ev in self.reorder.drain():
+                self._emit(self.correlator.feed(ev))
+            self._emit(self.correlator.flush())
+            rec = self.summary.record(self.correlator.events_seen, self.correlator.lost_events,
+                                      self._stop_reason or "end")
+            self.sink(rec)
+            return rec
+        finally:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def close(self) -> None:
+        """Detach every program and free every map."""
+        if self.bpf is not None:
+            self.bpf.cleanup()
+            self.bpf = None
