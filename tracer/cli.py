@@ -17,7 +17,7 @@ import click
 
 from tracer import __version__, hooks, kernel, netns, program
 from tracer.render import JsonWriter, TextWriter, inert
-from tracer.session import Options, Session
+from tracer.session import Options, Session, Stop
 
 EPILOG = """\b
 Examples:
@@ -57,17 +57,21 @@ def _fail(message: str) -> None:
     sys.exit(1)
 
 
-def _run(options: Options, writer, on_ready=None, on_idle=None) -> dict:
+def _run(options: Options, writer, on_ready=None, on_idle=None) -> dict | None:
+    """Start, stream, detach. None when a signal came before `ready`."""
     session = Session(options, writer.write)
-    try:
-        session.start()
-        if on_ready is not None:
-            on_ready()
-        return session.run(on_idle)
-    except RUNTIME_ERRORS as e:
-        _fail(str(e))
-    finally:
-        session.close()
+    with session.signals():
+        try:
+            session.start()
+            if on_ready is not None:
+                on_ready()
+            return session.run(on_idle)
+        except Stop as e:  # a signal between the steps above
+            return session.finish(str(e)) if session.ready else None
+        except RUNTIME_ERRORS as e:
+            _fail(str(e))
+        finally:
+            session.close()
 
 
 @click.group(invoke_without_command=True, epilog=EPILOG,
@@ -167,5 +171,5 @@ def demo(ctx, ipv4, ipv6, timeout):
             proc.kill()
             proc.wait()
         ns.delete()
-    if summary["collisions"] < 1:
+    if summary is not None and summary["collisions"] < 1:
         _fail(f"the demo saw no collision ({summary['stopped_by']})")

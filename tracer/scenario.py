@@ -55,6 +55,9 @@ def run(args: argparse.Namespace) -> int:
                 return 1
             time.sleep(0.05)
     say("port_free", note="the client's FIN-WAIT-2 expired; the CLOSE_WAIT socket still holds the tuple")
+    if args.wait_stdin:
+        say("waiting", note="reconnects when a line arrives on stdin")
+        sys.stdin.readline()
     second.settimeout(args.connect_timeout)
     t0 = time.monotonic()
     try:
@@ -78,6 +81,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--backlog", type=int, default=8)
     p.add_argument("--port-wait", type=float, default=10.0)
     p.add_argument("--connect-timeout", type=float, default=10.0)
+    p.add_argument("--wait-stdin", action="store_true", help="pause before the reconnect until a line is read")
     p.add_argument("--hold", type=float, default=1.0, help="seconds to keep the sockets open at the end")
     return p
 

@@ -7,6 +7,7 @@ SIGHUP, and errors.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import signal
 import time
@@ -52,6 +53,7 @@ class Session:
         self.decode_errors = 0
         self.stopped_by = ""
         self._stop_reason: str | None = None
+        self._stopping = False
 
     # -- start ---------------------------------------------------------------
 
@@ -123,13 +125,8 @@ class Session:
 
     def run(self, on_idle: Callable[[], str | None] | None = None) -> dict:
         """Stream until --duration, --count, a signal, or on_idle() says stop.
-        Returns (and emits) the `summary` record."""
+        Returns (and emits) the `summary` record. Call inside signals()."""
         deadline = time.monotonic() + self.options.duration if self.options.duration else None
-
-        def handler(signum, frame):
-            raise Stop(signal.Signals(signum).name)
-
-        old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
         try:
             while self._stop_reason is None:
                 self.bpf.perf_buffer_poll(POLL_MS)
@@ -138,27 +135,45 @@ class Session:
                     self._stop_reason = "duration"
                 elif on_idle is not None and self._stop_reason is None:
                     self._stop_reason = on_idle()
-        except (Stop, KeyboardInterrupt) as e:
-            self._stop_reason = str(e) or "SIGINT"
+        except Stop as e:
+            self._stop_reason = str(e)
+        return self.finish()
+
+    @property
+    def ready(self) -> bool:
+        return self.correlator is not None
+
+    def finish(self, reason: str | None = None) -> dict:
+        """Flush what is known, write the summary."""
+        if reason is not None:
+            self._stop_reason = reason
+        self._stopping = True  # a second signal must not cut the flush short
+        self.bpf.perf_buffer_poll(0)
+        for ev in self.reorder.drain():
+            self._emit(self.correlator.feed(ev))
+        self._emit(self.correlator.flush())
+        rec = self.summary.record(self.correlator.events_seen, self.correlator.lost_events,
+                                  self._stop_reason or "end")
+        self.sink(rec)
+        return rec
+
+    @contextlib.contextmanager
+    def signals(self):
+        """SIGINT, SIGTERM and SIGHUP raise Stop in the main thread (once:
+        while the session flushes and detaches, further signals are ignored).
+        Install before start(), so no signal finds a half-attached tracer."""
+
+        def handler(signum, frame):
+            if not self._stopping:
+                self._stopping = True
+                raise Stop(signal.Signals(signum).name)
+
+        old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+        try:
+            yield
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
-        return self.finish()
-
-    def finish(self) -> dict:
-        """Flush what is known, write the summary. Safe to call once."""
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the flush must not be cut short
-        try:
-            self.bpf.perf_buffer_poll(0)
-            for ev in self.reorder.drain():
-                self._emit(self.correlator.feed(ev))
-            self._emit(self.correlator.flush())
-            rec = self.summary.record(self.correlator.events_seen, self.correlator.lost_events,
-                                      self._stop_reason or "end")
-            self.sink(rec)
-            return rec
-        finally:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def close(self) -> None:
         """Detach every program and free every map."""

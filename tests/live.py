@@ -1,0 +1,132 @@
+"""Helpers for the live tests: the real `tcpcollide-trace` command as a
+subprocess, and the seed scenario in namespaces the tests create."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent / "tcpcollide-trace"
+
+
+def require_live() -> None:
+    """Live tests need root, bcc and tracefs. Off CI they skip without them;
+    on CI (CI=true) a missing prerequisite is a failure, never a skip."""
+    problems = []
+    if os.geteuid() != 0:
+        problems.append("not root")
+    try:
+        import bcc  # noqa: F401
+    except ImportError:
+        problems.append("bcc not importable")
+    if not shutil.which("ip"):
+        problems.append("iproute2 missing")
+    if problems:
+        msg = "live tests need " + ", ".join(problems)
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+
+
+_counter = iter(range(10_000))
+
+
+def ns_name(tag: str) -> str:
+    return f"tct-{tag}-{os.getpid()}-{next(_counter)}"
+
+
+class Tracer:
+    """`tcpcollide-trace --json ARGS` running in the background."""
+
+    def __init__(self, *args: str):
+        self.proc = subprocess.Popen(
+            [str(BIN), "--json", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO
+        )
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.records: list[dict] = []
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def next_record(self, timeout: float) -> dict | None:
+        try:
+            line = self.lines.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        if line is None:
+            return None
+        rec = json.loads(line)
+        self.records.append(rec)
+        return rec
+
+    def wait_ready(self, timeout: float = 30) -> dict:
+        rec = self.next_record(timeout)
+        if rec is None or rec.get("type") != "ready":
+            self.proc.kill()
+            err = self.proc.stderr.read()
+            raise AssertionError(f"tracer did not become ready: first record {rec!r}, stderr {err!r}")
+        return rec
+
+    def wait_for(self, kind: str, timeout: float) -> dict | None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            rec = self.next_record(max(0.01, deadline - time.monotonic()))
+            if rec is None:
+                return None
+            if rec.get("type") == kind:
+                return rec
+        return None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> tuple[int, list[dict], str]:
+        """Signal it, collect every record, return (exit code, records, stderr)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        rc = self.proc.wait(timeout=timeout)
+        while self.next_record(timeout=5) is not None:
+            pass
+        return rc, self.records, self.proc.stderr.read()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def scenario(*args: str, stdin=None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "tracer.scenario", *args],
+        stdout=subprocess.PIPE, stdin=stdin, text=True, cwd=REPO,
+    )
+
+
+def read_steps(proc: subprocess.Popen, until: str | None = None, timeout: float = 30) -> list[dict]:
+    """Scenario step lines, up to `until` (or to the end of the process)."""
+    steps = []
+    deadline = time.monotonic() + timeout
+    for line in proc.stdout:
+        steps.append(json.loads(line))
+        if until is not None and steps[-1]["step"] == until:
+            break
+        if time.monotonic() > deadline:
+            break
+    return steps
+
+
+def bpf_prog_ids() -> set[int]:
+    """IDs of the BPF programs loaded in the kernel (bpftool), for leak checks."""
+    out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True, check=True).stdout
+    return {p["id"] for p in json.loads(out or "[]")}

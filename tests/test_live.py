@@ -1,0 +1,253 @@
+"""Live tests: the real tcpcollide-trace command, real BPF programs, real
+sockets, in network namespaces each test creates and removes.
+
+Each collision test runs the seed's experiment 1 (tracer/scenario.py) while
+the tracer runs, then checks the JSON it wrote against what the scenario did.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.live import BIN, Tracer, bpf_prog_ids, ns_name, read_steps, require_live, scenario
+from tracer import netns
+
+pytestmark = pytest.mark.live
+
+SEED_STEPS = ["syn", "challenge_ack", "rst", "closewait_closed", "retry_syn", "established", "queued"]
+
+
+@pytest.fixture(autouse=True)
+def _live():
+    require_live()
+
+
+@pytest.fixture
+def ns():
+    with netns.NetNS(ns_name("ns")) as n:
+        yield n
+
+
+def collisions(records: list[dict]) -> list[dict]:
+    return [r for r in records if r["type"] == "collision"]
+
+
+def run_seed(tracer_args: list[str], scenario_args: list[str], settle: float = 1.5):
+    """Start the tracer, run the seed scenario, stop the tracer with SIGTERM."""
+    tracer = Tracer(*tracer_args)
+    try:
+        ready = tracer.wait_ready()
+        proc = scenario(*scenario_args, "--hold", "0.5")
+        steps = read_steps(proc)
+        assert proc.wait(timeout=30) == 0, steps
+        time.sleep(settle)
+        rc, records, stderr = tracer.stop(signal.SIGTERM)
+    finally:
+        tracer.kill()
+    assert rc == 0, stderr
+    assert records[0] is not None and records[0]["type"] == "ready"
+    assert records[-1]["type"] == "summary", records[-1]
+    return ready, steps, records
+
+
+def check_seed(rec: dict, steps: list[dict], server: str, client: str, family: str, netns_inode: int):
+    assert rec["server"] == server
+    assert rec["client"] == client
+    assert rec["family"] == family
+    assert rec["netns"] == netns_inode
+    assert rec["lingering_state"] == "CLOSE_WAIT"
+    assert rec["outcome"] == "recovered"
+    assert [s["step"] for s in rec["steps"]] == SEED_STEPS
+    by_name = {s["step"]: s for s in rec["steps"]}
+    assert by_name["syn"]["t_ms"] == 0
+    assert by_name["rst"]["seq"] == by_name["challenge_ack"]["ack"], "RST seq must be the challenge ACK's ack"
+    assert by_name["rst"]["in_window"] is True
+    assert by_name["retry_syn"]["reached"] == "listener"
+    # the client's own measurement of its connect() agrees with the penalty
+    connect_ms = next(s["connect_ms"] for s in steps if s["step"] == "connected")
+    assert rec["penalty_ms"] == pytest.approx(connect_ms, abs=5), (rec["penalty_ms"], connect_ms)
+    # the CLOSE_WAIT socket was created about port_wait (~1 s, tcp_fin_timeout) before
+    assert 0.5 < rec["closewait_age_s"] < 10
+    assert "CLOSE_WAIT" in rec["explanation"] and server in rec["explanation"]
+
+
+def test_seed_experiment_loopback_ipv4(ns):
+    """The seed's experiment 1 with its exact ports, reported once, right ends and steps."""
+    ready, steps, records = run_seed(
+        ["--netns", str(ns.inode)],
+        ["--server-ns", ns.name, "--server-port", "12345", "--client-port", "39836"],
+    )
+    assert ready["backend"] == "tracepoint"
+    assert all(h["available"] for h in ready["hooks"]), ready["hooks"]
+    found = collisions(records)
+    assert len(found) == 1, found
+    check_seed(found[0], steps, "127.0.0.1:12345", "127.0.0.1:39836", "ipv4", ns.inode)
+    assert found[0]["closewait_age_source"] == "observed"
+    summary = records[-1]
+    assert summary["collisions"] == 1 and summary["by_outcome"] == {"recovered": 1}
+    assert summary["lost_events"] == 0
+    assert summary["stopped_by"] == "SIGTERM"
+
+
+def test_seed_experiment_loopback_ipv6(ns):
+    _, steps, records = run_seed(
+        ["--netns", str(ns.inode), "-6"],
+        ["--server-ns", ns.name, "--server-ip", "::1", "--client-ip", "::1"],
+    )
+    found = collisions(records)
+    assert len(found) == 1, found
+    check_seed(found[0], steps, "[::1]:12345", "[::1]:39836", "ipv6", ns.inode)
+
+
+def test_ipv4_filter_hides_ipv6_collision(ns):
+    """-4 is applied in the kernel: an IPv6 collision produces nothing."""
+    _, _, records = run_seed(
+        ["--netns", str(ns.inode), "-4"],
+        ["--server-ns", ns.name, "--server-ip", "::1", "--client-ip", "::1"],
+    )
+    assert collisions(records) == []
+    assert records[-1]["events"] == 0
+
+
+def test_port_filter(ns):
+    """-p is applied in the kernel: a collision on other ports produces nothing."""
+    _, _, records = run_seed(["--netns", str(ns.inode), "-p", "12346"], ["--server-ns", ns.name])
+    assert collisions(records) == [] and records[-1]["events"] == 0
+
+
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+def test_two_hosts_joined_by_veth(family):
+    """Client host and server host: two namespaces and a veth pair."""
+    with netns.NetNS(ns_name("srv")) as srv, netns.NetNS(ns_name("cli")) as cli:
+        netns.veth(srv, cli, ["10.199.0.1/24", "fd00:199::1/64"], ["10.199.0.2/24", "fd00:199::2/64"],
+                   name=f"tc{srv.inode % 100000}")
+        sip, cip = ("10.199.0.1", "10.199.0.2") if family == "ipv4" else ("fd00:199::1", "fd00:199::2")
+        _, steps, records = run_seed(
+            ["-p", "12345"],
+            ["--server-ns", srv.name, "--client-ns", cli.name, "--server-ip", sip, "--client-ip", cip],
+        )
+        found = [r for r in collisions(records) if r["netns"] in (srv.inode, cli.inode)]
+        assert len(found) == 1, found
+        fmt = (lambda a, p: f"{a}:{p}") if family == "ipv4" else (lambda a, p: f"[{a}]:{p}")
+        check_seed(found[0], steps, fmt(sip, 12345), fmt(cip, 39836), family, srv.inode)
+        assert found[0]["client_netns"] == cli.inode
+
+
+def test_closewait_socket_older_than_the_tracer(ns):
+    """A CLOSE_WAIT socket that existed before the tracer started is detected;
+    its age is estimated from the socket itself."""
+    proc = scenario("--server-ns", ns.name, "--wait-stdin", "--hold", "0.5", stdin=subprocess.PIPE)
+    tracer = None
+    try:
+        before = read_steps(proc, until="waiting")
+        assert before[-1]["step"] == "waiting", before
+        t_closed = time.monotonic()
+        time.sleep(1.0)
+        tracer = Tracer("--netns", str(ns.inode))
+        tracer.wait_ready()
+        waited = time.monotonic() - t_closed
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        steps = read_steps(proc)
+        assert proc.wait(timeout=30) == 0, steps
+        rec = tracer.wait_for("collision", timeout=10)
+        rc, records, stderr = tracer.stop()
+    finally:
+        proc.kill()
+        if tracer:
+            tracer.kill()
+    assert rc == 0, stderr
+    assert rec is not None, records
+    check_seed(rec, steps, "127.0.0.1:12345", "127.0.0.1:39836", "ipv4", ns.inode)
+    assert rec["closewait_age_source"] == "estimated"
+    # the CLOSE_WAIT socket is at least as old as the wait since the first close
+    assert rec["closewait_age_s"] >= waited - 0.1, (rec["closewait_age_s"], waited)
+
+
+CHURN = r"""
+import socket, sys
+n = int(sys.argv[1])
+L = socket.socket(); L.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+L.bind(("127.0.0.1", 12345)); L.listen(512)
+for i in range(n):
+    c = socket.create_connection(("127.0.0.1", 12345))
+    s, _ = L.accept()
+    c.close(); s.close()
+print(n)
+"""
+
+
+def test_churn_streams_nothing(ns):
+    """Thousands of ordinary connections (each passing through CLOSE_WAIT on
+    the server side): no collision, and the kernel streams no event at all."""
+    tracer = Tracer()  # the whole host, no filter
+    try:
+        tracer.wait_ready()
+        r = subprocess.run(["ip", "netns", "exec", ns.name, sys.executable, "-c", CHURN, "3000"],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and r.stdout.strip() == "3000", r.stderr
+        time.sleep(0.5)
+        rc, records, stderr = tracer.stop()
+    finally:
+        tracer.kill()
+    assert rc == 0, stderr
+    assert collisions(records) == []
+    assert records[-1]["events"] == 0, records[-1]
+
+
+def test_demo_end_to_end():
+    before = set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
+    r = subprocess.run([str(BIN), "--json", "demo"],
+                       capture_output=True, text=True, timeout=90)
+    assert r.returncode == 0, r.stderr
+    records = [json.loads(line) for line in r.stdout.splitlines()]
+    assert records[0]["type"] == "ready" and records[-1]["type"] == "summary"
+    found = collisions(records)
+    assert len(found) == 1
+    assert found[0]["server"] == "127.0.0.1:12345" and found[0]["client"] == "127.0.0.1:39836"
+    assert found[0]["outcome"] == "recovered"
+    assert "demo: connected" in r.stderr  # narration goes to stderr in JSON mode
+    after = set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
+    assert not [n for n in after - before if n.startswith("tcpcollide-demo-")], "demo namespace left behind"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_signals_detach_everything(sig):
+    before = bpf_prog_ids()
+    tracer = Tracer()
+    try:
+        tracer.wait_ready()
+        during = bpf_prog_ids()
+        rc, records, stderr = tracer.stop(sig)
+    finally:
+        tracer.kill()
+    assert len(during - before) >= 5, "the tracer's programs should be loaded while it runs"
+    assert rc == 0, stderr
+    assert "Traceback" not in stderr
+    assert records[-1]["type"] == "summary"
+    assert bpf_prog_ids() & (during - before) == set(), "programs left attached after exit"
+
+
+def test_event_layout_matches_what_bcc_compiled():
+    """The Python decoder's idea of struct tc_event equals what clang compiled
+    for the BPF side (the size of a map value of that type)."""
+    import bcc
+    from bcc.libbcc import lib
+
+    from tracer import events, program
+    from tracer.resources import bpf_dir, compat_dir
+
+    text = '#include "tcpcollide.h"\nBPF_HASH(layout, __u32, struct tc_event, 1);\n'
+    cflags = ["-I", str(bpf_dir())] + [f for d in program.UAPI_DIRS for f in ("-idirafter", d)]
+    with program._kernel_source(compat_dir()):
+        b = bcc.BPF(text=text, cflags=cflags)
+    try:
+        assert lib.bpf_table_leaf_size(b.module, b"layout") == events.EVENT_SIZE
+    finally:
+        b.cleanup()
