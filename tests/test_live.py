@@ -246,7 +246,7 @@ def test_event_layout_matches_what_bcc_compiled():
     text = '#include "tcpcollide.h"\nBPF_HASH(layout, __u32, struct tc_event, 1);\n'
     cflags = ["-I", str(bpf_dir())] + [f for d in program.UAPI_DIRS for f in ("-idirafter", d)]
     with program._kernel_source(compat_dir()):
-        b = bcc.BPF(text=text, cflags=cflags)
+        b = bcc.BPF(text=text.encode(), cflags=cflags)
     try:
         assert lib.bpf_table_leaf_size(b.module, b"layout") == events.EVENT_SIZE
     finally:

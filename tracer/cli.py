@@ -57,9 +57,9 @@ def _fail(message: str) -> None:
     sys.exit(1)
 
 
-def _run(options: Options, writer, on_ready=None, on_idle=None) -> dict | None:
+def _run(options: Options, sink, on_ready=None, on_idle=None) -> dict | None:
     """Start, stream, detach. None when a signal came before `ready`."""
-    session = Session(options, writer.write)
+    session = Session(options, sink)
     with session.signals():
         try:
             session.start()
@@ -107,7 +107,7 @@ def main(ctx, port, netns, ipv4, ipv6, duration, count, as_json, verbose, backen
     )
     ctx.obj = {"options": options, "as_json": as_json, "no_color": no_color}
     if ctx.invoked_subcommand is None:
-        _run(options, _writer(as_json, no_color))
+        _run(options, _writer(as_json, no_color).write)
 
 
 @main.command(epilog="\b\nExamples:\n  tcpcollide-trace demo\n  tcpcollide-trace --json demo -6")
@@ -134,15 +134,20 @@ def demo(ctx, ipv4, ipv6, timeout):
         _fail(str(e))
     base = ctx.obj["options"]
     options = Options(filters=program.Filters(port=base.filters.port, netns=ns.inode, family=family),
-                      backend=base.backend, btf=base.btf, count=1, verbose=base.verbose,
+                      backend=base.backend, btf=base.btf, verbose=base.verbose,
                       incident_timeout=base.incident_timeout)
-    state: dict = {}
+    state: dict = {"collisions": 0, "connected": False}
+
+    def sink(rec: dict) -> None:
+        state["collisions"] += rec["type"] == "collision"
+        writer.write(rec)
 
     def narrate(line: str) -> None:
         try:
             step = json.loads(line)
         except ValueError:
             return
+        state["connected"] |= step["step"] in ("connected", "connect_failed")
         text = f"demo: {step['step']}" + "".join(f" {k}={v}" for k, v in step.items() if k != "step")
         click.echo(inert(text), err=as_json)
 
@@ -157,6 +162,8 @@ def demo(ctx, ipv4, ipv6, timeout):
         proc = state["proc"]
         for line in proc.stdout.readlines():
             narrate(line)
+        if state["collisions"] and state["connected"]:
+            return "demo done"
         if proc.poll() not in (None, 0):
             return "scenario failed"
         if time.monotonic() > state["deadline"]:
@@ -164,7 +171,7 @@ def demo(ctx, ipv4, ipv6, timeout):
         return None
 
     try:
-        summary = _run(options, writer, start_scenario, on_idle)
+        summary = _run(options, sink, start_scenario, on_idle)
     finally:
         proc = state.get("proc")
         if proc is not None:

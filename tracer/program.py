@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -155,11 +156,37 @@ def import_bcc():
     return bcc
 
 
+@contextlib.contextmanager
+def _captured_stderr():
+    """Collect what libbcc, clang and the verifier write to fd 2 (they write
+    to it directly, many lines at a time), so a failure becomes one line."""
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        os.dup2(tmp.fileno(), 2)
+        captured: list[str] = []
+        try:
+            yield captured
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            captured.append(tmp.read().decode("utf-8", "replace"))
+
+
+def _first_error(diagnostics: str) -> str:
+    for line in diagnostics.splitlines():
+        if re.search(r"error|invalid|denied|not permitted|failed", line, re.I):
+            return line.strip()
+    return ""
+
+
 def load(spec: BuildSpec):
     """Compile and load; bcc attaches TRACEPOINT_PROBE programs as it loads."""
     bcc = import_bcc()
-    with _kernel_source(spec.kernel_source):
+    with _kernel_source(spec.kernel_source), _captured_stderr() as diag:
         try:
-            return bcc.BPF(text=spec.text, cflags=spec.cflags)
-        except Exception as e:  # bcc raises bare Exception for compile and attach failures
-            raise BuildError(f"loading {spec.source_file} failed: {e}") from e
+            return bcc.BPF(text=spec.text.encode(), cflags=spec.cflags)
+        except Exception as e:  # bcc raises bare Exception for compile, load and attach failures
+            err = e
+    detail = _first_error(diag[0])
+    raise BuildError(f"loading {spec.source_file} failed: {err}" + (f" ({detail})" if detail else ""))

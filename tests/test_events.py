@@ -1,0 +1,255 @@
+"""Unit tests for tracer.events: the layout parsed from bpf/tcpcollide.h, and
+decoding / encoding of `struct tc_event` records.
+
+Recorded streams: test_fixture_records_decode and test_fixture_records_reencode
+decode every raw record of tests/data/seed-loopback-ipv4.json and
+seed-loopback-ipv6.json (recorded live by the tracepoint backend).
+Synthetic data: everything else (Events built in Python, header text edited
+in the test).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import struct
+
+import pytest
+
+import synthetic
+from tracer import correlator
+from tracer.events import (
+    AF_INET,
+    AF_INET6,
+    ENUMS,
+    EVENT_SIZE,
+    EVENT_STRUCT,
+    EVENT_TYPES,
+    FIELDS,
+    FLAGS,
+    HEADER,
+    HOOKS,
+    DecodeError,
+    Event,
+    LayoutError,
+    decode,
+    encode,
+    format_addr,
+    parse_layout,
+)
+
+SIZES = {"__u8": 1, "__u16": 2, "__u32": 4, "__u64": 8, "char": 1}
+HEADER_TEXT = HEADER.read_text()
+
+
+def offsets() -> dict[str, tuple[int, int]]:
+    """field name -> (offset, element size), computed independently of the parser."""
+    out, off = {}, 0
+    for name, ctype, n in FIELDS:
+        out[name] = (off, SIZES[ctype])
+        off += SIZES[ctype] * (n or 1)
+    return out
+
+
+def patch_u(raw: bytes, name: str, value: int) -> bytes:
+    """Overwrite one scalar field of a record."""
+    off, size = offsets()[name]
+    code = {1: "B", 2: "H", 4: "I", 8: "Q"}[size]
+    buf = bytearray(raw)
+    struct.pack_into("<" + code, buf, off, value)
+    return bytes(buf)
+
+
+def sample_event(**kw) -> Event:
+    base = dict(
+        ts_ns=5_097_784_965_862, type="syn_challenged", hook="tp_kfree_skb", cpu=3, netns=4026532246,
+        family=AF_INET6, laddr=synthetic.addr("2001:db8::1"), lport=12345, raddr=synthetic.addr("2001:db8::2"),
+        rport=39836, oldstate=8, newstate=8, skaddr=0xFFFF8881030E0000, seq=2471878311, ack=2411062325,
+        age_ns=1_056_280_577, age_jiffies=264, flags=7, sk_ino=123456, pid=4811, comm="python3", backlog=2,
+        max_backlog=4096,
+    )
+    base.update(kw)
+    return Event(**base)
+
+
+# -- the layout ------------------------------------------------------------------
+
+
+def test_event_size_is_multiple_of_8_and_sum_of_fields():
+    total = sum(SIZES[ctype] * (n or 1) for _, ctype, n in FIELDS)
+    assert EVENT_SIZE == total == EVENT_STRUCT.size
+    assert EVENT_SIZE % 8 == 0
+
+
+def test_fields_are_naturally_aligned_without_padding():
+    for name, (off, size) in offsets().items():
+        assert off % size == 0, name
+    # the struct format adds no hidden padding: "<" never pads, so the size is the sum
+    assert EVENT_STRUCT.format.startswith("<")
+
+
+def test_layout_matches_the_header_text():
+    # every `__uN name;` line inside struct tc_event, counted by a second, simpler reading
+    body = re.search(r"struct tc_event \{(.*?)\};", HEADER_TEXT, re.S).group(1)
+    names = re.findall(r"^\s*\w+\s+(\w+)(?:\[\d+\])?;", body, re.M)
+    assert [n for n, _, _ in FIELDS] == names
+    assert "ts_ns" in names and "comm" in names
+
+
+def test_every_header_field_is_an_event_attribute():
+    attrs = {f.name for f in dataclasses.fields(Event)}
+    assert {n for n, _, _ in FIELDS} <= attrs
+
+
+def test_enums_from_header():
+    assert set(EVENT_TYPES.values()) == {"syn_challenged", "rst_sent", "rst_received", "state", "retransmit", "queued"}
+    assert EVENT_TYPES[ENUMS["tc_event_type"]["TC_EV_SYN_CHALLENGED"]] == "syn_challenged"
+    assert set(HOOKS.values()) >= {"tp_kfree_skb", "tp_set_state", "tp_send_reset", "tp_receive_reset"}
+    assert FLAGS == {"TC_F_AGE_OBSERVED": 1, "TC_F_CHALLENGE_PASSED": 2, "TC_F_AGE_JIFFIES": 4}
+
+
+def test_correlator_handles_every_event_type():
+    # feed() dispatches on `_on_<type>`: an event type without a handler would be silently dropped
+    for etype in EVENT_TYPES.values():
+        assert hasattr(correlator.Correlator, f"_on_{etype}"), etype
+
+
+def test_parse_layout_of_the_real_header_is_the_module_layout():
+    fmt, fields, enums = parse_layout(HEADER_TEXT)
+    assert fmt == EVENT_STRUCT.format
+    assert fields == FIELDS
+    assert enums == ENUMS
+
+
+def test_parse_layout_rejects_a_misaligned_field():
+    text = HEADER_TEXT.replace("__u64 ts_ns;", "__u64 ts_ns;\n\t__u8 oops;", 1)
+    assert text != HEADER_TEXT
+    with pytest.raises(LayoutError, match="skaddr"):
+        parse_layout(text)
+
+
+def test_parse_layout_rejects_a_size_not_multiple_of_8():
+    text = re.sub(r"^\s*__u32 max_backlog;.*$", "", HEADER_TEXT, count=1, flags=re.M)
+    assert text != HEADER_TEXT
+    with pytest.raises(LayoutError, match="multiple of 8"):
+        parse_layout(text)
+
+
+def test_parse_layout_rejects_a_header_without_the_struct():
+    text = re.sub(r"struct tc_event \{.*?\};", "", HEADER_TEXT, flags=re.S)
+    assert "struct tc_event {" not in text
+    with pytest.raises(LayoutError, match="not found"):
+        parse_layout(text)
+    with pytest.raises(LayoutError):
+        parse_layout("")
+
+
+@pytest.mark.xfail(strict=True, reason="bug: tracer/events.py parse_layout() (_FIELD_RE, line 22) silently skips a "
+                   "field whose type it does not know (e.g. __s32, int) instead of raising LayoutError, so the "
+                   "decoder drifts from the C struct")
+def test_parse_layout_rejects_a_field_of_unknown_type():
+    text = "struct tc_event {\n\t__u64 a;\n\t__s32 b;\n\t__s32 c;\n\t__u64 d;\n};\n"
+    with pytest.raises(LayoutError):
+        parse_layout(text)  # today: returns "<QQ" (16 bytes) for a 24-byte struct
+
+
+# -- encode / decode ----------------------------------------------------------------
+
+
+def test_encode_decode_round_trip():
+    ev = sample_event()
+    raw = encode(ev)
+    assert len(raw) == EVENT_SIZE
+    assert decode(raw) == ev
+    ev4 = sample_event(family=AF_INET, laddr=synthetic.addr("10.0.0.1"), raddr=synthetic.addr("10.0.0.2"),
+                       type="state", hook="tp_set_state", oldstate=2, newstate=1, comm="")
+    assert decode(encode(ev4)) == ev4
+
+
+def test_encode_decode_every_type_and_hook():
+    for etype in EVENT_TYPES.values():
+        for hook in HOOKS.values():
+            ev = sample_event(type=etype, hook=hook)
+            assert decode(encode(ev)) == ev
+
+
+def test_decode_truncates_comm_at_nul_and_ignores_trailing_bytes():
+    raw = encode(sample_event(comm="ksoftirqd/0"))
+    back = decode(raw + b"\xaa\xbb\xcc\xdd")  # perf records come padded (132 bytes for 128)
+    assert back.comm == "ksoftirqd/0"
+    assert decode(encode(sample_event(comm="a-very-long-command-name"))).comm == "a-very-long-com"  # 15 + NUL
+
+
+@pytest.mark.parametrize("name", synthetic.FIXTURES)
+def test_fixture_records_decode(name):
+    fx = synthetic.load_fixture(name)
+    family = AF_INET6 if "ipv6" in name else AF_INET
+    events = [decode(bytes.fromhex(r)) for r in fx["records"]]
+    assert len(events) == len(fx["records"]) >= 8
+    for ev in events:
+        assert ev.family == family
+        assert {ev.lport, ev.rport} == {12345, 39836}
+        assert ev.type in EVENT_TYPES.values()
+        assert ev.oldstate in synthetic.fixture_states(fx)
+    first = min(events, key=lambda e: e.ts_ns)
+    assert first.type == "syn_challenged"
+    assert first.lport == 12345 and first.rport == 39836
+    expected = "127.0.0.1" if family == AF_INET else "[::1]"
+    assert first.local == f"{expected}:12345"
+    assert first.remote == f"{expected}:39836"
+    assert synthetic.fixture_states(fx)[first.oldstate] == "CLOSE_WAIT"
+
+
+@pytest.mark.parametrize("name", synthetic.FIXTURES)
+def test_fixture_records_reencode(name):
+    for r in synthetic.load_fixture(name)["records"]:
+        raw = bytes.fromhex(r)
+        assert encode(decode(raw)) == raw[:EVENT_SIZE]
+
+
+def test_decode_rejects_short_records():
+    raw = encode(sample_event())
+    for n in (0, 1, EVENT_SIZE // 2, EVENT_SIZE - 1):
+        with pytest.raises(DecodeError, match="bytes"):
+            decode(raw[:n])
+
+
+@pytest.mark.parametrize("value", [0, 7, 99, 0xFFFFFFFF])
+def test_decode_rejects_unknown_type(value):
+    assert value not in EVENT_TYPES
+    with pytest.raises(DecodeError, match="type"):
+        decode(patch_u(encode(sample_event()), "type", value))
+
+
+@pytest.mark.parametrize("value", [0, 1, 3, 11, 0xFFFF])
+def test_decode_rejects_unknown_family(value):
+    with pytest.raises(DecodeError, match="family"):
+        decode(patch_u(encode(sample_event()), "family", value))
+
+
+def test_decode_keeps_unknown_hook_visible():
+    ev = decode(patch_u(encode(sample_event()), "hook", 77))
+    assert ev.hook == "hook77"
+
+
+# -- addresses and flags ----------------------------------------------------------------
+
+
+def test_format_addr_ipv4():
+    assert format_addr(AF_INET, bytes([127, 0, 0, 1]), 12345) == "127.0.0.1:12345"
+    assert format_addr(AF_INET, synthetic.addr("192.168.1.20"), 1) == "192.168.1.20:1"  # 16-byte buffer
+
+
+def test_format_addr_ipv6():
+    assert format_addr(AF_INET6, synthetic.addr("::1"), 12345) == "[::1]:12345"
+    assert format_addr(AF_INET6, synthetic.addr("2001:db8:0:0:0:0:0:1"), 443) == "[2001:db8::1]:443"
+    assert format_addr(AF_INET6, synthetic.addr("::ffff:10.0.0.1"), 80) == "[::ffff:a00:1]:80" or \
+        format_addr(AF_INET6, synthetic.addr("::ffff:10.0.0.1"), 80) == "[::ffff:10.0.0.1]:80"
+
+
+def test_event_flags_and_endpoints():
+    ev = sample_event(flags=FLAGS["TC_F_AGE_OBSERVED"] | FLAGS["TC_F_AGE_JIFFIES"])
+    assert ev.has("TC_F_AGE_OBSERVED") and ev.has("TC_F_AGE_JIFFIES")
+    assert not ev.has("TC_F_CHALLENGE_PASSED")
+    assert ev.local == "[2001:db8::1]:12345"
+    assert ev.remote == "[2001:db8::2]:39836"
