@@ -50,6 +50,12 @@ BPF_TABLE("lru_hash", struct tc_tuple, struct tc_track, tracked, TC_TRACK_MAP_SI
 
 #define tc_read(dst, base, off) bpf_probe_read_kernel(&(dst), sizeof(dst), (const char *)(base) + (off))
 
+static __always_inline int tc_v4_mapped(const __u8 *a)
+{
+	return a[0] == 0 && a[1] == 0 && a[2] == 0 && a[3] == 0 && a[4] == 0 && a[5] == 0 && a[6] == 0 &&
+	       a[7] == 0 && a[8] == 0 && a[9] == 0 && a[10] == 0xff && a[11] == 0xff;
+}
+
 /* Fill the socket part of an event. Returns 0 when the event passes the
  * user's filters (compile-time macros TC_FILTER_*), non-zero otherwise. */
 static __always_inline int tc_fill_sock(const void *sk, struct tc_event *ev)
@@ -62,10 +68,6 @@ static __always_inline int tc_fill_sock(const void *sk, struct tc_event *ev)
 	tc_read(family, sk, OFF_SKC_FAMILY);
 	if (family != TC_AF_INET && family != TC_AF_INET6)
 		return 1;
-#ifdef TC_FILTER_FAMILY
-	if (family != TC_FILTER_FAMILY)
-		return 1;
-#endif
 	tc_read(sport_be, sk, OFF_INET_SPORT);
 	tc_read(dport_be, sk, OFF_SKC_DPORT);
 	ev->family = family;
@@ -88,7 +90,21 @@ static __always_inline int tc_fill_sock(const void *sk, struct tc_event *ev)
 	} else {
 		bpf_probe_read_kernel(ev->laddr, 16, (const char *)sk + OFF_SKC_V6_RCV_SADDR);
 		bpf_probe_read_kernel(ev->raddr, 16, (const char *)sk + OFF_SKC_V6_DADDR);
+		if (tc_v4_mapped(ev->raddr)) {
+			/* a dual-stack socket talking IPv4 (::ffff:a.b.c.d): the wire and the
+			 * peer's socket are IPv4, so describe it as IPv4, or the two ends
+			 * of one connection would not meet in `tracked` */
+			ev->family = TC_AF_INET;
+			bpf_probe_read_kernel(ev->laddr, 4, (const char *)sk + OFF_SKC_RCV_SADDR);
+			bpf_probe_read_kernel(ev->raddr, 4, (const char *)sk + OFF_SKC_DADDR);
+			__builtin_memset(ev->laddr + 4, 0, 12);
+			__builtin_memset(ev->raddr + 4, 0, 12);
+		}
 	}
+#ifdef TC_FILTER_FAMILY
+	if (ev->family != TC_FILTER_FAMILY)
+		return 1;
+#endif
 	tc_read(state, sk, OFF_SKC_STATE);
 	ev->oldstate = state;
 	ev->newstate = state;

@@ -105,6 +105,15 @@ def test_seed_experiment_loopback_ipv6(ns):
     check_seed(found[0], steps, "[::1]:12345", "[::1]:39836", "ipv6", ns.inode)
 
 
+def test_dual_stack_listener_with_ipv4_client(ns):
+    """A listener on [::] serving an IPv4 client: its sockets are IPv6 with
+    IPv4-mapped addresses, the client's are IPv4; one incident, described as IPv4."""
+    _, steps, records = run_seed(["--netns", str(ns.inode), "-4"], ["--server-ns", ns.name, "--listen-ip", "::"])
+    found = collisions(records)
+    assert len(found) == 1, found
+    check_seed(found[0], steps, "127.0.0.1:12345", "127.0.0.1:39836", "ipv4", ns.inode)
+
+
 def test_ipv4_filter_hides_ipv6_collision(ns):
     """-4 is applied in the kernel: an IPv6 collision produces nothing."""
     _, _, records = run_seed(

@@ -18,7 +18,7 @@ from tracer.resources import bpf_dir
 HEADER = bpf_dir() / "tcpcollide.h"
 
 _CTYPES = {"__u8": ("B", 1), "__u16": ("H", 2), "__u32": ("I", 4), "__u64": ("Q", 8), "char": ("s", 1)}
-_FIELD_RE = re.compile(r"^\s*(__u8|__u16|__u32|__u64|char)\s+(\w+)\s*(?:\[(\d+)\])?\s*;", re.M)
+_FIELD_RE = re.compile(r"(__u8|__u16|__u32|__u64|char)\s+(\w+)\s*(?:\[(\d+)\])?\s*;")
 _ENUM_RE = re.compile(r"enum\s+(\w+)\s*\{(.*?)\};", re.S)
 _ENUMERATOR_RE = re.compile(r"^\s*(\w+)\s*=\s*(\d+)\s*,", re.M)
 
@@ -41,19 +41,28 @@ def parse_layout(text: str) -> tuple[str, list[tuple[str, str, int]], dict[str, 
     fmt = "<"
     offset = 0
     fields = []
-    for ctype, name, count in _FIELD_RE.findall(m.group(1)):
+    body = re.sub(r"/\*.*?\*/", "", m.group(1), flags=re.S)
+    for line in body.splitlines():
+        if not line.strip():
+            continue
+        fm = _FIELD_RE.fullmatch(line.strip())
+        if fm is None:
+            raise LayoutError(f"struct tc_event: cannot parse {line.strip()!r} (one __u8/__u16/__u32/__u64/char field per line)")
+        ctype, name, count = fm.groups()
         code, size = _CTYPES[ctype]
         n = int(count) if count else 0
         if offset % size:
             raise LayoutError(f"field {name} at offset {offset} is not naturally aligned")
-        if ctype == "char":
+        if ctype == "char" or (ctype == "__u8" and n):
             fmt += f"{n or 1}s"
         elif n:
-            fmt += f"{n}s" if ctype == "__u8" else f"{n}{code}"
+            fmt += f"{n}{code}"
         else:
             fmt += code
         offset += size * (n or 1)
         fields.append((name, ctype, n))
+    if not fields:
+        raise LayoutError("struct tc_event has no fields")
     if offset % 8:
         raise LayoutError(f"struct tc_event size {offset} is not a multiple of 8")
     enums = {

@@ -84,14 +84,14 @@ class TextWriter:
 
     def _collision(self, rec: dict) -> None:
         style = {"recovered": "yellow", "stuck": "red", "pending": "magenta"}.get(rec["outcome"], "white")
-        head = Text(f"collision #{rec['id']}: {rec['client']} -> {rec['server']}", style="bold")
-        where = Text(f"{rec['time']}  {rec['family']}  server netns {rec['netns']}", style="dim")
+        head = Text(inert(f"collision #{rec['id']}: {rec['client']} -> {rec['server']}"), style="bold")
+        where = Text(inert(f"{rec['time']}  {rec['family']}  server netns {rec['netns']}"), style="dim")
         table = Table(box=None, show_header=True, header_style="bold", pad_edge=False)
         table.add_column("t (ms)", justify="right")
         table.add_column("step")
         table.add_column("detail", overflow="fold")
         for s in rec["steps"]:
-            table.add_row(f"{s['t_ms']:.3f}", STEP_LABELS.get(s["step"], s["step"]), inert(_step_detail(s)))
+            table.add_row(f"{s['t_ms']:.3f}", inert(STEP_LABELS.get(s["step"], s["step"])), inert(_step_detail(s)))
         age = rec["closewait_age_s"]
         age_text = "unknown" if age is None else (
             f"{age:.3f} s" + ("" if rec["closewait_age_source"] == "observed" else " (estimated)"))
@@ -99,7 +99,7 @@ class TextWriter:
         facts = Text()
         facts.append(f"outcome: {rec['outcome']}", style=style + " bold")
         facts.append(f"   penalty: {'-' if penalty is None else f'{penalty:.1f} ms'}")
-        facts.append(f"   {rec['lingering_state']} socket age: {age_text}")
+        facts.append(inert(f"   {rec['lingering_state']} socket age: {age_text}"))
         inode = rec["closewait_socket"]["inode"]
         if inode:
             facts.append(f"   socket inode: {inode}")

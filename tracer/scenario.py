@@ -30,9 +30,9 @@ def run(args: argparse.Namespace) -> int:
     fam = socket.AF_INET6 if ":" in args.server_ip else socket.AF_INET
     if args.server_ns:
         netns.enter(args.server_ns)
-    listener = socket.socket(fam, socket.SOCK_STREAM)
+    listener = socket.socket(socket.AF_INET6 if ":" in (args.listen_ip or args.server_ip) else fam)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind((args.server_ip, args.server_port))
+    listener.bind((args.listen_ip or args.server_ip, args.server_port))
     listener.listen(args.backlog)
     say("listen", addr=f"{args.server_ip}:{args.server_port}", note="never calls accept()")
     if args.client_ns:
@@ -74,7 +74,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tracer.scenario", description=__doc__.split("\n")[0])
     p.add_argument("--server-ns", default="")
     p.add_argument("--client-ns", default="")
-    p.add_argument("--server-ip", default="127.0.0.1")
+    p.add_argument("--server-ip", default="127.0.0.1", help="the address clients connect to")
+    p.add_argument("--listen-ip", default="", help="the listener's address (default: --server-ip; '::' for dual-stack)")
     p.add_argument("--client-ip", default="127.0.0.1")
     p.add_argument("--server-port", type=int, default=12345)
     p.add_argument("--client-port", type=int, default=39836)

@@ -1,0 +1,212 @@
+"""Unit tests for the command line (tracer.cli, through click's CliRunner) and
+for making untrusted text inert in the readable output (tracer.render).
+
+No root, no BPF: usage errors stop before anything is loaded, and the
+"not root" test fakes a non-root euid (with guards that fail the test rather
+than load anything should the check ever be passed).
+
+Synthetic data only: the collision records rendered here come from a synthetic
+incident (tests/synthetic.py) with hostile text injected into its fields.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+
+import pytest
+from click.testing import CliRunner
+
+from tests.synthetic import HZ, STATES, Collision
+from tracer import cli, kernel, session
+from tracer.correlator import Correlator
+from tracer.render import JsonWriter, TextWriter, inert
+from tracer.report import Clock, collision_record
+
+PROG = "tcpcollide-trace"
+
+
+@pytest.fixture(autouse=True)
+def never_trace(monkeypatch):
+    """These tests may run as root: should a command ever get past its checks,
+    fail fast instead of loading BPF programs and tracing until killed."""
+
+    def must_not_run(*a, **kw):
+        raise AssertionError("a unit test got past the checks into a real trace")
+
+    monkeypatch.setattr(session.hooks, "select", must_not_run)
+    monkeypatch.setattr(session.program, "load", must_not_run)
+    monkeypatch.setattr(cli.netns, "NetNS", must_not_run)
+
+
+def invoke(args: list[str]):
+    try:
+        runner = CliRunner(mix_stderr=False)  # click < 8.2
+    except TypeError:
+        runner = CliRunner()  # click >= 8.2 always keeps stderr apart
+    return runner.invoke(cli.main, args, prog_name=PROG)
+
+
+def stderr_of(result) -> str:
+    try:
+        return result.stderr
+    except ValueError:  # stderr mixed into output
+        return result.output
+
+
+# -- help -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_shows_examples(flag):
+    result = invoke([flag])
+    assert result.exit_code == 0, result.output
+    assert "Examples:" in result.output
+    assert "tcpcollide-trace -p 8080 --json" in result.output
+    assert "tcpcollide-trace demo" in result.output
+    for option in ("--port", "--netns", "--duration", "--count", "--json", "--backend", "--btf"):
+        assert option in result.output
+
+
+def test_demo_help_shows_examples():
+    result = invoke(["demo", "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Examples:" in result.output
+    assert "tcpcollide-trace --json demo -6" in result.output
+    assert "--timeout" in result.output
+
+
+def test_version():
+    result = invoke(["--version"])
+    assert result.exit_code == 0
+    assert result.output.startswith(f"{PROG}, version ")
+
+
+# -- usage errors ------------------------------------------------------------------------
+
+BAD_USAGE = {
+    "port-zero": (["-p", "0"], "--port"),
+    "port-too-big": (["-p", "70000"], "--port"),
+    "port-not-a-number": (["-p", "abc"], "--port"),
+    "netns-negative": (["--netns", "-1"], "--netns"),
+    "netns-zero": (["--netns", "0"], "--netns"),
+    "duration-zero": (["--duration", "0"], "--duration"),
+    "duration-negative": (["--duration", "-5"], "--duration"),
+    "count-zero": (["-c", "0"], "--count"),
+    "ipv4-and-ipv6": (["-4", "-6"], "-4 and -6"),
+    "unknown-backend": (["--backend", "bogus"], "--backend"),
+    "missing-btf-file": (["--btf", "/nonexistent"], "--btf"),
+    "incident-timeout-zero": (["--incident-timeout", "0"], "--incident-timeout"),
+    "demo-ipv4-and-ipv6": (["demo", "-4", "-6"], "-4 and -6"),
+    "demo-timeout-zero": (["demo", "--timeout", "0"], "--timeout"),
+    "unknown-option": (["--bogus"], "--bogus"),
+}
+
+
+@pytest.mark.parametrize("args,mentions", BAD_USAGE.values(), ids=BAD_USAGE.keys())
+def test_bad_usage_exits_2_with_one_error_line(args, mentions):
+    result = invoke(args)
+    err = stderr_of(result)
+    assert result.exit_code == 2, (result.output, err)
+    assert isinstance(result.exception, SystemExit) and result.exception.code == 2
+    errors = [line for line in err.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, err
+    assert mentions in errors[0]
+    assert err.splitlines()[0].startswith(f"Usage: {PROG}")
+    assert len(err.splitlines()) <= 5
+    assert "Traceback" not in err and "Traceback" not in result.output
+
+
+# -- not root ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def not_root(monkeypatch):
+    """euid 1000 as tracer.kernel sees it."""
+    monkeypatch.setattr(kernel.os, "geteuid", lambda: 1000)
+
+
+@pytest.mark.parametrize("args", [[], ["--json"], ["-p", "8080", "--duration", "1"], ["demo"]])
+def test_not_root_exits_1_with_one_error_line(not_root, args):
+    result = invoke(args)
+    err = stderr_of(result)
+    assert result.exit_code == 1, (result.output, err, result.exception)
+    assert isinstance(result.exception, SystemExit) and result.exception.code == 1
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert re.fullmatch(rf"{PROG}: error: .*\broot\b.*", lines[0])
+    assert "Traceback" not in err and "Traceback" not in result.output
+    if "--json" in args:
+        assert result.stdout == ""  # no half-written JSON stream
+
+
+def test_runtime_error_text_is_inert(monkeypatch):
+    def hostile():
+        raise kernel.KernelError("cannot read /sys/x\x1b[2J\x07: [bold]no[/]")
+
+    monkeypatch.setattr(kernel, "require_root", hostile)
+    result = invoke([])
+    err = stderr_of(result)
+    assert result.exit_code == 1
+    assert "\x1b" not in err and "\x07" not in err
+    assert err == f"{PROG}: error: cannot read /sys/x\\x1b[2J\\x07: [bold]no[/]\n"
+
+
+# -- inert text ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("raw,shown", [
+    ("\x1b[31mred", "\\x1b[31mred"),
+    ("a\x9b2Jb", "a\\x9b2Jb"),  # 8-bit CSI
+    ("\x00\x07\x08\t\n\r\x7f", "\\x00\\x07\\x08\\x09\\x0a\\x0d\\x7f"),
+    ("[bold red]x[/]", "[bold red]x[/]"),  # markup is not a control character: left as text
+    ("ksoftirqd/0 é ✓", "ksoftirqd/0 é ✓"),
+    (42, "42"),
+])
+def test_inert(raw, shown):
+    assert inert(raw) == shown
+
+
+HOSTILE = "\x1b[31m[bold red]x[/]\x9b2J"
+
+
+def hostile_record() -> dict:
+    """A real collision record (synthetic incident) with hostile text in the fields
+    that carry free text: step details, the explanation, the raw events."""
+    col = Collision()
+    c = Correlator(STATES, HZ)
+    out = []
+    for ev in col.seed_sequence():
+        out += c.feed(ev)
+    [inc] = out
+    rec = collision_record(inc, Clock(0), "tracepoint", verbose=True)
+    rec["steps"][0]["comm"] = HOSTILE
+    rec["steps"][2]["note"] = HOSTILE
+    rec["explanation"] = HOSTILE + " " + rec["explanation"]
+    rec["events"][0]["comm"] = HOSTILE
+    return rec
+
+
+@pytest.mark.parametrize("color", [False, True])
+def test_text_writer_prints_hostile_fields_inert(color):
+    buf = io.StringIO()
+    TextWriter(buf, color=color, width=400).write(hostile_record())
+    out = buf.getvalue()
+    assert "\x9b" not in out
+    assert "\x1b[31m[bold red]" not in out  # the hostile escape never reaches the terminal raw
+    if not color:
+        assert "\x1b" not in out  # no styles at all: any ESC would be the hostile one
+    assert "\\x1b[31m[bold red]x[/]\\x9b2J" in out  # shown as text, markup not interpreted
+    assert out.count("[bold red]x[/]") >= 3  # step detail, explanation (and the JSON event line)
+    assert "collision #1: 127.0.0.1:39836 -> 127.0.0.1:12345" in out
+
+
+def test_json_writer_line_is_inert_and_lossless():
+    rec = hostile_record()
+    buf = io.StringIO()
+    JsonWriter(buf).write(rec)
+    line = buf.getvalue()
+    assert line.endswith("\n") and line.count("\n") == 1
+    assert "\x1b" not in line and "\x9b" not in line
+    assert json.loads(line) == rec

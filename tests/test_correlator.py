@@ -1,0 +1,606 @@
+"""Unit tests for tracer.correlator (events -> collision incidents), with the
+records of tracer.report and tracer.explain drawn from its incidents.
+
+Recorded streams (tests/data/seed-loopback-ipv4.json and -ipv6.json: raw
+struct tc_event records captured live on this machine's kernel during the
+seed scenario, with that kernel's TCP state numbering and HZ):
+  - test_recorded_stream_*: the records decoded and fed in timestamp order;
+  - test_recorded_stream_out_of_order_*: the same records shuffled / skewed
+    across CPUs, put back in order by a Reorderer, then fed.
+
+Synthetic streams (Events built by tests/synthetic.py, with the fixture's state
+numbering): every other test (timeouts, stuck clients, flush, lost events,
+interleaved collisions, churn, bounded memory, completion rules, ages).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+
+import pytest
+
+from tests import synthetic
+from tests.synthetic import HZ, MS, S, STATES, T0, Collision, churn
+from tracer.correlator import MAX_RAW_EVENTS, STEPS, Correlator, Incident
+from tracer.reorder import Reorderer
+from tracer.report import Clock, collision_record
+
+SEED_STEPS = ["syn", "challenge_ack", "rst", "closewait_closed", "retry_syn", "established", "queued"]
+CLOCK = Clock(0)
+
+
+def correlate(events, flush: bool = True, **kw) -> tuple[Correlator, list[Incident]]:
+    kw.setdefault("hz", HZ)
+    c = Correlator(STATES, **kw)
+    out = []
+    for ev in events:
+        out += c.feed(ev)
+    if flush:
+        out += c.flush()
+    return c, out
+
+
+def names(inc: Incident) -> list[str]:
+    return [s.name for s in inc.steps]
+
+
+def timeline(inc: Incident) -> list[tuple[str, int]]:
+    return [(s.name, s.ts_ns) for s in inc.steps]
+
+
+def record(inc: Incident) -> dict:
+    return collision_record(inc, CLOCK, "tracepoint")
+
+
+# -- recorded streams ----------------------------------------------------------------
+
+
+@pytest.fixture(params=synthetic.FIXTURES, ids=["ipv4", "ipv6"])
+def recorded(request):
+    fx = synthetic.load_fixture(request.param)
+    fx["events"] = synthetic.fixture_events(fx)
+    fx["ip"] = "127.0.0.1" if "ipv4" in request.param else "[::1]"
+    fx["connect_ms"] = next(s["connect_ms"] for s in fx["scenario"] if s["step"] == "connected")
+    return fx
+
+
+def correlate_recorded(fx, events=None):
+    c = Correlator(synthetic.fixture_states(fx), hz=fx["hz"])
+    out = []
+    for ev in fx["events"] if events is None else events:
+        out += c.feed(ev)
+    completed = list(out)
+    out += c.flush()
+    return c, completed, out
+
+
+def test_recorded_stream_is_one_recovered_incident(recorded):
+    c, completed, incidents = correlate_recorded(recorded)
+    assert len(incidents) == 1
+    inc = incidents[0]
+    assert completed == [inc]  # completed by the stream itself, not by flush()
+    assert inc.ended_by == "complete"
+    assert inc.outcome == "recovered"
+    assert inc.server == f"{recorded['ip']}:12345"
+    assert inc.client == f"{recorded['ip']}:39836"
+    assert inc.key[2] == 12345 and inc.key[4] == 39836
+    assert inc.lingering_state == "CLOSE_WAIT"
+    assert not inc.incomplete
+    assert inc.syn_hits == 1
+    assert inc.client_netns == inc.netns  # loopback: both ends in one namespace
+    assert not c.open
+
+
+def test_recorded_stream_steps_in_time_order(recorded):
+    _, _, [inc] = correlate_recorded(recorded)
+    assert names(inc) == SEED_STEPS
+    times = [s.ts_ns for s in inc.steps]
+    assert times == sorted(times)
+    assert inc.steps[0].ts_ns == inc.first_ns == recorded["events"][0].ts_ns
+    assert inc.step("retry_syn").detail["reached"] == "listener"
+    assert inc.step("closewait_closed").detail["from_state"] == "CLOSE_WAIT"
+
+
+def test_recorded_stream_rst_is_in_window(recorded):
+    _, _, [inc] = correlate_recorded(recorded)
+    ack = inc.step("challenge_ack").detail["ack"]
+    rst = inc.step("rst").detail
+    assert rst["seq"] == ack == inc.closewait["rcv_nxt"]
+    assert rst["in_window"] is True
+    assert rst["seen_at"] == "client"
+    assert 0 < rst["received_ms"] < 1  # the lingering socket got it microseconds later
+
+
+def test_recorded_stream_penalty_matches_measured_connect(recorded):
+    _, _, [inc] = correlate_recorded(recorded)
+    penalty_ms = inc.penalty_ns / 1e6
+    # connect() in user space encloses SYN..ESTABLISHED: slightly longer, never much
+    assert 0 <= recorded["connect_ms"] - penalty_ms < 3
+    assert 5 < penalty_ms < 100  # Linux >= 5.6: retry after TCP_TIMEOUT_MIN, not 1 s
+
+
+def test_recorded_stream_closewait_age(recorded):
+    _, _, [inc] = correlate_recorded(recorded)
+    assert inc.closewait["age_source"] == "observed"
+    assert 0.8 < inc.closewait["age_s"] < 1.5
+    assert inc.closewait["snd_nxt"] == inc.step("challenge_ack").detail["seq"]
+
+
+def test_recorded_stream_ignores_teardown_after_completion(recorded):
+    c, _, [inc] = correlate_recorded(recorded)
+    est = inc.step("queued").ts_ns
+    after = [e for e in recorded["events"] if e.ts_ns > est]
+    assert after  # the recording closes both ends at exit
+    assert c.ignored_events == len(after)
+    assert c.events_seen == len(recorded["events"])
+    assert all(e.ts_ns <= est for e in inc.events)
+
+
+def test_recorded_stream_collision_record(recorded):
+    _, _, [inc] = correlate_recorded(recorded)
+    rec = record(inc)
+    assert rec["type"] == "collision"
+    assert rec["netns"] == recorded["events"][0].netns
+    assert rec["family"] == ("ipv6" if recorded["ip"].startswith("[") else "ipv4")
+    assert rec["server"] == f"{recorded['ip']}:12345"
+    assert rec["client"] == f"{recorded['ip']}:39836"
+    assert rec["outcome"] == "recovered"
+    assert rec["penalty_ms"] == pytest.approx(inc.penalty_ns / 1e6, abs=1e-3)
+    assert rec["closewait_age_s"] == pytest.approx(inc.closewait["age_s"], abs=1e-3)
+    assert rec["closewait_age_source"] == "observed"
+    assert [s["step"] for s in rec["steps"]] == SEED_STEPS
+    assert all({"step", "t_ms"} <= s.keys() for s in rec["steps"])
+    assert rec["steps"][0] == {"step": "syn", "t_ms": 0.0}
+    assert [s["t_ms"] for s in rec["steps"]] == sorted(s["t_ms"] for s in rec["steps"])
+    est = next(s for s in rec["steps"] if s["step"] == "established")
+    assert est["t_ms"] == rec["penalty_ms"]
+    assert "CLOSE_WAIT" in rec["explanation"]
+    assert rec["server"] in rec["explanation"]
+    assert "in window" in rec["explanation"]
+    assert rec["incomplete"] is False and rec["ended_by"] == "complete"
+    assert json.loads(json.dumps(rec)) == rec  # a JSON line as is
+    assert "events" not in rec
+    verbose = collision_record(inc, CLOCK, "tracepoint", verbose=True)
+    assert len(verbose["events"]) == len(inc.events)
+    assert verbose["events"][0]["t_ms"] == 0.0
+
+
+# -- recorded streams, out of order across CPUs ---------------------------------------
+
+DELAY = 100 * MS
+
+
+def _pump(c: Correlator, r: Reorderer, now: int) -> list[Incident]:
+    """What Session._pump() does at kernel time `now`."""
+    out = []
+    for ev in r.pop_ready(now):
+        out += c.feed(ev)
+    out += c.tick(now - r.delay_ns)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_recorded_stream_out_of_order_shuffled(recorded, seed):
+    _, _, [expected] = correlate_recorded(recorded)
+    events = list(recorded["events"])
+    random.Random(seed).shuffle(events)
+    assert events != recorded["events"]
+    c = Correlator(synthetic.fixture_states(recorded), hz=recorded["hz"])
+    r = Reorderer(DELAY)
+    for ev in events:
+        r.push(ev)
+    out = []
+    now = events[0].ts_ns
+    end = max(e.ts_ns for e in events) + DELAY + MS
+    while now <= end:
+        out += _pump(c, r, now)
+        now += MS
+    out += c.flush()
+    assert r.late == 0 and len(r) == 0
+    assert len(out) == 1
+    assert timeline(out[0]) == timeline(expected)
+    assert record(out[0]) == record(expected)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_recorded_stream_out_of_order_cpu_skew(recorded, seed):
+    """Each record is read out up to DELAY after it happened (per-CPU rings
+    drained at different moments); the tracer polls whenever a record arrives."""
+    _, _, [expected] = correlate_recorded(recorded)
+    rng = random.Random(seed)
+    arrivals = sorted((e.ts_ns + rng.randrange(DELAY), i, e) for i, e in enumerate(recorded["events"]))
+    assert [e for _, _, e in arrivals] != recorded["events"]
+    c = Correlator(synthetic.fixture_states(recorded), hz=recorded["hz"])
+    r = Reorderer(DELAY)
+    out = []
+    for now, _, ev in arrivals:
+        r.push(ev)
+        out += _pump(c, r, now)
+    for ev in r.drain():
+        out += c.feed(ev)
+    out += c.flush()
+    assert r.late == 0
+    assert len(out) == 1
+    assert timeline(out[0]) == timeline(expected)
+    assert record(out[0]) == record(expected)
+
+
+# -- synthetic: the seed sequence -----------------------------------------------------
+
+
+def test_synthetic_seed_sequence_matches_the_recording_shape():
+    col = Collision()
+    c, [inc] = correlate(col.seed_sequence())
+    assert names(inc) == SEED_STEPS
+    assert inc.outcome == "recovered" and inc.ended_by == "complete"
+    assert inc.server == col.server and inc.client == col.client
+
+
+# -- synthetic: incidents that do not complete ------------------------------------------
+
+
+def test_syn_only_times_out_as_pending():
+    col = Collision()
+    c = Correlator(STATES, HZ, timeout_ns=2 * S)
+    assert c.feed(col.syn_challenged(T0)) == []
+    assert len(c.open) == 1
+    assert c.tick(T0 + 2 * S - 1) == []
+    [inc] = c.tick(T0 + 2 * S)
+    assert inc.outcome == "pending"
+    assert inc.ended_by == "timeout"
+    assert names(inc) == ["syn", "challenge_ack"]
+    assert inc.penalty_ns is None
+    assert not c.open
+    assert c.tick(T0 + 10 * S) == []
+    rec = record(inc)
+    assert rec["penalty_ms"] is None and rec["outcome"] == "pending"
+    assert "not seen established" in rec["explanation"]
+
+
+def test_timeout_also_happens_on_a_later_unrelated_event():
+    col = Collision()
+    c = Correlator(STATES, HZ, timeout_ns=2 * S)
+    c.feed(col.syn_challenged(T0))
+    [other] = churn(1, t0=T0 + 3 * S)
+    [inc] = c.feed(other)
+    assert inc.ended_by == "timeout" and inc.outcome == "pending"
+
+
+def test_repeated_syn_without_rst_is_stuck():
+    """The challenge ACK passes once, the RST never comes (lost or rate limited):
+    the client keeps retransmitting into the lingering socket."""
+    col = Collision()
+    events = [
+        col.syn_challenged(T0, passed=True),
+        col.retransmit(T0 + 1 * S),
+        col.syn_challenged(T0 + 1 * S + 20_000, passed=False),
+        col.retransmit(T0 + 3 * S),
+        col.syn_challenged(T0 + 3 * S + 20_000, passed=False),
+    ]
+    c, [] = correlate(events, flush=False, timeout_ns=15 * S)
+    [inc] = c.tick(T0 + 15 * S)
+    assert inc.outcome == "stuck"
+    assert inc.ended_by == "timeout"
+    assert inc.syn_hits == 3
+    retries = [s for s in inc.steps if s.name == "retry_syn"]
+    assert [s.detail["attempt"] for s in retries] == [1, 2]
+    assert all(s.detail["reached"] == "lingering socket" for s in retries)
+    assert all(s.detail["challenge_ack_sent"] is False for s in retries)
+    assert not inc.has("rst") and not inc.has("established")
+    rec = record(inc)
+    assert rec["syn_hits"] == 3 and rec["outcome"] == "stuck"
+    assert "3 times" in rec["explanation"]
+
+
+def test_repeated_syn_seen_only_at_the_server_is_stuck():
+    # the client on another host: only the lingering socket's drops are seen
+    col = Collision(client_ip="10.0.0.2", server_ip="10.0.0.1")
+    c, [inc] = correlate([col.syn_challenged(T0), col.syn_challenged(T0 + S), col.syn_challenged(T0 + 3 * S)])
+    assert inc.outcome == "stuck" and inc.ended_by == "flush"
+    assert inc.syn_hits == 3
+    assert [s.detail["attempt"] for s in inc.steps if s.name == "retry_syn"] == [1, 2]
+    assert inc.client_netns is None
+
+
+def test_flush_closes_an_open_incident():
+    col = Collision()
+    seq = col.seed_sequence()
+    c, done = correlate(seq[:4], flush=False)
+    assert done == [] and len(c.open) == 1
+    [inc] = c.flush()
+    assert inc.ended_by == "flush"
+    assert inc.outcome == "pending"  # RST seen, the retry not yet
+    assert names(inc) == ["syn", "challenge_ack", "rst", "closewait_closed"]
+    assert not c.open
+    assert c.flush() == []
+
+
+def test_flush_of_an_established_incident_is_recovered():
+    col = Collision()
+    seq = col.seed_sequence()
+    c, done = correlate(seq[:6], flush=False)  # client established, server end not seen yet
+    assert done == []
+    [inc] = c.flush()
+    assert inc.outcome == "recovered" and inc.ended_by == "flush"
+
+
+# -- synthetic: lost events --------------------------------------------------------------
+
+
+def test_lost_marks_open_incidents_incomplete():
+    a, b = Collision(), Collision(client_port=40000, closewait_sk=0xFFFF8881000A0000)
+    c = Correlator(STATES, HZ)
+    c.lost(5)  # nothing open: only counted
+    assert c.lost_events == 5
+    c.feed(a.syn_challenged(T0))
+    c.lost(3)
+    c.lost(2)
+    assert c.lost_events == 10
+    c.feed(b.syn_challenged(T0 + MS))  # opened after the loss
+    assert c.open[next(iter(c.open))].incomplete is True
+    done = []
+    for ev in a.seed_sequence()[1:]:
+        done += c.feed(ev)
+    [inc_a] = done
+    [inc_b] = c.flush()
+    assert inc_a.client == a.client and inc_a.incomplete is True
+    assert inc_b.client == b.client and inc_b.incomplete is False
+    rec = record(inc_a)
+    assert rec["incomplete"] is True
+    assert "lost" in rec["explanation"]
+    assert record(inc_b)["incomplete"] is False
+
+
+# -- synthetic: several collisions, unrelated events -----------------------------------------
+
+OTHER_TUPLES = {
+    "same-listener-other-port": Collision(client_port=40000, closewait_sk=0xFFFF888100100000,
+                                          client_sk=0xFFFF888100100940, child_sk=0xFFFF8881001065C0,
+                                          snd_nxt=111, rcv_nxt=222),
+    "same-ports-ipv6": Collision(server_ip="::1", client_ip="::1", closewait_sk=0xFFFF888100200000,
+                                 client_sk=0xFFFF888100200940, child_sk=0xFFFF8881002065C0,
+                                 snd_nxt=333, rcv_nxt=444),
+}
+
+
+@pytest.mark.parametrize("which", OTHER_TUPLES)
+def test_interleaved_collisions_do_not_mix(which):
+    a, b = Collision(), OTHER_TUPLES[which]
+    seq_a = a.seed_sequence(T0, retry_after=11 * MS)
+    seq_b = b.seed_sequence(T0 + 20_000, retry_after=13 * MS)  # starts 20 us later, overlaps all along
+    merged = sorted(seq_a + seq_b, key=lambda e: e.ts_ns)
+    assert merged != seq_a + seq_b
+    c, incidents = correlate(merged)
+    assert len(incidents) == 2
+    by_client = {i.client: i for i in incidents}
+    assert set(by_client) == {a.client, b.client}
+    _, [alone_a] = correlate(seq_a)
+    _, [alone_b] = correlate(seq_b)
+    for col, alone in ((a, alone_a), (b, alone_b)):
+        inc = by_client[col.client]
+        assert inc.server == col.server
+        assert inc.outcome == "recovered" and inc.ended_by == "complete"
+        assert timeline(inc) == timeline(alone)
+        assert [s.detail for s in inc.steps] == [s.detail for s in alone.steps]
+        assert inc.step("rst").detail["in_window"] is True
+        assert inc.closewait["rcv_nxt"] == col.rcv_nxt
+        assert {(e.family, e.lport, e.rport) for e in inc.events} <= {
+            (col.family, col.server_port, col.client_port), (col.family, col.client_port, col.server_port)}
+    assert c.ignored_events == 0
+
+
+def test_churn_of_ordinary_connections_makes_no_incident():
+    events = churn(5000)
+    c, incidents = correlate(events)
+    assert incidents == []
+    assert c.ignored_events == c.events_seen == 5000
+    assert not c.open
+
+
+def test_churn_around_a_collision_changes_nothing():
+    col = Collision()
+    seq = col.seed_sequence()
+    noise = churn(3000, t0=T0 - 10 * MS, step_ns=10_000)  # spans the whole collision
+    merged = sorted(seq + noise, key=lambda e: e.ts_ns)
+    c, incidents = correlate(merged)
+    _, [alone] = correlate(seq)
+    assert len(incidents) == 1
+    assert timeline(incidents[0]) == timeline(alone)
+    assert c.ignored_events == len(noise)
+
+
+def test_the_tuples_history_before_the_syn_is_ignored():
+    """The old connection's own events (before the collision) must not count:
+    its client end was ESTABLISHED once, long before."""
+    col = Collision()
+    old = [
+        col.client_ev("state", T0 - 3 * S, "SYN_SENT", "ESTABLISHED"),
+        col.server_ev("state", T0 - 3 * S + 10_000, "SYN_RECV", "ESTABLISHED", sk=col.closewait_sk),
+        col.server_ev("state", T0 - 2 * S, "ESTABLISHED", "CLOSE_WAIT"),
+        col.client_ev("state", T0 - 2 * S, "FIN_WAIT1", "FIN_WAIT2"),
+        col.client_ev("state", T0 - 1 * S, "FIN_WAIT2", "CLOSE"),
+    ]
+    c, incidents = correlate(old + col.seed_sequence()[:4])
+    assert c.ignored_events == len(old)
+    [inc] = incidents
+    assert inc.outcome == "pending" and not inc.has("established")
+    assert inc.established_ends == set()
+
+
+# -- synthetic: bounded memory -------------------------------------------------------------
+
+
+def _nth(i: int) -> Collision:
+    return Collision(client_port=40000 + i, closewait_sk=0xFFFF888400000000 + 0x1000 * i)
+
+
+@pytest.mark.parametrize("n,k", [(4, 3), (16, 500)])
+def test_max_open_evicts_the_oldest(n, k):
+    c = Correlator(STATES, HZ, max_open=n)
+    evicted = []
+    for i in range(n + k):
+        evicted += c.feed(_nth(i).syn_challenged(T0 + i * 1000))
+        assert len(c.open) <= n
+    assert len(c.open) == n
+    assert [inc.client for inc in evicted] == [_nth(i).client for i in range(k)]
+    assert all(inc.ended_by == "evicted" and inc.outcome == "pending" for inc in evicted)
+    rest = c.flush()
+    assert sorted(inc.client for inc in rest) == sorted(_nth(i).client for i in range(k, n + k))
+    assert len({inc.id for inc in evicted + rest}) == n + k
+
+
+def test_raw_events_per_incident_are_bounded():
+    col = Collision()
+    c = Correlator(STATES, HZ)
+    c.feed(col.syn_challenged(T0))
+    for i in range(1, 3 * MAX_RAW_EVENTS):
+        c.feed(col.rst_received(T0 + i * 1000))
+    [inc] = c.flush()
+    assert len(inc.events) == MAX_RAW_EVENTS
+
+
+# -- synthetic: completion rules -----------------------------------------------------------
+
+
+def test_completes_at_once_when_both_ends_are_established():
+    col = Collision()
+    seq = col.seed_sequence()  # ... client ESTABLISHED, child LISTEN->SYN_RECV, child SYN_RECV->ESTABLISHED
+    c = Correlator(STATES, HZ)
+    for ev in seq[:-1]:
+        assert c.feed(ev) == []
+    [inc] = c.feed(seq[-1])
+    assert inc.ended_by == "complete" and inc.outcome == "recovered"
+    assert inc.established_ends == {"client", "server"}
+    assert inc.step("established").detail["end"] == "client"
+    assert inc.step("queued").ts_ns == seq[-1].ts_ns
+    assert not c.open
+
+
+def test_server_established_first_waits_for_the_traced_client():
+    col = Collision()
+    seq = col.seed_sequence()
+    client_est = seq[5]
+    reordered = seq[:5] + seq[6:] + [dataclasses.replace(client_est, ts_ns=seq[-1].ts_ns + 40_000)]
+    c = Correlator(STATES, HZ)
+    done = []
+    for ev in reordered[:-1]:
+        done += c.feed(ev)
+    assert done == [] and len(c.open) == 1  # the client end (traced: it sent the RST) is not established yet
+    [inc] = c.feed(reordered[-1])
+    assert inc.ended_by == "complete"
+    est = inc.step("established")
+    assert est.detail["end"] == "server" and est.ts_ns == seq[-1].ts_ns
+    assert est.detail["client_ms"] == pytest.approx((reordered[-1].ts_ns - T0) / 1e6, abs=1e-3)
+
+
+def test_only_the_client_end_established_completes_after_grace():
+    col = Collision()
+    seq = col.seed_sequence()[:6]  # the server child's events are not seen
+    grace = 200 * MS
+    c, done = correlate(seq, flush=False, grace_ns=grace)
+    assert done == []
+    est = seq[-1].ts_ns
+    assert c.tick(est + grace - 1) == []
+    [inc] = c.tick(est + grace)
+    assert inc.outcome == "recovered" and inc.ended_by == "complete"
+    assert inc.established_ends == {"client"}
+    assert inc.penalty_ns == est - T0
+
+
+def test_only_the_server_end_established_completes_after_grace_when_client_is_traced():
+    col = Collision()
+    seq = col.seed_sequence()
+    without_client_est = seq[:5] + seq[6:]
+    grace = 50 * MS
+    c, done = correlate(without_client_est, flush=False, grace_ns=grace)
+    assert done == []  # the client end was seen (RST, retransmit): wait for it
+    est = seq[-1].ts_ns
+    assert c.tick(est + grace - 1) == []
+    [inc] = c.tick(est + grace)
+    assert inc.outcome == "recovered" and inc.ended_by == "complete"
+    assert inc.established_ends == {"server"}
+
+
+def test_server_only_view_completes_at_once():
+    """The client is on another host (or an untraced namespace): only the server
+    end's events exist, and the child reaching ESTABLISHED ends the incident."""
+    col = Collision(server_ip="10.0.0.1", client_ip="10.0.0.2")
+    seq = col.seed_sequence()
+    server_side = [e for e in seq if e.laddr == synthetic.addr(col.server_ip)]
+    assert len(server_side) == 5
+    c = Correlator(STATES, HZ)
+    for ev in server_side[:-1]:
+        assert c.feed(ev) == []
+    [inc] = c.feed(server_side[-1])
+    assert inc.outcome == "recovered" and inc.ended_by == "complete"
+    assert inc.client_netns is None
+    assert inc.step("rst").detail == {"seen_at": "server"}
+    assert inc.step("retry_syn").detail == {"attempt": 1, "seen_at": "server", "reached": "listener"}
+    assert "received an RST" in record(inc)["explanation"]
+
+
+def test_steps_sorted_by_time_then_natural_order():
+    col = Collision()
+    c, [inc] = correlate(col.seed_sequence())
+    keys = [(s.ts_ns, STEPS.index(s.name)) for s in inc.steps]
+    assert keys == sorted(keys)
+
+
+def test_timeline_is_in_time_order_even_for_a_late_event():
+    """An event older than one already fed (it missed the reorder window) still
+    lands at its own time in the timeline."""
+    col = Collision()
+    seq = col.seed_sequence()
+    late = [seq[0], seq[3], seq[1], seq[2]] + seq[4:]  # CLOSE_WAIT->CLOSE before the RST that caused it
+    _, [inc] = correlate(late)
+    assert names(inc) == SEED_STEPS
+    assert [s.ts_ns for s in inc.steps] == sorted(s.ts_ns for s in inc.steps)
+
+
+# -- synthetic: RST and age details ------------------------------------------------------------
+
+
+def test_rst_out_of_window_is_reported_as_such():
+    col = Collision()
+    seq = col.seed_sequence()
+    seq[1] = col.rst_sent(seq[1].ts_ns, seq=col.rcv_nxt + 1)
+    c, [inc] = correlate(seq)
+    assert inc.step("rst").detail["in_window"] is False
+    assert "in window" not in record(inc)["explanation"]
+
+
+def test_rst_from_a_client_not_in_syn_sent_is_not_the_answer():
+    col = Collision()
+    c = Correlator(STATES, HZ)
+    c.feed(col.syn_challenged(T0))
+    c.feed(col.client_ev("rst_sent", T0 + 1000, "ESTABLISHED", hook="tp_send_reset", seq=col.rcv_nxt))
+    c.feed(col.server_ev("rst_sent", T0 + 2000, "CLOSE_WAIT", hook="tp_send_reset", seq=col.rcv_nxt))
+    [inc] = c.flush()
+    assert not inc.has("rst")
+
+
+def test_age_estimated_from_jiffies():
+    col = Collision()
+    c, [inc] = correlate([col.syn_challenged(T0, age_ns=None, age_jiffies=2 * HZ)])
+    assert inc.closewait["age_source"] == "estimated"
+    assert inc.closewait["age_s"] == pytest.approx(2.0)
+    assert "about 2.0 s" in record(inc)["explanation"]
+
+
+def test_age_unknown_without_hz_or_flags():
+    col = Collision()
+    _, [inc] = correlate([col.syn_challenged(T0, age_ns=None, age_jiffies=2 * HZ)], hz=None)
+    assert inc.closewait["age_s"] is None
+    assert inc.closewait["age_source"] == "unknown"
+    _, [inc] = correlate([col.syn_challenged(T0, age_ns=None, age_jiffies=None)])
+    assert inc.closewait["age_source"] == "unknown"
+    assert record(inc)["closewait_age_s"] is None
+
+
+def test_no_challenge_ack_when_rate_limited():
+    col = Collision()
+    _, [inc] = correlate([col.syn_challenged(T0, passed=False)])
+    assert names(inc) == ["syn"]
+    assert "No challenge ACK" in record(inc)["explanation"]
