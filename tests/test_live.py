@@ -56,7 +56,8 @@ def run_seed(tracer_args: list[str], scenario_args: list[str], settle: float = 1
     return ready, steps, records
 
 
-def check_seed(rec: dict, steps: list[dict], server: str, client: str, family: str, netns_inode: int):
+def check_seed(rec: dict, steps: list[dict], server: str, client: str, family: str, netns_inode: int,
+               min_age: float = 0.5):
     assert rec["server"] == server
     assert rec["client"] == client
     assert rec["family"] == family
@@ -73,7 +74,8 @@ def check_seed(rec: dict, steps: list[dict], server: str, client: str, family: s
     connect_ms = next(s["connect_ms"] for s in steps if s["step"] == "connected")
     assert rec["penalty_ms"] == pytest.approx(connect_ms, abs=5), (rec["penalty_ms"], connect_ms)
     # the CLOSE_WAIT socket was created about port_wait (~1 s, tcp_fin_timeout) before
-    assert 0.5 < rec["closewait_age_s"] < 10
+    # (--fast: about 20 ms before)
+    assert min_age < rec["closewait_age_s"] < 10
     assert "CLOSE_WAIT" in rec["explanation"] and server in rec["explanation"]
 
 
@@ -112,6 +114,54 @@ def test_dual_stack_listener_with_ipv4_client(ns):
     found = collisions(records)
     assert len(found) == 1, found
     check_seed(found[0], steps, "127.0.0.1:12345", "127.0.0.1:39836", "ipv4", ns.inode)
+
+
+def test_count_stops_the_tracer(ns):
+    """-c 1: the tracer exits by itself after the first collision."""
+    tracer = Tracer("--netns", str(ns.inode), "-c", "1")
+    try:
+        tracer.wait_ready()
+        proc = scenario("--server-ns", ns.name, "--fast", "--hold", "0.5")
+        steps = read_steps(proc)
+        assert proc.wait(timeout=30) == 0, steps
+        rc = tracer.proc.wait(timeout=20)
+        _, records, stderr = tracer.stop()
+    finally:
+        tracer.kill()
+    assert rc == 0, stderr
+    assert len(collisions(records)) == 1 and records[-1]["stopped_by"] == "count"
+    check_seed(collisions(records)[0], steps, "127.0.0.1:12345", "127.0.0.1:39836", "ipv4", ns.inode, min_age=0.01)
+
+
+def test_duration_stops_the_tracer():
+    t0 = time.monotonic()
+    r = subprocess.run([str(BIN), "--json", "--duration", "1"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    records = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [x["type"] for x in records] == ["ready", "summary"]
+    assert records[-1]["stopped_by"] == "duration"
+    assert 1 <= time.monotonic() - t0 < 30
+
+
+def test_btf_from_a_vmlinux_elf(ns, tmp_path):
+    """--btf takes the .BTF section of an ELF file (what a vmlinux carries)."""
+    obj = tmp_path / "empty.o"
+    elf = tmp_path / "vmlinux"
+    subprocess.run(["gcc", "-c", "-x", "c", "-o", str(obj), "-"], input="", text=True, check=True)
+    subprocess.run(["objcopy", "--add-section", ".BTF=/sys/kernel/btf/vmlinux", str(obj), str(elf)], check=True)
+    ready, steps, records = run_seed(["--netns", str(ns.inode), "--btf", str(elf)],
+                                     ["--server-ns", ns.name, "--fast"], settle=0.5)
+    assert ready["types"] == f"btf:{elf}"
+    assert len(collisions(records)) == 1
+
+
+def test_corrupt_btf_is_a_one_line_error(tmp_path):
+    bad = tmp_path / "bad.btf"
+    bad.write_bytes(b"\x9f\xeb" + bytes(200))
+    r = subprocess.run([str(BIN), "--btf", str(bad)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert r.stderr.startswith("tcpcollide-trace: error: cannot use BTF from") and r.stderr.count("\n") == 1
+    assert r.stdout == ""
 
 
 def test_ipv4_filter_hides_ipv6_collision(ns):

@@ -21,6 +21,8 @@ import time
 
 from tracer import netns
 
+TCP_REPAIR = 19  # linux/tcp.h
+
 
 def say(step: str, **kw) -> None:
     print(json.dumps({"step": step, **kw}), flush=True)
@@ -40,6 +42,13 @@ def run(args: argparse.Namespace) -> int:
     first = socket.socket(fam, socket.SOCK_STREAM)
     first.bind((args.client_ip, args.client_port))
     first.connect((args.server_ip, args.server_port))
+    if args.fast:
+        # FIN, then drop the client socket silently: in TCP_REPAIR mode close()
+        # sends nothing (tcp_disconnect), so the port is free at once while the
+        # server's end stays in CLOSE_WAIT (the seed waits for FIN-WAIT-2 instead)
+        first.shutdown(socket.SHUT_WR)
+        time.sleep(0.02)
+        first.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 1)
     first.close()
     say("first_close", client_port=args.client_port, note="server end now in CLOSE_WAIT")
     deadline = time.monotonic() + args.port_wait
@@ -82,6 +91,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--backlog", type=int, default=8)
     p.add_argument("--port-wait", type=float, default=10.0)
     p.add_argument("--connect-timeout", type=float, default=10.0)
+    p.add_argument("--fast", action="store_true",
+                   help="free the client port at once (TCP_REPAIR) instead of waiting for FIN-WAIT-2 to expire")
     p.add_argument("--wait-stdin", action="store_true", help="pause before the reconnect until a line is read")
     p.add_argument("--hold", type=float, default=1.0, help="seconds to keep the sockets open at the end")
     return p
