@@ -41,12 +41,29 @@ struct tc_track {
 	__u64 skaddr;   /* the lingering socket */
 };
 
+struct tc_conn {
+	__u32 pid;
+	char comm[16];
+};
+
 BPF_PERF_OUTPUT(events);
+/* how often each kernel hook ran, whatever it saw: proof that a hook fires */
+BPF_ARRAY(hook_fired, __u64, TC_HOOK_MAX);
+/* connecting socket -> the process that called connect() (connect hook) */
+BPF_TABLE("lru_hash", __u64, struct tc_conn, connectors, TC_CONN_MAP_SIZE);
 /* socket address -> ktime it entered CLOSE_WAIT (LRU: a full map forgets the
  * oldest; such a socket's age then comes from tp->rcv_tstamp instead) */
 BPF_TABLE("lru_hash", __u64, __u64, cw_since, TC_CW_MAP_SIZE);
 /* collisions in progress; user space deletes an entry when its incident ends */
 BPF_TABLE("lru_hash", struct tc_tuple, struct tc_track, tracked, TC_TRACK_MAP_SIZE);
+
+static __always_inline void tc_fired(__u32 hook)
+{
+	__u64 *n = hook_fired.lookup(&hook);
+
+	if (n)
+		__sync_fetch_and_add(n, 1);
+}
 
 #define tc_read(dst, base, off) bpf_probe_read_kernel(&(dst), sizeof(dst), (const char *)(base) + (off))
 
@@ -112,6 +129,15 @@ static __always_inline int tc_fill_sock(const void *sk, struct tc_event *ev)
 	if (sock)
 		tc_read(ev->sk_ino, sock, OFF_SOCKET_INODE_INO);
 	ev->skaddr = (__u64)sk;
+	{
+		__u64 skp = (__u64)sk;
+		struct tc_conn *conn = connectors.lookup(&skp);
+
+		if (conn) {
+			ev->conn_pid = conn->pid;
+			__builtin_memcpy(ev->conn_comm, conn->comm, sizeof(ev->conn_comm));
+		}
+	}
 	ev->ts_ns = bpf_ktime_get_ns();
 	ev->cpu = bpf_get_smp_processor_id();
 	ev->pid = bpf_get_current_pid_tgid() >> 32;
@@ -147,6 +173,14 @@ static __always_inline int tc_is_tracked(const struct tc_event *ev)
 	return tracked.lookup(&t) != 0;
 }
 
+/* __tcp_oow_rate_limited() stamps tp->last_oow_ack_time only when it lets an
+ * out-of-window ACK (the challenge ACK) through; a stamp from this tick (or
+ * the one before, should a tick have passed since) means one went out now. */
+static __always_inline int tc_challenge_passed(__u32 last_oow, __u32 now_j)
+{
+	return last_oow && now_j - last_oow <= 1;
+}
+
 /* A SYN was dropped by a socket that is not listening (skb drop reason
  * TCP_INVALID_SYN): tcp_validate_incoming() has just called
  * tcp_send_challenge_ack(). The collision starts here. */
@@ -159,6 +193,7 @@ static __always_inline int tc_on_syn_challenged(void *ctx, const void *sk, __u32
 	__u64 *since;
 	__u32 now_j, rcv_tstamp = 0, last_oow = 0;
 
+	tc_fired(hook); /* counted before the user's filters: the self-test runs in its own netns */
 	if (tc_fill_sock(sk, &ev))
 		return 0;
 	ev.type = TC_EV_SYN_CHALLENGED;
@@ -172,11 +207,13 @@ static __always_inline int tc_on_syn_challenged(void *ctx, const void *sk, __u32
 		ev.age_jiffies = now_j - rcv_tstamp;
 		ev.flags |= TC_F_AGE_JIFFIES;
 	}
-	/* __tcp_oow_rate_limited() stamps last_oow_ack_time only when it lets
-	 * the ACK through; a stamp from this tick (or the one before, should a
-	 * tick have passed since) means the challenge ACK went out now. */
-	if (last_oow && now_j - last_oow <= 1)
+#ifdef TC_USE_CHALLENGE
+	/* the challenge hook reports the ACK itself (TC_EV_CHALLENGE_ACK) */
+	ev.flags |= TC_F_CHALLENGE_SEEN;
+#else
+	if (tc_challenge_passed(last_oow, now_j))
 		ev.flags |= TC_F_CHALLENGE_PASSED;
+#endif
 	since = cw_since.lookup(&skp);
 	if (since && ev.ts_ns > *since) {
 		ev.age_ns = ev.ts_ns - *since;
@@ -217,6 +254,7 @@ static __always_inline int tc_on_set_state(void *ctx, const void *sk, int oldsta
 {
 	__u64 skp = (__u64)sk;
 
+	tc_fired(hook);
 	if (newstate == K_TCP_CLOSE_WAIT) {
 		__u64 now = bpf_ktime_get_ns();
 
@@ -245,4 +283,80 @@ static __always_inline __u32 tc_rst_seq(const void *skb)
 	/* struct tcphdr: ack_seq is the third 32-bit word */
 	bpf_probe_read_kernel(&ack_seq_be, 4, head + thoff + 8);
 	return __builtin_bswap32(ack_seq_be);
+}
+
+/* tcp_rcv_state_process() entry: a SYN (without RST) reaching a socket in a
+ * lingering state is always challenged (tcp_validate_incoming, RFC 5961 4.2;
+ * before 6.4 a SYN failing PAWS gets a dupack instead, with the same numbers). */
+static __always_inline int tc_on_rcv_state(void *ctx, const void *sk, const void *skb, __u32 hook)
+{
+	__u8 state = 0, flags = 0;
+	unsigned char *head = 0;
+	__u16 thoff = 0;
+
+	tc_read(state, sk, OFF_SKC_STATE);
+	if (state != K_TCP_CLOSE_WAIT && state != K_TCP_LAST_ACK && state != K_TCP_FIN_WAIT1 &&
+	    state != K_TCP_FIN_WAIT2 && state != K_TCP_CLOSING)
+		return 0;
+	tc_read(head, skb, OFF_SKB_HEAD);
+	tc_read(thoff, skb, OFF_SKB_TRANSPORT_HEADER);
+	if (!head || thoff == 0xffff)
+		return 0;
+	/* struct tcphdr: the flags byte is byte 13 (FIN 1, SYN 2, RST 4, ACK 16) */
+	bpf_probe_read_kernel(&flags, 1, head + thoff + 13);
+	if (!(flags & 0x02) || (flags & 0x04))
+		return 0;
+	return tc_on_syn_challenged(ctx, sk, hook);
+}
+
+/* tcp_send_challenge_ack() returned: report whether the ACK went out. */
+static __always_inline int tc_on_challenge(void *ctx, const void *sk, __u32 hook)
+{
+	struct tc_event ev = {};
+	__u32 last_oow = 0, now_j = (__u32)bpf_jiffies64();
+
+	tc_fired(hook);
+	if (!sk || tc_fill_sock(sk, &ev) || !tc_is_tracked(&ev))
+		return 0;
+	ev.type = TC_EV_CHALLENGE_ACK;
+	ev.hook = hook;
+	tc_read(ev.seq, sk, OFF_TP_SND_NXT);
+	tc_read(ev.ack, sk, OFF_TP_RCV_NXT);
+	tc_read(last_oow, sk, OFF_TP_LAST_OOW_ACK_TIME);
+	if (tc_challenge_passed(last_oow, now_j))
+		ev.flags |= TC_F_CHALLENGE_PASSED;
+	events.perf_submit(ctx, &ev, sizeof(ev));
+	return 0;
+}
+
+/* tcp_v4_connect()/tcp_v6_connect(): remember who connects this socket. */
+static __always_inline int tc_on_connect(const void *sk, __u32 hook)
+{
+	__u64 skp = (__u64)sk;
+	struct tc_conn conn = {};
+
+	tc_fired(hook);
+	conn.pid = bpf_get_current_pid_tgid() >> 32;
+	bpf_get_current_comm(conn.comm, sizeof(conn.comm));
+	connectors.update(&skp, &conn);
+	return 0;
+}
+
+/* A child joined its listener's accept queue (sk_ack_backlog++). `added`:
+ * the backlog already counts it (fexit), else it is about to (entry). */
+static __always_inline int tc_on_queued(void *ctx, const void *listener, const void *child, __u32 hook, int added)
+{
+	struct tc_event ev = {};
+
+	tc_fired(hook);
+	if (!child || tc_fill_sock(child, &ev) || !tc_is_tracked(&ev))
+		return 0;
+	ev.type = TC_EV_QUEUED;
+	ev.hook = hook;
+	tc_read(ev.backlog, listener, OFF_SK_ACK_BACKLOG);
+	tc_read(ev.max_backlog, listener, OFF_SK_MAX_ACK_BACKLOG);
+	if (!added)
+		ev.backlog += 1;
+	events.perf_submit(ctx, &ev, sizeof(ev));
+	return 0;
 }

@@ -19,6 +19,7 @@ enum tc_event_type {
 	TC_EV_STATE = 4,          /* a socket on a tracked tuple changed TCP state */
 	TC_EV_RETRANSMIT = 5,     /* a socket on a tracked tuple retransmitted (the client's SYN) */
 	TC_EV_QUEUED = 6,         /* a child on a tracked tuple was added to its listener's accept queue */
+	TC_EV_CHALLENGE_ACK = 7,  /* tcp_send_challenge_ack() returned for a socket on a tracked tuple */
 };
 
 /* Which kernel hook produced the event. */
@@ -28,6 +29,19 @@ enum tc_hook {
 	TC_HOOK_TP_SEND_RESET = 3,    /* tracepoint tcp:tcp_send_reset */
 	TC_HOOK_TP_RECEIVE_RESET = 4, /* tracepoint tcp:tcp_receive_reset */
 	TC_HOOK_TP_RETRANSMIT = 5,    /* tracepoint tcp:tcp_retransmit_skb */
+	TC_HOOK_KP_SET_STATE = 6,     /* kprobe tcp_set_state */
+	TC_HOOK_KP_RCV_STATE = 7,     /* kprobe tcp_rcv_state_process */
+	TC_HOOK_KP_CHALLENGE = 8,     /* kprobe + kretprobe tcp_send_challenge_ack */
+	TC_HOOK_KP_CONNECT = 9,       /* kprobe tcp_v4_connect / tcp_v6_connect */
+	TC_HOOK_KP_QUEUE_ADD = 10,    /* kprobe inet_csk_reqsk_queue_add */
+	TC_HOOK_KP_HASHDANCE = 11,    /* kprobe inet_csk_complete_hashdance */
+	TC_HOOK_FE_SET_STATE = 12,    /* fentry tcp_set_state */
+	TC_HOOK_FE_RCV_STATE = 13,    /* fentry tcp_rcv_state_process */
+	TC_HOOK_FE_CHALLENGE = 14,    /* fexit tcp_send_challenge_ack */
+	TC_HOOK_FE_CONNECT = 15,      /* fentry tcp_v4_connect / tcp_v6_connect */
+	TC_HOOK_FE_QUEUE_ADD = 16,    /* fexit inet_csk_reqsk_queue_add */
+	TC_HOOK_FE_HASHDANCE = 17,    /* fexit inet_csk_complete_hashdance */
+	TC_HOOK_MAX = 18,
 };
 
 /* Event flags. */
@@ -35,6 +49,7 @@ enum tc_flag {
 	TC_F_AGE_OBSERVED = 1,      /* age_ns is valid: the tracer saw the socket enter CLOSE_WAIT */
 	TC_F_CHALLENGE_PASSED = 2,  /* the per-socket challenge-ACK rate limiter let the ACK through now */
 	TC_F_AGE_JIFFIES = 4,       /* age_jiffies is valid (tp->rcv_tstamp was set) */
+	TC_F_CHALLENGE_SEEN = 8,    /* the challenge is reported separately (TC_EV_CHALLENGE_ACK) */
 };
 
 struct tc_event {
@@ -53,6 +68,8 @@ struct tc_event {
 	__u32 flags;       /* enum tc_flag bits */
 	__u32 backlog;     /* QUEUED: listener's accept-queue length after the add */
 	__u32 max_backlog; /* QUEUED: listener's accept-queue limit */
+	__u32 conn_pid;    /* the process that called connect() on this socket (connect hook), 0 if unknown */
+	__u32 reserved;
 	__u16 family;      /* AF_INET or AF_INET6 */
 	__u16 lport;       /* local port, host order */
 	__u16 rport;       /* remote port, host order */
@@ -61,6 +78,7 @@ struct tc_event {
 	__u8 laddr[16];    /* local address: 4 bytes for AF_INET, 16 for AF_INET6, network order */
 	__u8 raddr[16];    /* remote address, same encoding */
 	char comm[16];     /* current task's command name (untrusted text) */
+	char conn_comm[16]; /* the connecting process's command name (untrusted text) */
 };
 
 #endif /* TCPCOLLIDE_H */

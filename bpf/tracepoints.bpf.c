@@ -1,16 +1,13 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /*
  * tcpcollide-trace: the tracepoint backend. Works on kernels without kprobes
- * or fentry, as long as they have the tracepoints below (and BTF or headers
- * for the offsets). Each program only extracts the socket and hands over to
- * the shared logic in collide.bpf.h.
- *
- * tracer/hooks.py reads each tracepoint's format file and defines
- * TC_HAVE_<EVENT>_<FIELD> for the optional fields used here, and declares the
- * kernel enum types the formats name (bcc builds args structs from them).
+ * or fentry. Each program only extracts the socket and hands over to the
+ * shared logic in collide.bpf.h; tracer/hooks.py compiles in the ones it
+ * selected (TC_USE_TP_<HOOK>), and defines TC_HAVE_<EVENT>_<FIELD> for the
+ * fields each tracepoint's format file lists.
  */
-#include "collide.bpf.h"
 
+#ifdef TC_USE_TP_SET_STATE
 /* every tcp_set_state() goes through inet_sk_state_store() and this event */
 TRACEPOINT_PROBE(sock, inet_sock_set_state)
 {
@@ -18,8 +15,9 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 		return 0;
 	return tc_on_set_state(args, args->skaddr, args->oldstate, args->newstate, TC_HOOK_TP_SET_STATE);
 }
+#endif
 
-#ifdef TC_HAVE_KFREE_SKB_RX_SK
+#if defined(TC_USE_TP_SYN_CHALLENGED) && defined(TC_HAVE_KFREE_SKB_RX_SK)
 /* a SYN dropped with SKB_DROP_REASON_TCP_INVALID_SYN by the socket rx_sk */
 TRACEPOINT_PROBE(skb, kfree_skb)
 {
@@ -29,26 +27,29 @@ TRACEPOINT_PROBE(skb, kfree_skb)
 }
 #endif
 
-#ifdef TC_HAVE_TCP_SEND_RESET_SKADDR
+#if defined(TC_USE_TP_SEND_RESET) && defined(TC_HAVE_TCP_SEND_RESET_SKADDR)
 TRACEPOINT_PROBE(tcp, tcp_send_reset)
 {
+	tc_fired(TC_HOOK_TP_SEND_RESET);
 	return tc_on_tracked(args, args->skaddr, TC_EV_RST_SENT, TC_HOOK_TP_SEND_RESET, -1, -1,
 			     tc_rst_seq(args->skbaddr));
 }
 #endif
 
-#ifdef TC_HAVE_TCP_RECEIVE_RESET_SKADDR
+#if defined(TC_USE_TP_RECEIVE_RESET) && defined(TC_HAVE_TCP_RECEIVE_RESET_SKADDR)
 TRACEPOINT_PROBE(tcp, tcp_receive_reset)
 {
+	tc_fired(TC_HOOK_TP_RECEIVE_RESET);
 	return tc_on_tracked(args, args->skaddr, TC_EV_RST_RECEIVED, TC_HOOK_TP_RECEIVE_RESET, -1, -1, 0);
 }
 #endif
 
-#ifdef TC_HAVE_TCP_RETRANSMIT_SKB_STATE
+#if defined(TC_USE_TP_RETRANSMIT) && defined(TC_HAVE_TCP_RETRANSMIT_SKB_STATE)
 TRACEPOINT_PROBE(tcp, tcp_retransmit_skb)
 {
 	if (args->state != K_TCP_SYN_SENT)
 		return 0;
+	tc_fired(TC_HOOK_TP_RETRANSMIT);
 	return tc_on_tracked(args, args->skaddr, TC_EV_RETRANSMIT, TC_HOOK_TP_RETRANSMIT, -1, -1, 0);
 }
 #endif

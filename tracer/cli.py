@@ -12,12 +12,13 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import click
 
-from tracer import __version__, hooks, kernel, netns, program
+from tracer import __version__, hooks, kernel, netns, program, selftest
 from tracer.render import JsonWriter, TextWriter, inert
-from tracer.session import Options, Session, Stop
+from tracer.session import Options, Session, Stop, attach
 
 EPILOG = """\b
 Examples:
@@ -85,8 +86,10 @@ def _run(options: Options, sink, on_ready=None, on_idle=None) -> dict | None:
 @click.option("-c", "--count", type=int, callback=_positive, metavar="N", help="Stop after N collisions.")
 @click.option("--json", "as_json", is_flag=True, help="JSON lines on stdout (schema: docs/json-schema.md).")
 @click.option("-v", "--verbose", is_flag=True, help="Attach the raw kernel events to each collision.")
-@click.option("--backend", type=click.Choice(["auto", "tracepoint"]), default="auto", show_default=True,
-              help="Which kernel hooks to use.")
+@click.option("--backend", type=click.Choice(["auto", "fentry", "kprobe", "tracepoint"]), default="auto",
+              show_default=True, help="Force one backend for the hooks it can serve (auto: the best per hook).")
+@click.option("--no-selftest", is_flag=True,
+              help="Skip proving that each hook fires (a harmless collision in a private namespace) before ready.")
 @click.option("--btf", type=click.Path(exists=True, dir_okay=False), metavar="FILE",
               help="Kernel BTF (raw, or a vmlinux ELF with .BTF) instead of /sys/kernel/btf/vmlinux.")
 @click.option("--incident-timeout", type=float, default=15.0, show_default=True, callback=_positive,
@@ -94,8 +97,8 @@ def _run(options: Options, sink, on_ready=None, on_idle=None) -> dict | None:
 @click.option("--no-color", is_flag=True, help="No colors in the readable output.")
 @click.version_option(__version__, prog_name="tcpcollide-trace")
 @click.pass_context
-def main(ctx, port, netns, ipv4, ipv6, duration, count, as_json, verbose, backend, btf, incident_timeout,
-         no_color):
+def main(ctx, port, netns, ipv4, ipv6, duration, count, as_json, verbose, backend, no_selftest, btf,
+         incident_timeout, no_color):
     """Trace TCP connections whose SYN hits a socket left in CLOSE_WAIT.
 
     With no command: trace the whole host (all network namespaces, IPv4 and
@@ -103,7 +106,7 @@ def main(ctx, port, netns, ipv4, ipv6, duration, count, as_json, verbose, backen
     options = Options(
         filters=program.Filters(port=port, netns=netns, family=_family(ipv4, ipv6)),
         backend=backend, btf=btf, duration=duration, count=count, verbose=verbose,
-        incident_timeout=incident_timeout,
+        incident_timeout=incident_timeout, selftest=not no_selftest,
     )
     ctx.obj = {"options": options, "as_json": as_json, "no_color": no_color}
     if ctx.invoked_subcommand is None:
@@ -135,7 +138,7 @@ def demo(ctx, ipv4, ipv6, timeout):
     base = ctx.obj["options"]
     options = Options(filters=program.Filters(port=base.filters.port, netns=ns.inode, family=family),
                       backend=base.backend, btf=base.btf, verbose=base.verbose,
-                      incident_timeout=base.incident_timeout)
+                      incident_timeout=base.incident_timeout, selftest=base.selftest)
     state: dict = {"collisions": 0, "connected": False}
 
     def sink(rec: dict) -> None:
@@ -180,3 +183,77 @@ def demo(ctx, ipv4, ipv6, timeout):
         ns.delete()
     if summary is not None and summary["collisions"] < 1:
         _fail(f"the demo saw no collision ({summary['stopped_by']})")
+
+
+def diagnose(backend: str, run_selftest: bool, btf_path: str | None) -> dict:
+    """What this kernel offers and what the tracer would do with it."""
+    problems: list[str] = []
+    rep: dict = {"type": "doctor", "version": __version__, "kernel": kernel.release(), "root": os.geteuid() == 0}
+    rep["bcc"] = kernel.bcc_version()
+    if rep["bcc"] is None:
+        problems.append("bcc is not importable: install python3-bpfcc (scripts/setup does)")
+    try:
+        rep["tracefs"] = str(kernel.tracefs(mount=rep["root"]))
+    except kernel.KernelError as e:
+        rep["tracefs"] = None
+        problems.append(str(e))
+    rep["btf"] = btf_path or (str(kernel.SYSFS_BTF) if kernel.SYSFS_BTF.exists() else None)
+    rep["headers"] = str(kernel.headers_dir()) if kernel.headers_dir() else None
+    rep["lockdown"] = kernel.lockdown()
+    rep["kprobes"] = kernel.kprobes_available(rep["tracefs"] and Path(rep["tracefs"]))
+    types = None
+    try:
+        types = program.kernel_types(btf_path)
+        rep["types"] = types.source
+    except program.BuildError as e:
+        rep["types"] = None
+        problems.append(str(e))
+    probe = None
+    if types is not None and types.btf is not None and rep["root"] and rep["bcc"]:
+        probe = program.fentry_probe
+    offer = hooks.gather(types.btf if types else None, probe)
+    rep["fentry"] = offer.fentry if probe else None
+    rep["fentry_note"] = offer.fentry_note if probe else "not probed (needs root, bcc and BTF)"
+    plan = None
+    if run_selftest and not problems:
+        if not rep["root"]:
+            problems.append("--selftest needs root")
+        else:
+            try:
+                plan, _, bpf = attach(Options(backend=backend, btf=btf_path, selftest=True))
+                bpf.cleanup()
+            except RUNTIME_ERRORS + (selftest.SelftestError,) as e:
+                problems.append(str(e))
+    if plan is None:
+        try:
+            plan = hooks.select(offer, backend)
+        except hooks.BackendError as e:
+            problems.append(str(e))
+    rep["backend"] = plan.backend if plan else None
+    rep["hooks"] = [c.as_dict() for c in plan.choices] if plan else []
+    if not rep["root"]:
+        problems.append("not root: the tracer itself must run as root")
+    rep["problems"] = problems
+    rep["ok"] = not problems
+    return rep
+
+
+@main.command(epilog="\b\nExamples:\n  tcpcollide-trace doctor\n  tcpcollide-trace doctor --selftest --json")
+@click.option("--selftest", "run_selftest", is_flag=True,
+              help="Also load the programs and prove each hook fires (a harmless collision in a private namespace).")
+@click.pass_context
+def doctor(ctx, run_selftest):
+    """Can the tracer work here, and with which hooks?
+
+    Kernel, BTF and header sources, lockdown, kprobe/fentry/tracepoint
+    availability, bcc, and for each logical hook the backend chosen (and with
+    --selftest whether it was seen to fire). Exit status 1 when the tracer
+    cannot work here, with the reasons."""
+    base = ctx.obj["options"]
+    rep = diagnose(base.backend, run_selftest, base.btf)
+    if ctx.obj["as_json"]:
+        JsonWriter().write(rep)
+    else:
+        TextWriter(color=False if ctx.obj["no_color"] else None).write(rep)
+    if not rep["ok"]:
+        sys.exit(1)

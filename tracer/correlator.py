@@ -51,6 +51,8 @@ class Incident:
     incomplete: bool = False  # events were lost while it was open
     syn_hits: int = 1  # SYNs of this connection that hit the lingering socket
     established_ends: set[str] = field(default_factory=set)  # "client", "server"
+    client_process: dict | None = None  # who called connect() (connect hook)
+    challenges_limited: int = 0  # challenge ACKs the rate limiter held back
     last_ns: int = 0
 
     def step(self, name: str) -> Step | None:
@@ -122,6 +124,8 @@ class Correlator:
         if len(inc.events) < MAX_RAW_EVENTS:
             inc.events.append(ev)
         inc.last_ns = ev.ts_ns
+        if ev.conn_pid and not local_is_server and inc.client_process is None:
+            inc.client_process = {"pid": ev.conn_pid, "comm": ev.conn_comm}
         handler = getattr(self, f"_on_{ev.type}", None)
         if handler is not None:
             handler(inc, ev, local_is_server)
@@ -243,6 +247,16 @@ class Correlator:
         inc.client_netns = ev.netns
         attempts = sum(1 for s in inc.steps if s.name == "retry_syn")
         inc.add("retry_syn", ev.ts_ns, attempt=attempts + 1)
+
+    def _on_challenge_ack(self, inc: Incident, ev: Event, local_is_server: bool) -> None:
+        """tcp_send_challenge_ack() returned (fentry/kprobe backends)."""
+        if not local_is_server or ev.skaddr != inc.closewait["skaddr"]:
+            return
+        if ev.has("TC_F_CHALLENGE_PASSED"):
+            if not inc.has("challenge_ack") or inc.syn_hits > 1:
+                inc.add("challenge_ack", ev.ts_ns, seq=ev.seq, ack=ev.ack)
+        else:
+            inc.challenges_limited += 1
 
     def _on_queued(self, inc: Incident, ev: Event, local_is_server: bool) -> None:
         if not inc.has("queued"):

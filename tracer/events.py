@@ -115,6 +115,8 @@ class Event:
     comm: str = ""
     backlog: int = 0
     max_backlog: int = 0
+    conn_pid: int = 0
+    conn_comm: str = ""
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     def has(self, flag: str) -> bool:
@@ -127,6 +129,10 @@ class Event:
     @property
     def remote(self) -> str:
         return format_addr(self.family, self.raddr, self.rport)
+
+
+def _cstr(raw: bytes) -> str:
+    return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
 
 
 class DecodeError(Exception):
@@ -165,9 +171,11 @@ def decode(raw: bytes) -> Event:
         flags=values["flags"],
         sk_ino=values["sk_ino"],
         pid=values["pid"],
-        comm=values["comm"].split(b"\0", 1)[0].decode("utf-8", "replace"),
+        comm=_cstr(values["comm"]),
         backlog=values["backlog"],
         max_backlog=values["max_backlog"],
+        conn_pid=values["conn_pid"],
+        conn_comm=_cstr(values["conn_comm"]),
     )
 
 
@@ -182,6 +190,7 @@ def encode(ev: Event) -> bytes:
         "flags": ev.flags, "backlog": ev.backlog, "max_backlog": ev.max_backlog,
         "family": ev.family, "lport": ev.lport, "rport": ev.rport, "oldstate": ev.oldstate,
         "newstate": ev.newstate, "laddr": ev.laddr.ljust(16, b"\0"), "raddr": ev.raddr.ljust(16, b"\0"),
-        "comm": ev.comm.encode()[:15],
+        "comm": ev.comm.encode()[:15], "conn_pid": ev.conn_pid, "conn_comm": ev.conn_comm.encode()[:15],
+        "reserved": 0,
     }
     return EVENT_STRUCT.pack(*(values[n] for n in _FIELD_NAMES))

@@ -98,10 +98,13 @@ def headers_dir() -> Path | None:
 
 
 def lockdown() -> str:
+    path = Path("/sys/kernel/security/lockdown")
+    if not path.exists() and os.geteuid() == 0 and Path("/sys/kernel/security").is_dir():
+        subprocess.run(["mount", "-t", "securityfs", "securityfs", "/sys/kernel/security"], capture_output=True)
     try:
-        text = Path("/sys/kernel/security/lockdown").read_text()
+        text = path.read_text()
     except OSError:
-        return "unknown"
+        return "unknown (no /sys/kernel/security/lockdown)"
     m = re.search(r"\[(\w+)\]", text)
     return m.group(1) if m else "unknown"
 
@@ -113,3 +116,41 @@ def netns_inode(pid: int | str = "self") -> int:
 def require_root() -> None:
     if os.geteuid() != 0:
         raise KernelError("tcpcollide-trace must run as root (it loads BPF programs)")
+
+
+def kprobes_available(tracefs_root: Path | None = None) -> bool:
+    """CONFIG_KPROBES: the kprobe PMU or tracefs's kprobe_events exists."""
+    if Path("/sys/bus/event_source/devices/kprobe").exists():
+        return True
+    return tracefs_root is not None and (Path(tracefs_root) / "kprobe_events").exists()
+
+
+def resolve_symbols(functions: set[str], kallsyms: str = "/proc/kallsyms") -> dict[str, str]:
+    """function -> the text symbol to attach a kprobe to: the name itself, or
+    the name with a compiler suffix (`.isra.0`, `.constprop.0`; never `.cold`)."""
+    found: dict[str, str] = {}
+    try:
+        f = open(kallsyms)
+    except OSError:
+        return found
+    with f:
+        for line in f:
+            parts = line.split()
+            if len(parts) < 3 or parts[1] not in ("t", "T"):
+                continue
+            name = parts[2]
+            base = name.split(".", 1)[0]
+            if base not in functions or ".cold" in name:
+                continue
+            if name == base or base not in found:
+                found[base] = name
+    return found
+
+
+def bcc_version() -> str | None:
+    try:
+        import bcc  # noqa: PLC0415
+
+        return getattr(bcc, "__version__", "unknown")
+    except ImportError:
+        return None

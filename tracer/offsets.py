@@ -62,6 +62,10 @@ ENUMS = [
     ("K_TCP_CLOSE", "TCP_CLOSE", None),
     ("K_TCP_CLOSE_WAIT", "TCP_CLOSE_WAIT", None),
     ("K_TCP_LISTEN", "TCP_LISTEN", None),
+    ("K_TCP_LAST_ACK", "TCP_LAST_ACK", None),
+    ("K_TCP_FIN_WAIT1", "TCP_FIN_WAIT1", None),
+    ("K_TCP_FIN_WAIT2", "TCP_FIN_WAIT2", None),
+    ("K_TCP_CLOSING", "TCP_CLOSING", None),
     ("K_SKB_DROP_REASON_TCP_INVALID_SYN", "SKB_DROP_REASON_TCP_INVALID_SYN", "skb_drop_reason"),
 ]
 

@@ -18,12 +18,14 @@ from pathlib import Path
 
 from tracer import kernel, offsets
 from tracer.btf import BTF, BTFError
-from tracer.hooks import TracepointPlan
+from tracer.hooks import Plan
 from tracer.resources import bpf_dir, compat_dir
 
 AF_BY_NAME = {"ipv4": 2, "ipv6": 10}
 CW_MAP_SIZE = 65536  # sockets remembered in CLOSE_WAIT (LRU)
 TRACK_MAP_SIZE = 4096  # collisions in progress (LRU)
+CONN_MAP_SIZE = 65536  # connecting sockets and their process (LRU)
+MAIN_SOURCE = "tcpcollide.bpf.c"
 UAPI_DIRS = ("/usr/include", "/usr/include/x86_64-linux-gnu")  # Debian's linux-libc-dev
 
 
@@ -91,11 +93,14 @@ class BuildSpec:
     kernel_source: Path | None  # BCC_KERNEL_SOURCE (None: bcc finds the headers)
     source_file: str
     defines: dict[str, int | str] = field(default_factory=dict)
+    kprobes: list[tuple[str, str, str]] = field(default_factory=list)  # (kind, symbol, BPF function)
 
 
-def build_spec(plan: TracepointPlan, types: KernelTypes, filters: Filters) -> BuildSpec:
-    source = bpf_dir() / "tracepoints.bpf.c"
-    defines: dict[str, int | str] = {"TC_CW_MAP_SIZE": CW_MAP_SIZE, "TC_TRACK_MAP_SIZE": TRACK_MAP_SIZE}
+def build_spec(plan: Plan, types: KernelTypes, filters: Filters) -> BuildSpec:
+    source = bpf_dir() / MAIN_SOURCE
+    defines: dict[str, int | str] = {
+        "TC_CW_MAP_SIZE": CW_MAP_SIZE, "TC_TRACK_MAP_SIZE": TRACK_MAP_SIZE, "TC_CONN_MAP_SIZE": CONN_MAP_SIZE,
+    }
     defines.update(types.defines)
     defines.update(plan.defines())
     defines.update(filters.defines())
@@ -111,18 +116,18 @@ def build_spec(plan: TracepointPlan, types: KernelTypes, filters: Filters) -> Bu
         ksrc = None
     cflags += [f"-D{k}={v}" for k, v in sorted(defines.items())]
     text = prelude + _inline_local_includes(source)
-    return BuildSpec(text, cflags, ksrc, source.name, defines)
+    return BuildSpec(text, cflags, ksrc, source.name, defines, plan.kprobes())
 
 
 def _inline_local_includes(source: Path) -> str:
-    """The source with its `#include "*.bpf.h"` lines replaced by the files.
+    """The source with its `#include "*.bpf.h"`/`"*.bpf.c"` lines replaced by the files.
 
     bcc rewrites map operations (`map.lookup()`, `events.perf_submit()`) only
     in the main translation unit, so the shared logic cannot be a real header.
     `#line` markers keep compiler messages pointing at the right file."""
     out = []
     for n, line in enumerate(source.read_text().splitlines(keepends=True), 1):
-        m = re.match(r'\s*#include\s+"([\w.]+\.bpf\.h)"', line)
+        m = re.match(r'\s*#include\s+"([\w.]+\.bpf\.[ch])"', line)
         if m:
             inc = source.parent / m.group(1)
             out.append(f'#line 1 "{inc.name}"\n{inc.read_text()}#line {n + 1} "{source.name}"\n')
@@ -181,12 +186,40 @@ def _first_error(diagnostics: str) -> str:
 
 
 def load(spec: BuildSpec):
-    """Compile and load; bcc attaches TRACEPOINT_PROBE programs as it loads."""
+    """Compile and load. bcc attaches the tracepoint and fentry programs as it
+    loads; the kprobes are attached here, to the symbols selection resolved."""
     bcc = import_bcc()
+    b = None
     with _kernel_source(spec.kernel_source), _captured_stderr() as diag:
         try:
-            return bcc.BPF(text=spec.text.encode(), cflags=spec.cflags)
+            b = bcc.BPF(text=spec.text.encode(), cflags=spec.cflags)
+            for kind, symbol, fn in spec.kprobes:
+                attach = b.attach_kretprobe if kind == "kretprobe" else b.attach_kprobe
+                attach(event=symbol.encode(), fn_name=fn.encode())
+            return b
         except Exception as e:  # bcc raises bare Exception for compile, load and attach failures
             err = e
+    if b is not None:
+        b.cleanup()
     detail = _first_error(diag[0])
     raise BuildError(f"loading {spec.source_file} failed: {err}" + (f" ({detail})" if detail else ""))
+
+
+FENTRY_PROBE = "KFUNC_PROBE(tcp_set_state, void *sk, int state) { return 0; }\n"
+
+
+def fentry_probe() -> tuple[bool, str]:
+    """Do fentry programs load and attach here? Tried for real: some kernels
+    have BTF and trampolines but refuse BPF_PROG_TYPE_TRACING (EPERM)."""
+    bcc = import_bcc()
+    if not bcc.BPF.support_kfunc():
+        return False, "this kernel has no BPF trampolines (fentry)"
+    cflags = [f for d in UAPI_DIRS for f in ("-idirafter", d)]
+    with _kernel_source(compat_dir()), _captured_stderr() as diag:
+        try:
+            bcc.BPF(text=FENTRY_PROBE.encode(), cflags=cflags).cleanup()
+            return True, ""
+        except Exception as e:  # noqa: BLE001 - any failure means: no fentry here
+            err = e
+    detail = _first_error(diag[0]) or str(err)
+    return False, f"loading an fentry program fails here ({detail})"

@@ -68,6 +68,8 @@ class TextWriter:
             self._ready(rec)
         elif kind == "summary":
             self._summary(rec)
+        elif kind == "doctor":
+            self._doctor(rec)
         elif kind == "event":
             self.console.print(Text(inert(json.dumps(rec))))
 
@@ -114,6 +116,35 @@ class TextWriter:
             for ev in rec["events"]:
                 body.add_row(Text(inert(json.dumps(ev)), style="dim"))
         self.console.print(Panel(body, title=head, title_align="left", border_style=style))
+
+    def _doctor(self, rec: dict) -> None:
+        def line(label: str, value, style: str = "") -> None:
+            self.console.print(Text(inert(f"{label:<12} {value}"), style=style))
+
+        line("kernel", rec["kernel"])
+        line("root", "yes" if rec["root"] else "no")
+        line("bcc", rec["bcc"] or "missing")
+        line("tracefs", rec["tracefs"] or "not mounted")
+        line("BTF", rec["btf"] or "none")
+        line("headers", rec["headers"] or "none")
+        line("types from", rec["types"] or "nowhere")
+        line("lockdown", rec["lockdown"])
+        line("kprobes", "yes" if rec["kprobes"] else "no")
+        fentry = {True: "yes", False: "no", None: "unknown"}[rec["fentry"]]
+        line("fentry", fentry + (f" ({rec['fentry_note']})" if rec["fentry_note"] else ""))
+        line("backend", rec["backend"] or "none")
+        table = Table(box=None, header_style="bold", pad_edge=False)
+        for col in ("hook", "backend", "target", "fires", "note"):
+            table.add_column(col, overflow="fold")
+        for h in rec["hooks"]:
+            fires = {True: "yes", False: "NO", None: "-"}[h["verified"]]
+            table.add_row(inert(h["logical"]), inert(h["backend"] or "-"), inert(h["target"] or "-"), fires,
+                          inert(h["note"]))
+        self.console.print(table)
+        for p in rec["problems"]:
+            self.console.print(Text(inert(f"problem: {p}"), style="red"))
+        self.console.print(Text("the tracer can work here" if rec["ok"] else "the tracer cannot work here",
+                                style="bold green" if rec["ok"] else "bold red"))
 
     def _summary(self, rec: dict) -> None:
         outcomes = ", ".join(f"{k} {v}" for k, v in sorted(rec["by_outcome"].items())) or "none"

@@ -83,6 +83,8 @@ def collision_record(inc: Incident, clock: Clock, backend: str, verbose: bool = 
             "rcv_nxt": inc.closewait["rcv_nxt"],
         },
         "client_netns": inc.client_netns,
+        "client_process": inc.client_process,
+        "challenge_acks_limited": inc.challenges_limited,
         "syn_hits": inc.syn_hits,
         "steps": [{"step": s.name, "t_ms": _rel_ms(inc, s.ts_ns), **s.detail} for s in inc.steps],
         "explanation": explain(inc),

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from tracer import hooks, kernel, program
+from tracer import hooks, kernel, program, selftest
 from tracer.correlator import Correlator, Incident
 from tracer.events import DecodeError, decode
 from tracer.reorder import Reorderer
@@ -32,6 +32,7 @@ class Options:
     duration: float | None = None
     count: int | None = None
     verbose: bool = False
+    selftest: bool = True
     incident_timeout: float = 15.0
     reorder_delay: float = 0.1
 
@@ -54,28 +55,27 @@ class Session:
         self.stopped_by = ""
         self._stop_reason: str | None = None
         self._stopping = False
+        self.plan = None
+        self.types = None
 
     # -- start ---------------------------------------------------------------
 
     def start(self) -> dict:
-        """Attach everything; returns (and emits) the `ready` record."""
+        """Attach everything, prove it fires; returns (and emits) `ready`."""
         t0 = time.monotonic()
         kernel.require_root()
-        plan = hooks.select(self.options.backend)
-        types = program.kernel_types(self.options.btf)
-        spec = program.build_spec(plan, types, self.options.filters)
-        self.bpf = program.load(spec)
+        self.plan, self.types, self.bpf = attach(self.options)
+        self.bpf["events"].open_perf_buffer(self._on_raw, page_cnt=PERF_PAGES, lost_cb=self._on_lost)
+        self.backend = self.plan.backend
         self.correlator = Correlator(
-            states=types.tcp_states,
+            states=self.types.tcp_states,
             hz=kernel.jiffies_hz(),
             timeout_ns=int(self.options.incident_timeout * 1e9),
         )
-        self.bpf["events"].open_perf_buffer(self._on_raw, page_cnt=PERF_PAGES, lost_cb=self._on_lost)
         ready = ready_record(
             backend=self.backend,
-            hooks=[{"logical": c.logical, "backend": c.backend, "target": c.target,
-                    "available": c.available, "note": c.note} for c in plan.choices],
-            types_source=types.source,
+            hooks=[c.as_dict() for c in self.plan.choices],
+            types_source=self.types.source,
             filters=self.options.filters.as_dict(),
             startup_s=time.monotonic() - t0,
         )
@@ -180,3 +180,46 @@ class Session:
         if self.bpf is not None:
             self.bpf.cleanup()
             self.bpf = None
+
+
+def attach(options: Options):
+    """Select hooks, load, and prove each fires (unless options.selftest is
+    off). A candidate that attached but stayed silent is excluded and the
+    next one loaded instead. Returns (plan, kernel types, bpf).
+
+    The perf buffer is not open yet: the self-test's own events are dropped
+    in the kernel (perf_submit has no reader); only the counters move."""
+    types = program.kernel_types(options.btf)
+    probe = program.fentry_probe if types.btf is not None and options.backend in ("auto", "fentry") else None
+    offer = hooks.gather(types.btf, probe)
+    exclude: set[str] = set()
+    while True:
+        plan = hooks.select(offer, options.backend, exclude)
+        bpf = program.load(program.build_spec(plan, types, options.filters))
+        if not options.selftest:
+            return plan, types, bpf
+        try:
+            quiet = selftest.run(plan, bpf)
+            bpf["tracked"].clear()  # the self-test's collision
+        except BaseException:
+            bpf.cleanup()
+            raise
+        for choice in plan.choices:
+            if choice.candidate is not None:
+                choice.verified = choice.candidate not in quiet
+        if not quiet:
+            return plan, types, bpf
+        widened = exclude | {c.name for c in quiet}
+        try:
+            alternative = hooks.select(offer, options.backend, widened)
+        except hooks.BackendError as e:
+            bpf.cleanup()
+            raise hooks.BackendError(f"{quiet[0].name} attached but never fired during the self-test: {e}") from e
+        if any(alternative.choice(c.logical).candidate is not None for c in quiet):
+            bpf.cleanup()
+            exclude = widened
+            continue
+        for c in quiet:  # nothing can replace them: keep them, and say so
+            plan.choice(c.logical).note = "attached but never fired during the self-test; " + hooks.WITHOUT.get(
+                c.logical, "events from it may be missing")
+        return plan, types, bpf
