@@ -18,6 +18,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent / "tcpcollide-trace"
+# the kernel matrix (scripts/kernel-matrix) runs the live suite once per backend
+BACKEND = os.environ.get("TCPCOLLIDE_TEST_BACKEND", "auto")
 
 
 def require_live() -> None:
@@ -51,7 +53,7 @@ class Tracer:
 
     def __init__(self, *args: str):
         self.proc = subprocess.Popen(
-            [str(BIN), "--json", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO
+            [str(BIN), "--json", "--backend", BACKEND, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO
         )
         self.lines: queue.Queue[str | None] = queue.Queue()
         self.records: list[dict] = []

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from tests.live import BIN, Tracer, bpf_prog_ids, ns_name, read_steps, require_live, scenario
+from tests.live import BACKEND, BIN, Tracer, bpf_prog_ids, ns_name, read_steps, require_live, scenario
 from tracer import netns
 
 pytestmark = pytest.mark.live
@@ -66,6 +66,9 @@ def check_seed(rec: dict, steps: list[dict], server: str, client: str, family: s
     assert rec["outcome"] == "recovered"
     assert [s["step"] for s in rec["steps"]] == SEED_STEPS
     by_name = {s["step"]: s for s in rec["steps"]}
+    if rec["backend"] in ("kprobe", "fentry"):  # these see the queue add itself, and the connecting process
+        assert by_name["queued"]["backlog"] == 2 and by_name["queued"]["max_backlog"] == 8
+        assert rec["client_process"]["comm"].startswith("python")
     assert by_name["syn"]["t_ms"] == 0
     assert by_name["rst"]["seq"] == by_name["challenge_ack"]["ack"], "RST seq must be the challenge ACK's ack"
     assert by_name["rst"]["in_window"] is True
@@ -85,6 +88,8 @@ def test_seed_experiment_loopback_ipv4(ns):
         ["--netns", str(ns.inode)],
         ["--server-ns", ns.name, "--server-port", "12345", "--client-port", "39836"],
     )
+    if BACKEND != "auto":
+        assert ready["backend"] == BACKEND
     hooks = {h["logical"]: h for h in ready["hooks"]}
     assert hooks["set_state"]["available"] and hooks["syn_challenged"]["available"], ready["hooks"]
     # every hook the tracer relies on was seen to fire by the self-test
@@ -264,7 +269,7 @@ def test_churn_streams_nothing(ns):
 
 def test_demo_end_to_end():
     before = set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
-    r = subprocess.run([str(BIN), "--json", "demo"],
+    r = subprocess.run([str(BIN), "--json", "--backend", BACKEND, "demo"],
                        capture_output=True, text=True, timeout=90)
     assert r.returncode == 0, r.stderr
     records = [json.loads(line) for line in r.stdout.splitlines()]
@@ -312,3 +317,33 @@ def test_event_layout_matches_what_bcc_compiled():
         assert lib.bpf_table_leaf_size(b.module, b"layout") == events.EVENT_SIZE
     finally:
         b.cleanup()
+
+
+def test_doctor_selftest():
+    r = subprocess.run([str(BIN), "--json", "--backend", BACKEND, "doctor", "--selftest"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["ok"] and rep["problems"] == []
+    assert rep["types"].startswith(("btf:", "headers:"))
+    hooks = {h["logical"]: h for h in rep["hooks"]}
+    assert hooks["set_state"]["verified"] is True and hooks["syn_challenged"]["verified"] is True
+    assert all(h["verified"] for h in rep["hooks"] if h["available"])
+
+
+@pytest.mark.parametrize("backend", ["kprobe", "fentry"])
+def test_forced_backend_works_or_says_why(backend):
+    """Where the kernel offers the backend the tracer runs on it; where it
+    does not, one clear line and exit 1, never a silent fallback."""
+    from tracer import kernel, program
+
+    r = subprocess.run([str(BIN), "--json", "--backend", backend, "--duration", "0.5"],
+                       capture_output=True, text=True, timeout=120)
+    offered = kernel.kprobes_available(kernel.tracefs()) if backend == "kprobe" else program.fentry_probe()[0]
+    if offered:
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout.splitlines()[0])["backend"] == backend
+    else:
+        assert r.returncode == 1 and r.stdout == ""
+        assert r.stderr.startswith(f"tcpcollide-trace: error: backend '{backend}' cannot see")
+        assert r.stderr.count("\n") == 1

@@ -128,7 +128,8 @@ class Offer:
     fentry_note: str = ""
 
     def check(self, c: Candidate) -> str:
-        """'' when the kernel offers the candidate, else why not."""
+        """'' when the kernel offers the candidate, else why not (short: the
+        backend-wide reasons are in backend_note())."""
         if c.backend == "tracepoint":
             fmt = self.formats.get(c.targets[0])
             if fmt is None:
@@ -144,9 +145,17 @@ class Offer:
                 return f"no symbol {c.targets[0]} in /proc/kallsyms (inlined or absent)"
             return ""
         if not self.fentry:
-            return "fentry unavailable"
+            return "unavailable"
         if c.targets[0] not in self.btf_funcs:
             return f"no function {c.targets[0]} in BTF"
+        return ""
+
+
+    def backend_note(self, backend: str) -> str:
+        if backend == "kprobe" and not self.kprobes:
+            return "this kernel has no kprobes (CONFIG_KPROBES is not set)"
+        if backend == "fentry" and not self.fentry:
+            return self.fentry_note or "fentry is not available"
         return ""
 
 
@@ -276,7 +285,8 @@ def select(offer: Offer, backend: str = "auto", exclude: set[str] = frozenset())
         if chosen is None and (logical in REQUIRED or forced):
             what = f"backend {backend!r}" if forced else "any backend"
             if logical in REQUIRED:
-                raise BackendError(f"{what} cannot see {LOGICAL_HOOKS[logical]}: {'; '.join(notes)}")
+                why = (forced and offer.backend_note(backend)) or "; ".join(dict.fromkeys(notes))
+                raise BackendError(f"{what} cannot see {LOGICAL_HOOKS[logical]}: {why}")
             notes.append(f"forced backend {backend} cannot serve it")
         if chosen is None and logical in WITHOUT:
             notes.append(WITHOUT[logical])

@@ -1,0 +1,133 @@
+"""Hook selection on synthetic kernel offers (no root, no BPF): what each kind
+of kernel gets, forced backends, and replacing a hook that never fired.
+Also: every candidate names macros, counters and functions the BPF sources
+really have."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tracer import hooks, kernel
+from tracer.events import ENUMS
+from tracer.resources import bpf_dir
+
+ALL_TP_FIELDS = {
+    "sock:inet_sock_set_state": ["skaddr", "oldstate", "newstate", "protocol"],
+    "skb:kfree_skb": ["skbaddr", "location", "rx_sk", "protocol", "reason"],
+    "tcp:tcp_send_reset": ["skbaddr", "skaddr"],
+    "tcp:tcp_receive_reset": ["skaddr"],
+    "tcp:tcp_retransmit_skb": ["skbaddr", "skaddr", "state"],
+}
+FUNCS = {"tcp_set_state", "tcp_rcv_state_process", "tcp_send_challenge_ack", "tcp_v4_connect", "tcp_v6_connect",
+         "inet_csk_reqsk_queue_add", "inet_csk_complete_hashdance"}
+
+
+def offer(tp_fields=ALL_TP_FIELDS, kprobes=True, fentry=True, syms=None, btf_funcs=FUNCS) -> hooks.Offer:
+    o = hooks.Offer()
+    o.formats = {name: kernel.TracepointFormat(name, {f: "int" for f in fields}) for name, fields in tp_fields.items()}
+    o.kprobes = kprobes
+    o.kallsyms = {f: f for f in FUNCS} if syms is None else syms
+    o.btf_funcs = set(btf_funcs)
+    o.fentry = fentry
+    o.fentry_note = "" if fentry else "loading an fentry program fails here (EPERM)"
+    return o
+
+
+def backends(plan: hooks.Plan) -> dict[str, str | None]:
+    return {c.logical: (c.candidate.name if c.candidate else None) for c in plan.choices}
+
+
+def test_distribution_kernel_gets_fentry_for_the_design_card_hooks():
+    plan = hooks.select(offer())
+    got = backends(plan)
+    assert got["set_state"] == "fentry:tcp_set_state"
+    assert got["syn_challenged"] == "fentry:tcp_rcv_state_process"
+    assert got["challenge_ack"] == "fentry:tcp_send_challenge_ack"
+    assert got["connect"] == "fentry:tcp_v4_connect+tcp_v6_connect"
+    assert got["queued"] == "fentry:inet_csk_reqsk_queue_add"
+    assert got["send_reset"] == "tracepoint:tcp:tcp_send_reset"
+    assert plan.backend == "fentry"
+    assert plan.defines()["TC_USE_FE_SET_STATE"] == 1 and "TC_USE_TP_SET_STATE" not in plan.defines()
+    assert plan.kprobes() == []
+
+
+def test_this_machine_tracepoints_only():
+    plan = hooks.select(offer(kprobes=False, fentry=False))
+    got = backends(plan)
+    assert got["set_state"] == "tracepoint:sock:inet_sock_set_state"
+    assert got["syn_challenged"] == "tracepoint:skb:kfree_skb"
+    assert got["queued"] is None and "deduced" in plan.choice("queued").note
+    assert got["connect"] is None
+    assert plan.backend == "tracepoint"
+
+
+def test_old_kernel_without_rx_sk_and_without_kprobes_is_a_clear_error():
+    fields = dict(ALL_TP_FIELDS, **{"skb:kfree_skb": ["skbaddr", "location", "protocol", "reason"]})
+    with pytest.raises(hooks.BackendError, match="6.11"):
+        hooks.select(offer(tp_fields=fields, kprobes=False, fentry=False))
+
+
+def test_old_kernel_without_rx_sk_uses_kprobes():
+    fields = dict(ALL_TP_FIELDS, **{"skb:kfree_skb": ["skbaddr", "location", "protocol", "reason"]})
+    plan = hooks.select(offer(tp_fields=fields, fentry=False))
+    assert backends(plan)["syn_challenged"] == "kprobe:tcp_rcv_state_process"
+
+
+def test_kprobe_on_a_suffixed_symbol_and_the_hashdance_fallback():
+    syms = {f: f for f in FUNCS if f != "inet_csk_reqsk_queue_add"}
+    syms["tcp_send_challenge_ack"] = "tcp_send_challenge_ack.isra.0"
+    plan = hooks.select(offer(fentry=False, syms=syms))
+    assert backends(plan)["queued"] == "kprobe:inet_csk_complete_hashdance"
+    assert ("kretprobe", "tcp_send_challenge_ack.isra.0", "tc_kretp_challenge") in plan.kprobes()
+    assert "no symbol inet_csk_reqsk_queue_add" in plan.choice("queued").note
+
+
+def test_a_silent_hook_is_replaced_by_the_next_candidate():
+    o = offer(fentry=False)
+    plan = hooks.select(o, exclude={"kprobe:inet_csk_reqsk_queue_add"})
+    assert backends(plan)["queued"] == "kprobe:inet_csk_complete_hashdance"
+    assert "attached but never fired" in plan.choice("queued").note
+
+
+def test_forced_backends():
+    o = offer()
+    plan = hooks.select(o, "kprobe")
+    got = backends(plan)
+    assert got["set_state"] == "kprobe:tcp_set_state" and got["send_reset"] == "tracepoint:tcp:tcp_send_reset"
+    plan = hooks.select(o, "tracepoint")
+    assert backends(plan)["challenge_ack"] is None  # never silently a kprobe or fentry
+    with pytest.raises(hooks.BackendError, match="no kprobes"):
+        hooks.select(offer(kprobes=False), "kprobe")
+    with pytest.raises(hooks.BackendError, match="EPERM"):
+        hooks.select(offer(fentry=False), "fentry")
+    with pytest.raises(hooks.BackendError, match="unknown backend"):
+        hooks.select(o, "ebpf")
+
+
+def test_resolve_symbols(tmp_path):
+    ks = tmp_path / "kallsyms"
+    ks.write_text(
+        "ffffffff81000000 t tcp_send_challenge_ack.isra.0\n"
+        "ffffffff81000100 t tcp_set_state.cold\n"
+        "ffffffff81000200 T tcp_set_state\n"
+        "ffffffff81000300 d tcp_v4_connect\n"
+        "ffffffff81000400 T inet_csk_reqsk_queue_add\t[some_module]\n"
+    )
+    got = kernel.resolve_symbols({"tcp_send_challenge_ack", "tcp_set_state", "tcp_v4_connect",
+                                  "inet_csk_reqsk_queue_add"}, str(ks))
+    assert got == {"tcp_send_challenge_ack": "tcp_send_challenge_ack.isra.0", "tcp_set_state": "tcp_set_state",
+                   "inet_csk_reqsk_queue_add": "inet_csk_reqsk_queue_add"}
+
+
+def test_candidates_match_the_bpf_sources():
+    text = "".join(p.read_text() for p in bpf_dir().glob("*.bpf.[ch]"))
+    defined = set(re.findall(r"^int\s+(tc_\w+)\(struct pt_regs", text, re.M))
+    for cands in hooks.CANDIDATES.values():
+        for c in cands:
+            assert re.search(rf"\b{c.use}\b", text), f"{c.use} guards nothing in bpf/"
+            assert c.hook in ENUMS["tc_hook"], c.hook
+            assert re.search(rf"\b{c.hook}\b", text), f"no program increments {c.hook}"
+            for _, _, fn in c.probes:
+                assert fn in defined, fn
