@@ -20,6 +20,9 @@ REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent / "tcpcollide-trace"
 # the kernel matrix (scripts/kernel-matrix) runs the live suite once per backend
 BACKEND = os.environ.get("TCPCOLLIDE_TEST_BACKEND", "auto")
+# under full emulation (the matrix's QEMU guests) everything is ~10x slower:
+# timeouts and timing tolerances scale with this factor (1 on real hardware)
+SLOW = float(os.environ.get("TCPCOLLIDE_TEST_SLOW", "1"))
 
 
 def require_live() -> None:
@@ -76,7 +79,7 @@ class Tracer:
         return rec
 
     def wait_ready(self, timeout: float = 30) -> dict:
-        rec = self.next_record(timeout)
+        rec = self.next_record(timeout * SLOW)
         if rec is None or rec.get("type") != "ready":
             self.proc.kill()
             err = self.proc.stderr.read()
@@ -93,7 +96,7 @@ class Tracer:
                 return rec
         return None
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> tuple[int, list[dict], str]:
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20 * SLOW) -> tuple[int, list[dict], str]:
         """Signal it, collect every record, return (exit code, records, stderr)."""
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
@@ -115,7 +118,7 @@ def scenario(*args: str, stdin=None) -> subprocess.Popen:
     )
 
 
-def read_steps(proc: subprocess.Popen, until: str | None = None, timeout: float = 30) -> list[dict]:
+def read_steps(proc: subprocess.Popen, until: str | None = None, timeout: float = 30 * SLOW) -> list[dict]:
     """Scenario step lines, up to `until` (or to the end of the process)."""
     steps = []
     deadline = time.monotonic() + timeout

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from tests.live import BACKEND, BIN, Tracer, bpf_prog_ids, ns_name, read_steps, require_live, scenario
+from tests.live import BACKEND, BIN, SLOW, Tracer, bpf_prog_ids, ns_name, read_steps, require_live, scenario
 from tracer import netns
 
 pytestmark = pytest.mark.live
@@ -45,7 +45,7 @@ def run_seed(tracer_args: list[str], scenario_args: list[str], settle: float = 1
         ready = tracer.wait_ready()
         proc = scenario(*scenario_args, "--hold", "0.5")
         steps = read_steps(proc)
-        assert proc.wait(timeout=30) == 0, steps
+        assert proc.wait(timeout=30 * SLOW) == 0, steps
         time.sleep(settle)
         rc, records, stderr = tracer.stop(signal.SIGTERM)
     finally:
@@ -57,7 +57,7 @@ def run_seed(tracer_args: list[str], scenario_args: list[str], settle: float = 1
 
 
 def check_seed(rec: dict, steps: list[dict], server: str, client: str, family: str, netns_inode: int,
-               min_age: float = 0.5):
+               min_age: float = 0.5, max_age: float = 10):
     assert rec["server"] == server
     assert rec["client"] == client
     assert rec["family"] == family
@@ -75,13 +75,14 @@ def check_seed(rec: dict, steps: list[dict], server: str, client: str, family: s
     assert by_name["retry_syn"]["reached"] == "listener"
     # the client's own measurement of its connect() agrees with the penalty
     connect_ms = next(s["connect_ms"] for s in steps if s["step"] == "connected")
-    assert rec["penalty_ms"] == pytest.approx(connect_ms, abs=5), (rec["penalty_ms"], connect_ms)
+    assert rec["penalty_ms"] == pytest.approx(connect_ms, abs=5 * SLOW), (rec["penalty_ms"], connect_ms)
     # the CLOSE_WAIT socket was created about port_wait (~1 s, tcp_fin_timeout) before
     # (--fast: about 20 ms before)
-    assert min_age < rec["closewait_age_s"] < 10
+    assert min_age < rec["closewait_age_s"] < max_age
     assert "CLOSE_WAIT" in rec["explanation"] and server in rec["explanation"]
 
 
+@pytest.mark.matrix
 def test_seed_experiment_loopback_ipv4(ns):
     """The seed's experiment 1 with its exact ports, reported once, right ends and steps."""
     ready, steps, records = run_seed(
@@ -104,6 +105,7 @@ def test_seed_experiment_loopback_ipv4(ns):
     assert summary["stopped_by"] == "SIGTERM"
 
 
+@pytest.mark.matrix
 def test_seed_experiment_loopback_ipv6(ns):
     _, steps, records = run_seed(
         ["--netns", str(ns.inode), "-6"],
@@ -130,8 +132,8 @@ def test_count_stops_the_tracer(ns):
         tracer.wait_ready()
         proc = scenario("--server-ns", ns.name, "--fast", "--hold", "0.5")
         steps = read_steps(proc)
-        assert proc.wait(timeout=30) == 0, steps
-        rc = tracer.proc.wait(timeout=20)
+        assert proc.wait(timeout=30 * SLOW) == 0, steps
+        rc = tracer.proc.wait(timeout=20 * SLOW)
         _, records, stderr = tracer.stop()
     finally:
         tracer.kill()
@@ -187,7 +189,7 @@ def test_port_filter(ns):
     assert collisions(records) == [] and records[-1]["events"] == 0
 
 
-@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+@pytest.mark.parametrize("family", [pytest.param("ipv4", marks=pytest.mark.matrix), "ipv6"])
 def test_two_hosts_joined_by_veth(family):
     """Client host and server host: two namespaces and a veth pair."""
     with netns.NetNS(ns_name("srv")) as srv, netns.NetNS(ns_name("cli")) as cli:
@@ -221,8 +223,9 @@ def test_closewait_socket_older_than_the_tracer(ns):
         proc.stdin.write("go\n")
         proc.stdin.flush()
         steps = read_steps(proc)
-        assert proc.wait(timeout=30) == 0, steps
-        rec = tracer.wait_for("collision", timeout=10)
+        elapsed = time.monotonic() - t_closed
+        assert proc.wait(timeout=30 * SLOW) == 0, steps
+        rec = tracer.wait_for("collision", timeout=10 * SLOW)
         rc, records, stderr = tracer.stop()
     finally:
         proc.kill()
@@ -230,7 +233,8 @@ def test_closewait_socket_older_than_the_tracer(ns):
             tracer.kill()
     assert rc == 0, stderr
     assert rec is not None, records
-    check_seed(rec, steps, "127.0.0.1:12345", "127.0.0.1:39836", "ipv4", ns.inode)
+    # the tracer's start-up can take long (an emulated guest): bound the age by what the test waited
+    check_seed(rec, steps, "127.0.0.1:12345", "127.0.0.1:39836", "ipv4", ns.inode, max_age=elapsed + 1)
     assert rec["closewait_age_source"] == "estimated"
     # the CLOSE_WAIT socket is at least as old as the wait since the first close
     assert rec["closewait_age_s"] >= waited - 0.1, (rec["closewait_age_s"], waited)
@@ -256,7 +260,7 @@ def test_churn_streams_nothing(ns):
     try:
         tracer.wait_ready()
         r = subprocess.run(["ip", "netns", "exec", ns.name, sys.executable, "-c", CHURN, "3000"],
-                           capture_output=True, text=True, timeout=120)
+                           capture_output=True, text=True, timeout=120 * SLOW)
         assert r.returncode == 0 and r.stdout.strip() == "3000", r.stderr
         time.sleep(0.5)
         rc, records, stderr = tracer.stop()
@@ -270,7 +274,7 @@ def test_churn_streams_nothing(ns):
 def test_demo_end_to_end():
     before = set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
     r = subprocess.run([str(BIN), "--json", "--backend", BACKEND, "demo"],
-                       capture_output=True, text=True, timeout=90)
+                       capture_output=True, text=True, timeout=90 * SLOW)
     assert r.returncode == 0, r.stderr
     records = [json.loads(line) for line in r.stdout.splitlines()]
     assert records[0]["type"] == "ready" and records[-1]["type"] == "summary"
@@ -300,6 +304,7 @@ def test_signals_detach_everything(sig):
     assert bpf_prog_ids() & (during - before) == set(), "programs left attached after exit"
 
 
+@pytest.mark.matrix
 def test_event_layout_matches_what_bcc_compiled():
     """The Python decoder's idea of struct tc_event equals what clang compiled
     for the BPF side (the size of a map value of that type)."""
@@ -321,7 +326,7 @@ def test_event_layout_matches_what_bcc_compiled():
 
 def test_doctor_selftest():
     r = subprocess.run([str(BIN), "--json", "--backend", BACKEND, "doctor", "--selftest"],
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=120 * SLOW)
     assert r.returncode == 0, r.stdout + r.stderr
     rep = json.loads(r.stdout)
     assert rep["ok"] and rep["problems"] == []
@@ -331,6 +336,7 @@ def test_doctor_selftest():
     assert all(h["verified"] for h in rep["hooks"] if h["available"])
 
 
+@pytest.mark.matrix
 @pytest.mark.parametrize("backend", ["kprobe", "fentry"])
 def test_forced_backend_works_or_says_why(backend):
     """Where the kernel offers the backend the tracer runs on it; where it
@@ -338,7 +344,7 @@ def test_forced_backend_works_or_says_why(backend):
     from tracer import kernel, program
 
     r = subprocess.run([str(BIN), "--json", "--backend", backend, "--duration", "0.5"],
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=120 * SLOW)
     offered = kernel.kprobes_available(kernel.tracefs()) if backend == "kprobe" else program.fentry_probe()[0]
     if offered:
         assert r.returncode == 0, r.stderr

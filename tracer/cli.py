@@ -92,13 +92,15 @@ def _run(options: Options, sink, on_ready=None, on_idle=None) -> dict | None:
               help="Skip proving that each hook fires (a harmless collision in a private namespace) before ready.")
 @click.option("--btf", type=click.Path(exists=True, dir_okay=False), metavar="FILE",
               help="Kernel BTF (raw, or a vmlinux ELF with .BTF) instead of /sys/kernel/btf/vmlinux.")
+@click.option("--kernel-types", type=click.Choice(["auto", "btf", "headers"]), default="auto", show_default=True,
+              help="Where kernel struct offsets and enum values come from (auto: BTF, else headers).")
 @click.option("--incident-timeout", type=float, default=15.0, show_default=True, callback=_positive,
               metavar="SECONDS", help="End an incident that never completes after this long.")
 @click.option("--no-color", is_flag=True, help="No colors in the readable output.")
 @click.version_option(__version__, prog_name="tcpcollide-trace")
 @click.pass_context
 def main(ctx, port, netns, ipv4, ipv6, duration, count, as_json, verbose, backend, no_selftest, btf,
-         incident_timeout, no_color):
+         kernel_types, incident_timeout, no_color):
     """Trace TCP connections whose SYN hits a socket left in CLOSE_WAIT.
 
     With no command: trace the whole host (all network namespaces, IPv4 and
@@ -106,7 +108,7 @@ def main(ctx, port, netns, ipv4, ipv6, duration, count, as_json, verbose, backen
     options = Options(
         filters=program.Filters(port=port, netns=netns, family=_family(ipv4, ipv6)),
         backend=backend, btf=btf, duration=duration, count=count, verbose=verbose,
-        incident_timeout=incident_timeout, selftest=not no_selftest,
+        incident_timeout=incident_timeout, selftest=not no_selftest, kernel_types=kernel_types,
     )
     ctx.obj = {"options": options, "as_json": as_json, "no_color": no_color}
     if ctx.invoked_subcommand is None:
@@ -138,7 +140,8 @@ def demo(ctx, ipv4, ipv6, timeout):
     base = ctx.obj["options"]
     options = Options(filters=program.Filters(port=base.filters.port, netns=ns.inode, family=family),
                       backend=base.backend, btf=base.btf, verbose=base.verbose,
-                      incident_timeout=base.incident_timeout, selftest=base.selftest)
+                      incident_timeout=base.incident_timeout, selftest=base.selftest,
+                      kernel_types=base.kernel_types)
     state: dict = {"collisions": 0, "connected": False}
 
     def sink(rec: dict) -> None:
@@ -185,7 +188,7 @@ def demo(ctx, ipv4, ipv6, timeout):
         _fail(f"the demo saw no collision ({summary['stopped_by']})")
 
 
-def diagnose(backend: str, run_selftest: bool, btf_path: str | None) -> dict:
+def diagnose(backend: str, run_selftest: bool, btf_path: str | None, types_source: str = "auto") -> dict:
     """What this kernel offers and what the tracer would do with it."""
     problems: list[str] = []
     rep: dict = {"type": "doctor", "version": __version__, "kernel": kernel.release(), "root": os.geteuid() == 0}
@@ -203,7 +206,7 @@ def diagnose(backend: str, run_selftest: bool, btf_path: str | None) -> dict:
     rep["kprobes"] = kernel.kprobes_available(rep["tracefs"] and Path(rep["tracefs"]))
     types = None
     try:
-        types = program.kernel_types(btf_path)
+        types = program.kernel_types(btf_path, types_source)
         rep["types"] = types.source
     except program.BuildError as e:
         rep["types"] = None
@@ -220,7 +223,7 @@ def diagnose(backend: str, run_selftest: bool, btf_path: str | None) -> dict:
             problems.append("--selftest needs root")
         else:
             try:
-                plan, _, bpf = attach(Options(backend=backend, btf=btf_path, selftest=True))
+                plan, _, bpf = attach(Options(backend=backend, btf=btf_path, selftest=True, kernel_types=types_source))
                 bpf.cleanup()
             except RUNTIME_ERRORS + (selftest.SelftestError,) as e:
                 problems.append(str(e))
@@ -233,7 +236,7 @@ def diagnose(backend: str, run_selftest: bool, btf_path: str | None) -> dict:
     rep["hooks"] = [c.as_dict() for c in plan.choices] if plan else []
     if not rep["root"]:
         problems.append("not root: the tracer itself must run as root")
-    rep["problems"] = problems
+    rep["problems"] = list(dict.fromkeys(problems))
     rep["ok"] = not problems
     return rep
 
@@ -250,7 +253,7 @@ def doctor(ctx, run_selftest):
     --selftest whether it was seen to fire). Exit status 1 when the tracer
     cannot work here, with the reasons."""
     base = ctx.obj["options"]
-    rep = diagnose(base.backend, run_selftest, base.btf)
+    rep = diagnose(base.backend, run_selftest, base.btf, base.kernel_types)
     if ctx.obj["as_json"]:
         JsonWriter().write(rep)
     else:

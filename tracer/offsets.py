@@ -12,7 +12,9 @@ defines those macros for the running kernel:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from tracer.btf import BTF, BTFError
 
@@ -122,4 +124,23 @@ def tcp_states(btf: BTF) -> dict[int, str]:
             states[btf.enum_value(name)] = name.removeprefix("TCP_")
         except BTFError:
             continue
+    return states
+
+
+def header_tcp_states(headers: Path) -> dict[int, str]:
+    """The TCP state numbering from a header tree's include/net/tcp_states.h
+    (an enum with implicit values: TCP_ESTABLISHED = 1, TCP_SYN_SENT, ...)."""
+    path = Path(headers) / "include" / "net" / "tcp_states.h"
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise OffsetError(f"cannot read {path}: {e}") from e
+    m = re.search(r"enum\s*\{([^}]*TCP_ESTABLISHED[^}]*)\}", text)
+    if not m:
+        raise OffsetError(f"no TCP state enum in {path}")
+    states, value = {}, -1
+    for name, explicit in re.findall(r"\b(TCP_[A-Z0-9_]+)\s*(?:=\s*(\d+))?\s*,", m.group(1) + ","):
+        value = int(explicit) if explicit else value + 1
+        if name in TCP_STATE_NAMES:
+            states[value] = name.removeprefix("TCP_")
     return states

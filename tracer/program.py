@@ -65,25 +65,35 @@ class KernelTypes:
     btf: BTF | None = None
 
 
-def kernel_types(btf_path: str | None = None) -> KernelTypes:
-    """Read offsets and enum values from BTF, else fall back to kernel headers."""
+def kernel_types(btf_path: str | None = None, source: str = "auto") -> KernelTypes:
+    """Read offsets and enum values from BTF, else from kernel headers.
+    source: "auto", or "btf" / "headers" to force one (an error if missing)."""
     path = btf_path or str(kernel.SYSFS_BTF)
-    if btf_path or kernel.SYSFS_BTF.exists():
+    if source != "headers" and (btf_path or kernel.SYSFS_BTF.exists()):
         try:
             btf = BTF.load(path)
             return KernelTypes(f"btf:{path}", dict(offsets.btf_defines(btf)), offsets.tcp_states(btf), btf)
         except (BTFError, OSError) as e:
-            if btf_path:
+            if btf_path or source == "btf":
                 raise BuildError(f"cannot use BTF from {path}: {e}") from e
         except offsets.OffsetError as e:
             raise BuildError(f"this kernel's BTF lacks what the tracer reads: {e}") from e
+    if source == "btf":
+        raise BuildError(f"no BTF at {path}: the kernel needs CONFIG_DEBUG_INFO_BTF")
     headers = kernel.headers_dir()
+    if headers is None and source == "headers":
+        raise BuildError(f"no kernel headers at /lib/modules/{kernel.release()}/build: install the headers package "
+                         "for this kernel (Debian: linux-headers-$(uname -r))")
     if headers is None:
         raise BuildError(
             "no BTF (/sys/kernel/btf/vmlinux) and no kernel headers "
             f"(/lib/modules/{kernel.release()}/build): enable CONFIG_DEBUG_INFO_BTF or install the headers package"
         )
-    return KernelTypes(f"headers:{headers}", dict(offsets.header_defines()), {})
+    try:
+        states = offsets.header_tcp_states(headers)
+    except offsets.OffsetError as e:
+        raise BuildError(str(e)) from e
+    return KernelTypes(f"headers:{headers}", dict(offsets.header_defines()), states)
 
 
 @dataclass

@@ -29,6 +29,7 @@ class Options:
     filters: program.Filters = field(default_factory=program.Filters)
     backend: str = "auto"
     btf: str | None = None
+    kernel_types: str = "auto"  # auto | btf | headers
     duration: float | None = None
     count: int | None = None
     verbose: bool = False
@@ -189,7 +190,7 @@ def attach(options: Options):
 
     The perf buffer is not open yet: the self-test's own events are dropped
     in the kernel (perf_submit has no reader); only the counters move."""
-    types = program.kernel_types(options.btf)
+    types = program.kernel_types(options.btf, options.kernel_types)
     probe = program.fentry_probe if types.btf is not None and options.backend in ("auto", "fentry") else None
     offer = hooks.gather(types.btf, probe)
     exclude: set[str] = set()

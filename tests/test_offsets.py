@@ -1,0 +1,56 @@
+"""The one list of kernel fields and enums, fed from the running kernel's BTF
+(no root needed) or from a header tree (a synthetic tcp_states.h here)."""
+
+from pathlib import Path
+
+import pytest
+
+from tracer import offsets
+from tracer.btf import BTF
+
+BTF_PATH = Path("/sys/kernel/btf/vmlinux")
+pytestmark = pytest.mark.skipif(not BTF_PATH.exists(), reason="no kernel BTF")
+
+TCP_STATES_H = """\
+enum {
+\tTCP_ESTABLISHED = 1,
+\tTCP_SYN_SENT,
+\tTCP_SYN_RECV,
+\tTCP_FIN_WAIT1,
+\tTCP_FIN_WAIT2,
+\tTCP_TIME_WAIT,
+\tTCP_CLOSE,
+\tTCP_CLOSE_WAIT,
+\tTCP_LAST_ACK,
+\tTCP_LISTEN,
+\tTCP_CLOSING,\t/* Now a valid state */
+\tTCP_NEW_SYN_RECV,
+\tTCP_BOUND_INACTIVE, /* Pseudo-state for inet_bind_bucket */
+
+\tTCP_MAX_STATES\t/* Leave at the end! */
+};
+"""
+
+
+def test_btf_defines_every_macro():
+    d = offsets.btf_defines(BTF.load())
+    assert {f.macro for f in offsets.FIELDS} | {m for m, _, _ in offsets.ENUMS} | {offsets.SOCKET_INODE[0]} == set(d)
+    assert d["K_TCP_CLOSE_WAIT"] == 8 and d["OFF_SKC_FAMILY"] > 0
+
+
+def test_header_defines_are_expressions_for_the_same_macros():
+    h = offsets.header_defines()
+    assert set(h) == set(offsets.btf_defines(BTF.load()))
+    assert h["OFF_TP_SND_NXT"] == "__builtin_offsetof(struct tcp_sock, snd_nxt)"
+    assert h["K_TCP_CLOSE_WAIT"] == "TCP_CLOSE_WAIT"
+
+
+def test_header_tcp_states_match_btf(tmp_path):
+    (tmp_path / "include" / "net").mkdir(parents=True)
+    (tmp_path / "include" / "net" / "tcp_states.h").write_text(TCP_STATES_H)
+    assert offsets.header_tcp_states(tmp_path) == offsets.tcp_states(BTF.load())
+
+
+def test_header_tcp_states_missing(tmp_path):
+    with pytest.raises(offsets.OffsetError, match="tcp_states.h"):
+        offsets.header_tcp_states(tmp_path)
