@@ -48,9 +48,23 @@ def test_header_defines_are_expressions_for_the_same_macros():
 def test_header_tcp_states_match_btf(tmp_path):
     (tmp_path / "include" / "net").mkdir(parents=True)
     (tmp_path / "include" / "net" / "tcp_states.h").write_text(TCP_STATES_H)
-    assert offsets.header_tcp_states(tmp_path) == offsets.tcp_states(BTF.load())
+    assert offsets.header_tcp_states([tmp_path / "include"]) == offsets.tcp_states(BTF.load())
 
 
 def test_header_tcp_states_missing(tmp_path):
     with pytest.raises(offsets.OffsetError, match="tcp_states.h"):
-        offsets.header_tcp_states(tmp_path)
+        offsets.header_tcp_states([tmp_path / "include"])
+
+
+def test_debian_split_header_tree(tmp_path):
+    """Debian: build/ holds the arch part (include/generated, include/config),
+    source/ the common headers (include/linux, include/net)."""
+    from tracer import kernel
+
+    build, source = tmp_path / "build", tmp_path / "source"
+    (build / "include" / "generated").mkdir(parents=True)
+    (source / "include" / "linux").mkdir(parents=True)
+    (source / "include" / "net").mkdir(parents=True)
+    (source / "include" / "net" / "tcp_states.h").write_text(TCP_STATES_H)
+    assert kernel.header_include_dirs(build) == [source / "include"]
+    assert offsets.header_tcp_states(kernel.header_include_dirs(build))[8] == "CLOSE_WAIT"

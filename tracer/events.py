@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from tracer.resources import bpf_dir
 
@@ -117,7 +117,6 @@ class Event:
     max_backlog: int = 0
     conn_pid: int = 0
     conn_comm: str = ""
-    extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     def has(self, flag: str) -> bool:
         return bool(self.flags & FLAGS[flag])

@@ -15,7 +15,6 @@ attached but never fired (an inlined function) and plan again.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 from tracer import kernel
@@ -292,8 +291,3 @@ def select(offer: Offer, backend: str = "auto", exclude: set[str] = frozenset())
             notes.append(WITHOUT[logical])
         choices.append(Choice(logical, chosen, "; ".join(dict.fromkeys(notes))))
     return Plan(choices, offer)
-
-
-def source_functions(source: str) -> set[str]:
-    """BPF function names a source defines (for consistency checks)."""
-    return set(re.findall(r"^int\s+(tc_\w+)\(struct pt_regs", source, re.M))

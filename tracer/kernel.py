@@ -24,13 +24,6 @@ def release() -> str:
     return os.uname().release
 
 
-def version_tuple(rel: str | None = None) -> tuple[int, int, int]:
-    m = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", rel or release())
-    if not m:
-        return (0, 0, 0)
-    return (int(m.group(1)), int(m.group(2)), int(m.group(3) or 0))
-
-
 def tracefs(mount: bool = True) -> Path:
     """The tracefs mount point; mounts it on /sys/kernel/tracing when needed."""
     for p in TRACEFS_CANDIDATES:
@@ -92,9 +85,18 @@ def jiffies_hz(config: dict[str, str] | None = None) -> int | None:
 
 
 def headers_dir() -> Path | None:
-    """A kernel header tree for the running kernel, if installed."""
+    """The kernel header tree for the running kernel (what bcc compiles
+    against: /lib/modules/RELEASE/build), if installed."""
     build = Path(f"/lib/modules/{release()}/build")
-    return build if (build / "include" / "linux").is_dir() else None
+    return build if header_include_dirs(build) else None
+
+
+def header_include_dirs(build: Path) -> list[Path]:
+    """The include/ directories of a header tree holding the kernel's own
+    headers: build/include, and, where the distribution splits the tree (Debian:
+    the arch part in build, the common part in source), source/include too."""
+    dirs = [build / "include", build.parent / "source" / "include"]
+    return [d for d in dirs if (d / "linux").is_dir()]
 
 
 def lockdown() -> str:

@@ -127,14 +127,14 @@ def tcp_states(btf: BTF) -> dict[int, str]:
     return states
 
 
-def header_tcp_states(headers: Path) -> dict[int, str]:
-    """The TCP state numbering from a header tree's include/net/tcp_states.h
-    (an enum with implicit values: TCP_ESTABLISHED = 1, TCP_SYN_SENT, ...)."""
-    path = Path(headers) / "include" / "net" / "tcp_states.h"
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise OffsetError(f"cannot read {path}: {e}") from e
+def header_tcp_states(include_dirs: list[Path]) -> dict[int, str]:
+    """The TCP state numbering from a header tree's net/tcp_states.h (an enum
+    with implicit values: TCP_ESTABLISHED = 1, TCP_SYN_SENT, ...)."""
+    paths = [Path(d) / "net" / "tcp_states.h" for d in include_dirs]
+    path = next((p for p in paths if p.is_file()), None)
+    if path is None:
+        raise OffsetError(f"no net/tcp_states.h under {', '.join(map(str, include_dirs)) or 'the kernel headers'}")
+    text = path.read_text()
     m = re.search(r"enum\s*\{([^}]*TCP_ESTABLISHED[^}]*)\}", text)
     if not m:
         raise OffsetError(f"no TCP state enum in {path}")

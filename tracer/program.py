@@ -90,7 +90,7 @@ def kernel_types(btf_path: str | None = None, source: str = "auto") -> KernelTyp
             f"(/lib/modules/{kernel.release()}/build): enable CONFIG_DEBUG_INFO_BTF or install the headers package"
         )
     try:
-        states = offsets.header_tcp_states(headers)
+        states = offsets.header_tcp_states(kernel.header_include_dirs(headers))
     except offsets.OffsetError as e:
         raise BuildError(str(e)) from e
     return KernelTypes(f"headers:{headers}", dict(offsets.header_defines()), states)

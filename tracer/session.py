@@ -154,7 +154,7 @@ class Session:
             self._emit(self.correlator.feed(ev))
         self._emit(self.correlator.flush())
         rec = self.summary.record(self.correlator.events_seen, self.correlator.lost_events,
-                                  self._stop_reason or "end")
+                                  self._stop_reason or "end", self.decode_errors)
         self.sink(rec)
         return rec
 
