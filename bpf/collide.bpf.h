@@ -266,22 +266,32 @@ static __always_inline int tc_on_set_state(void *ctx, const void *sk, int oldsta
 	return tc_on_tracked(ctx, sk, TC_EV_STATE, hook, oldstate, newstate, 0);
 }
 
-/* The RST a socket sends in reply to `skb` (tcp_v4/v6_send_reset): its
- * sequence number is the ack number of the segment that provoked it. */
-static __always_inline __u32 tc_rst_seq(const void *skb)
+/* The TCP header of `skb` (skb->head + skb->transport_header), or NULL. */
+static __always_inline const unsigned char *tc_tcp_header(const void *skb)
 {
 	unsigned char *head = 0;
 	__u16 thoff = 0;
-	__u32 ack_seq_be = 0;
 
 	if (!skb)
 		return 0;
 	tc_read(head, skb, OFF_SKB_HEAD);
 	tc_read(thoff, skb, OFF_SKB_TRANSPORT_HEADER);
-	if (!head || thoff == 0xffff)
+	if (!head || thoff == 0xffff) /* 0xffff: not set */
+		return 0;
+	return head + thoff;
+}
+
+/* The RST a socket sends in reply to `skb` (tcp_v4/v6_send_reset): its
+ * sequence number is the ack number of the segment that provoked it. */
+static __always_inline __u32 tc_rst_seq(const void *skb)
+{
+	const unsigned char *th = tc_tcp_header(skb);
+	__u32 ack_seq_be = 0;
+
+	if (!th)
 		return 0;
 	/* struct tcphdr: ack_seq is the third 32-bit word */
-	bpf_probe_read_kernel(&ack_seq_be, 4, head + thoff + 8);
+	bpf_probe_read_kernel(&ack_seq_be, 4, th + 8);
 	return __builtin_bswap32(ack_seq_be);
 }
 
@@ -291,19 +301,17 @@ static __always_inline __u32 tc_rst_seq(const void *skb)
 static __always_inline int tc_on_rcv_state(void *ctx, const void *sk, const void *skb, __u32 hook)
 {
 	__u8 state = 0, flags = 0;
-	unsigned char *head = 0;
-	__u16 thoff = 0;
+	const unsigned char *th;
 
 	tc_read(state, sk, OFF_SKC_STATE);
 	if (state != K_TCP_CLOSE_WAIT && state != K_TCP_LAST_ACK && state != K_TCP_FIN_WAIT1 &&
 	    state != K_TCP_FIN_WAIT2 && state != K_TCP_CLOSING)
 		return 0;
-	tc_read(head, skb, OFF_SKB_HEAD);
-	tc_read(thoff, skb, OFF_SKB_TRANSPORT_HEADER);
-	if (!head || thoff == 0xffff)
+	th = tc_tcp_header(skb);
+	if (!th)
 		return 0;
 	/* struct tcphdr: the flags byte is byte 13 (FIN 1, SYN 2, RST 4, ACK 16) */
-	bpf_probe_read_kernel(&flags, 1, head + thoff + 13);
+	bpf_probe_read_kernel(&flags, 1, th + 13);
 	if (!(flags & 0x02) || (flags & 0x04))
 		return 0;
 	return tc_on_syn_challenged(ctx, sk, hook);

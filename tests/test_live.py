@@ -353,3 +353,25 @@ def test_forced_backend_works_or_says_why(backend):
         assert r.returncode == 1 and r.stdout == ""
         assert r.stderr.startswith(f"tcpcollide-trace: error: backend '{backend}' cannot see")
         assert r.stderr.count("\n") == 1
+
+
+def test_kprobe_programs_pass_the_verifier_here():
+    """The kprobe backend's programs compile and pass this kernel's verifier
+    even where kprobes cannot attach (loading needs no CONFIG_KPROBES): the
+    backend's C is checked on every run, not only in the kernel matrix."""
+    from tracer import hooks, program
+
+    types = program.kernel_types()
+    offer = hooks.gather(types.btf, None)
+    offer.kprobes = True  # plan as if kprobes were there; nothing is attached below
+    plan = hooks.select(offer, "kprobe")
+    spec = program.build_spec(plan, types, program.Filters())
+    spec.kprobes = []
+    b = program.load(spec)
+    try:
+        fns = {fn for c in plan.selected for _, _, fn in c.probes}
+        assert {"tc_kp_set_state", "tc_kp_rcv_state", "tc_kp_challenge", "tc_kretp_challenge"} <= fns
+        for fn in sorted(fns):
+            b.load_func(fn.encode(), 2)  # BPF_PROG_TYPE_KPROBE: raises if the verifier refuses it
+    finally:
+        b.cleanup()
