@@ -68,3 +68,40 @@ def test_debian_split_header_tree(tmp_path):
     (source / "include" / "net" / "tcp_states.h").write_text(TCP_STATES_H)
     assert kernel.header_include_dirs(build) == [source / "include"]
     assert offsets.header_tcp_states(kernel.header_include_dirs(build))[8] == "CLOSE_WAIT"
+
+
+# bcc's own uapi/linux/bpf.h copy can be older than the kernel's headers. The
+# diagnostics below are clang's, as bcc 0.26 printed them against Debian's
+# 6.12 headers (recorded in the kernel matrix); the uapi file is synthetic.
+BPF_WQ_DIAG = """\
+include/linux/bpf.h:368:10: error: invalid application of 'sizeof' to an incomplete type 'struct bpf_wq'
+include/linux/bpf.h:402:10: error: invalid application of '__alignof' to an incomplete type 'struct bpf_wq'
+"""
+UAPI_BPF_H = """\
+struct bpf_timer {
+	__u64 __opaque[2];
+} __attribute__((aligned(8)));
+
+struct bpf_wq {
+	__u64 __opaque[2];
+} __attribute__((aligned(8)));
+"""
+
+
+def test_missing_uapi_structs_taken_from_the_kernel_headers(tmp_path):
+    from tracer.program import _missing_uapi_structs
+    (tmp_path / "uapi" / "linux").mkdir(parents=True)
+    (tmp_path / "uapi" / "linux" / "bpf.h").write_text(UAPI_BPF_H)
+    extra = _missing_uapi_structs(BPF_WQ_DIAG, [tmp_path / "nowhere", tmp_path])
+    assert "struct bpf_wq {\n\t__u64 __opaque[2];\n} __attribute__((aligned(8)));" in extra
+    assert "bpf_timer" not in extra
+    assert extra.count("struct bpf_wq {") == 1
+
+
+def test_missing_uapi_structs_gives_up_honestly(tmp_path):
+    from tracer.program import _missing_uapi_structs
+    (tmp_path / "uapi" / "linux").mkdir(parents=True)
+    (tmp_path / "uapi" / "linux" / "bpf.h").write_text(UAPI_BPF_H)
+    assert _missing_uapi_structs("error: unknown type name 'foo'", [tmp_path]) == ""
+    assert _missing_uapi_structs(BPF_WQ_DIAG.replace("bpf_wq", "bpf_task_work"), [tmp_path]) == ""
+    assert _missing_uapi_structs(BPF_WQ_DIAG, [tmp_path / "nowhere"]) == ""

@@ -104,6 +104,7 @@ class BuildSpec:
     source_file: str
     defines: dict[str, int | str] = field(default_factory=dict)
     kprobes: list[tuple[str, str, str]] = field(default_factory=list)  # (kind, symbol, BPF function)
+    header_dirs: list[Path] = field(default_factory=list)  # the kernel's include/ dirs (header path only)
 
 
 def build_spec(plan: Plan, types: KernelTypes, filters: Filters) -> BuildSpec:
@@ -120,13 +121,40 @@ def build_spec(plan: Plan, types: KernelTypes, filters: Filters) -> BuildSpec:
         for d in UAPI_DIRS:
             cflags += ["-idirafter", d]
         ksrc: Path | None = compat_dir()
+        header_dirs: list[Path] = []
     else:
         cflags = ["-I", str(bpf_dir())]
         prelude = "".join(f"#include <{h}>\n" for h in offsets.HEADER_INCLUDES)
         ksrc = None
+        header_dirs = kernel.header_include_dirs(Path(types.source.removeprefix("headers:")))
     cflags += [f"-D{k}={v}" for k, v in sorted(defines.items())]
     text = prelude + _inline_local_includes(source)
-    return BuildSpec(text, cflags, ksrc, source.name, defines, plan.kprobes())
+    return BuildSpec(text, cflags, ksrc, source.name, defines, plan.kprobes(), header_dirs)
+
+
+def _missing_uapi_structs(diagnostics: str, header_dirs: list[Path]) -> str:
+    """Definitions, from the kernel's own uapi/linux/bpf.h, of the BPF uapi
+    structs the compiler found incomplete.
+
+    bcc compiles every program with its own copy of uapi/linux/bpf.h, frozen
+    at bcc's release; a newer kernel's include/linux/bpf.h takes sizeof() of
+    structs that copy lacks (struct bpf_wq since 6.10, bpf_task_work since
+    6.18). Empty when nothing is missing or the definitions cannot be found."""
+    names = sorted(set(re.findall(r"incomplete type '(?:const )?struct (bpf_\w+)'", diagnostics)))
+    if not names:
+        return ""
+    paths = [d / "uapi" / "linux" / "bpf.h" for d in header_dirs]
+    path = next((p for p in paths if p.is_file()), None)
+    if path is None:
+        return ""
+    uapi = path.read_text(errors="replace")
+    out = []
+    for name in names:
+        m = re.search(rf"^struct {name} \{{.*?^\}}[^;]*;", uapi, re.M | re.S)
+        if m is None:
+            return ""
+        out.append(m.group(0) + "\n")
+    return f"/* from {path}: missing in bcc's own copy */\n" + "".join(out)
 
 
 def _inline_local_includes(source: Path) -> str:
@@ -197,7 +225,30 @@ def _first_error(diagnostics: str) -> str:
 
 def load(spec: BuildSpec):
     """Compile and load. bcc attaches the tracepoint and fentry programs as it
-    loads; the kprobes are attached here, to the symbols selection resolved."""
+    loads; the kprobes are attached here, to the symbols selection resolved.
+    On the header path, a compile that fails only because bcc's uapi copy is
+    older than the kernel's headers is retried once with the kernel's
+    definitions of the missing structs."""
+    try:
+        return _load(spec)
+    except _CompileFailed as failed:
+        extra = _missing_uapi_structs(failed.diagnostics, spec.header_dirs) if spec.header_dirs else ""
+        if not extra:
+            raise failed.error from None
+    spec.text = extra + spec.text
+    try:
+        return _load(spec)
+    except _CompileFailed as failed:
+        raise failed.error from None
+
+
+class _CompileFailed(Exception):
+    def __init__(self, error: BuildError, diagnostics: str):
+        super().__init__(str(error))
+        self.error, self.diagnostics = error, diagnostics
+
+
+def _load(spec: BuildSpec):
     bcc = import_bcc()
     b = None
     with _kernel_source(spec.kernel_source), _captured_stderr() as diag:
@@ -212,7 +263,8 @@ def load(spec: BuildSpec):
     if b is not None:
         b.cleanup()
     detail = _first_error(diag[0])
-    raise BuildError(f"loading {spec.source_file} failed: {err}" + (f" ({detail})" if detail else ""))
+    raise _CompileFailed(
+        BuildError(f"loading {spec.source_file} failed: {err}" + (f" ({detail})" if detail else "")), diag[0])
 
 
 FENTRY_PROBE = "KFUNC_PROBE(tcp_set_state, void *sk, int state) { return 0; }\n"
