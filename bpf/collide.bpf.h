@@ -191,7 +191,7 @@ static __always_inline int tc_on_syn_challenged(void *ctx, const void *sk, __u32
 	struct tc_track tr = {};
 	__u64 skp = (__u64)sk;
 	__u64 *since;
-	__u32 now_j, rcv_tstamp = 0, last_oow = 0;
+	__u32 now_j, rcv_tstamp = 0, last_oow = 0, copied = 0, unread;
 
 	tc_fired(hook); /* counted before the user's filters: the self-test runs in its own netns */
 	if (tc_fill_sock(sk, &ev))
@@ -200,6 +200,13 @@ static __always_inline int tc_on_syn_challenged(void *ctx, const void *sk, __u32
 	ev.hook = hook;
 	tc_read(ev.seq, sk, OFF_TP_SND_NXT);
 	tc_read(ev.ack, sk, OFF_TP_RCV_NXT);
+	tc_read(copied, sk, OFF_TP_COPIED_SEQ);
+	/* what `ss` shows as Recv-Q; the peer's FIN (it is why the socket lingers
+	 * in CLOSE_WAIT, LAST_ACK or CLOSING) took one sequence number */
+	unread = ev.ack - copied;
+	if (unread && (ev.oldstate == K_TCP_CLOSE_WAIT || ev.oldstate == K_TCP_LAST_ACK || ev.oldstate == K_TCP_CLOSING))
+		unread -= 1;
+	ev.unread = (__s32)unread > 0 ? unread : 0;
 	now_j = (__u32)bpf_jiffies64();
 	tc_read(rcv_tstamp, sk, OFF_TP_RCV_TSTAMP);
 	tc_read(last_oow, sk, OFF_TP_LAST_OOW_ACK_TIME);
@@ -222,7 +229,14 @@ static __always_inline int tc_on_syn_challenged(void *ctx, const void *sk, __u32
 	tc_tuple_of(&ev, 1, &t);
 	tr.first_ns = ev.ts_ns;
 	tr.skaddr = skp;
-	tracked.insert(&t, &tr); /* keeps the first entry on a repeat */
+	{
+		struct tc_track *old = tracked.lookup(&t);
+
+		/* a repeat on the same socket keeps its entry; a new lingering
+		 * socket on the same tuple (the port colliding again) takes over */
+		if (!old || old->skaddr != skp)
+			tracked.update(&t, &tr);
+	}
 	events.perf_submit(ctx, &ev, sizeof(ev));
 	return 0;
 }

@@ -69,7 +69,7 @@ struct tc_event {
 	__u32 backlog;     /* QUEUED: listener's accept-queue length after the add */
 	__u32 max_backlog; /* QUEUED: listener's accept-queue limit */
 	__u32 conn_pid;    /* the process that called connect() on this socket (connect hook), 0 if unknown */
-	__u32 reserved;
+	__u32 unread;      /* SYN_CHALLENGED: bytes the socket received that its application never read */
 	__u16 family;      /* AF_INET or AF_INET6 */
 	__u16 lport;       /* local port, host order */
 	__u16 rport;       /* remote port, host order */

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from tracer import __version__, hooks, kernel, netns, program, selftest
+from tracer import __version__, hooks, inventory, kernel, netns, program, selftest, sockdiag
 from tracer.render import JsonWriter, TextWriter, inert
 from tracer.session import Options, Session, Stop, attach
 
@@ -26,6 +26,7 @@ Examples:
   tcpcollide-trace -p 8080 --json      collisions on port 8080, as JSON lines
   tcpcollide-trace --netns 4026532177 -4 -c 1
   tcpcollide-trace demo                reproduce the collision in a private namespace
+  tcpcollide-trace inventory           who holds CLOSE_WAIT sockets here, which listeners hold ghosts
 """
 
 RUNTIME_ERRORS = (kernel.KernelError, program.BuildError, hooks.BackendError, netns.NetnsError)
@@ -260,3 +261,23 @@ def doctor(ctx, run_selftest):
         TextWriter(color=False if ctx.obj["no_color"] else None).write(rep)
     if not rep["ok"]:
         sys.exit(1)
+
+
+@main.command("inventory", epilog="\b\nExamples:\n  tcpcollide-trace inventory\n  tcpcollide-trace -p 8080 --json inventory")
+@click.pass_context
+def inventory_cmd(ctx):
+    """Who is leaking sockets here, without waiting for a collision.
+
+    A snapshot of every network namespace: the CLOSE_WAIT sockets grouped by
+    the process holding them and their local port, with their ages (since
+    each last received an ACK) and unread bytes, and the listeners whose
+    accept queue holds dead children (ghosts) or is full. Uses sock_diag and
+    /proc, no BPF; root sees every namespace and process. The -p, --netns,
+    -4 and -6 options filter it."""
+    base = ctx.obj["options"]
+    try:
+        kernel.require_root("to see every namespace and process")
+        rep = inventory.snapshot(base.filters.port, base.filters.netns, base.filters.family)
+    except (kernel.KernelError, sockdiag.SockDiagError, OSError) as e:
+        _fail(str(e))
+    _writer(ctx.obj["as_json"], ctx.obj["no_color"]).write(rep)

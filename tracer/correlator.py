@@ -12,13 +12,27 @@ on the same incident.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from tracer.events import Event, format_addr
 
 # Step names, in the order they normally happen.
-STEPS = ("syn", "challenge_ack", "rst", "closewait_closed", "retry_syn", "established", "queued")
-OUTCOMES = ("recovered", "stuck", "pending")
+STEPS = ("syn", "challenge_ack", "rst", "closewait_closed", "server_closed", "retry_syn", "established", "queued",
+         "client_closed")
+OUTCOMES = ("recovered", "stuck", "gave_up", "pending")
+# The finer outcome (`outcome_detail`), each explained by tracer/explain.py.
+OUTCOME_DETAILS = (
+    "recovered_fast",  # the client re-armed its SYN timer right after the RST (Linux >= 5.6)
+    "recovered_after_rto",  # the retry waited a retransmission timeout (older or non-Linux client, or a repeat)
+    "stuck_rate_limited",  # challenge ACKs held back by tcp_invalid_ratelimit / tcp_challenge_ack_limit
+    "stuck_challenge_ack_lost",  # challenge ACKs sent, no RST came back: lost on the path
+    "stuck",  # the client keeps hitting the socket, cause not seen
+    "client_gave_up",  # the connecting socket was closed before it was established
+    "pending",  # not established when the trace or the incident's time ran out, nothing more seen
+)
+FAST_RETRY_NS = 200_000_000  # TCP_RTO_MIN: no retransmission timeout is shorter
+RECENT = 1024  # finished incidents remembered to recognise repeats
 
 Key = tuple[int, bytes, int, bytes, int]  # family, server addr, server port, client addr, client port
 
@@ -47,12 +61,16 @@ class Incident:
     events: list[Event] = field(default_factory=list)
     client_netns: int | None = None
     outcome: str | None = None
-    ended_by: str = ""  # "complete", "timeout", "flush", "evicted"
+    ended_by: str = ""  # "complete", "timeout", "flush", "evicted", "superseded" (the tuple collided again)
     incomplete: bool = False  # events were lost while it was open
     syn_hits: int = 1  # SYNs of this connection that hit the lingering socket
     established_ends: set[str] = field(default_factory=set)  # "client", "server"
     client_process: dict | None = None  # who called connect() (connect hook)
     challenges_limited: int = 0  # challenge ACKs the rate limiter held back
+    challenges_sent: int = 0  # challenge ACKs that went out
+    outcome_detail: str | None = None
+    stuck_reason: str | None = None  # why the client kept hitting the socket (also when it then gave up)
+    repeat_of: dict | None = None  # {"id": N, "same": "socket" | "port"}: an earlier incident on the same socket or tuple
     last_ns: int = 0
 
     def step(self, name: str) -> Step | None:
@@ -60,6 +78,12 @@ class Incident:
 
     def has(self, name: str) -> bool:
         return self.step(name) is not None
+
+    @property
+    def ghost(self) -> bool:
+        """The lingering socket died without ever being accept()ed (it had no
+        struct socket): it still counts in its listener's accept queue."""
+        return self.closewait["inode"] is None and self.has("closewait_closed")
 
     @property
     def penalty_ns(self) -> int | None:
@@ -102,6 +126,9 @@ class Correlator:
         self.timeout_ns = timeout_ns
         self.max_open = max_open
         self.open: dict[Key, Incident] = {}
+        # finished incidents, by lingering socket and by tuple (bounded, oldest first out)
+        self.recent_sockets: OrderedDict[tuple[int, int], int] = OrderedDict()
+        self.recent_tuples: OrderedDict[tuple[int, Key], int] = OrderedDict()
         self.next_id = 1
         self.events_seen = 0
         self.lost_events = 0
@@ -175,7 +202,12 @@ class Correlator:
 
     def _on_syn_challenged(self, ev: Event) -> list[Incident]:
         key = _key(ev, True)
+        done = []
         inc = self.open.get(key)
+        if inc is not None and inc.closewait["skaddr"] != ev.skaddr:
+            # a new lingering socket on the same tuple: the port collides again
+            done.append(self._close(inc, "superseded"))
+            inc = None
         if inc is not None:  # the same connection's SYN hit the lingering socket again
             inc.syn_hits += 1
             inc.last_ns = ev.ts_ns
@@ -185,9 +217,8 @@ class Correlator:
             if retry is None:
                 retry = inc.add("retry_syn", ev.ts_ns, attempt=inc.syn_hits - 1)
             retry.detail["reached"] = "lingering socket"
-            retry.detail["challenge_ack_sent"] = ev.has("TC_F_CHALLENGE_PASSED")
-            return []
-        done = []
+            self._challenge_from_syn(inc, ev, retry)
+            return done
         if len(self.open) >= self.max_open:  # bounded memory: the oldest gives way
             oldest = min(self.open.values(), key=lambda i: i.first_ns)
             done.append(self._close(oldest, "evicted"))
@@ -212,12 +243,37 @@ class Correlator:
             },
             events=[ev],
         )
+        inc.closewait["unread_bytes"] = ev.unread
         self.next_id += 1
+        inc.repeat_of = self._earlier(inc)
         inc.add("syn", ev.ts_ns)
-        if ev.has("TC_F_CHALLENGE_PASSED"):
-            inc.add("challenge_ack", ev.ts_ns, seq=ev.seq, ack=ev.ack)
+        self._challenge_from_syn(inc, ev, None)
         self.open[key] = inc
         return done
+
+    def _challenge_from_syn(self, inc: Incident, ev: Event, retry: Step | None) -> None:
+        """Without a challenge hook, the SYN event says whether the ACK went out."""
+        if ev.has("TC_F_CHALLENGE_SEEN"):
+            return  # a TC_EV_CHALLENGE_ACK event follows
+        sent = ev.has("TC_F_CHALLENGE_PASSED")
+        if retry is not None:
+            retry.detail["challenge_ack_sent"] = sent
+        if sent:
+            inc.challenges_sent += 1
+            inc.add("challenge_ack", ev.ts_ns, seq=ev.seq, ack=ev.ack)
+        else:
+            inc.challenges_limited += 1
+
+    def _earlier(self, inc: Incident) -> dict | None:
+        """An earlier incident on the same lingering socket, or on the same
+        connection tuple (a new lingering socket, the same port again)."""
+        same_socket = self.recent_sockets.get((inc.netns, inc.closewait["skaddr"]))
+        if same_socket is not None:
+            return {"id": same_socket, "same": "socket"}
+        same_tuple = self.recent_tuples.get((inc.netns, inc.key))
+        if same_tuple is not None:
+            return {"id": same_tuple, "same": "port"}
+        return None
 
     def _last_unresolved_retry(self, inc: Incident) -> Step | None:
         for s in reversed(inc.steps):
@@ -253,8 +309,8 @@ class Correlator:
         if not local_is_server or ev.skaddr != inc.closewait["skaddr"]:
             return
         if ev.has("TC_F_CHALLENGE_PASSED"):
-            if not inc.has("challenge_ack") or inc.syn_hits > 1:
-                inc.add("challenge_ack", ev.ts_ns, seq=ev.seq, ack=ev.ack)
+            inc.challenges_sent += 1
+            inc.add("challenge_ack", ev.ts_ns, seq=ev.seq, ack=ev.ack)
         else:
             inc.challenges_limited += 1
 
@@ -267,6 +323,14 @@ class Correlator:
         if local_is_server and ev.skaddr == inc.closewait["skaddr"]:
             if new == "CLOSE" and not inc.has("closewait_closed"):
                 inc.add("closewait_closed", ev.ts_ns, from_state=old)
+            elif new != "CLOSE" and not inc.has("server_closed"):
+                # its application called close() meanwhile (CLOSE_WAIT -> LAST_ACK)
+                inc.add("server_closed", ev.ts_ns, from_state=old, to_state=new)
+            return
+        if not local_is_server and old == "SYN_SENT" and new == "CLOSE":
+            inc.client_netns = ev.netns
+            if not inc.has("client_closed"):
+                inc.add("client_closed", ev.ts_ns)
             return
         if local_is_server and old == "LISTEN" and new == "SYN_RECV":
             self._retry_reached_listener(inc, ev)
@@ -299,8 +363,11 @@ class Correlator:
     # -- completion ----------------------------------------------------------
 
     def _complete(self, inc: Incident) -> bool:
-        """Complete once every traced end is established (and the child queued);
-        tick() closes, after a grace period, the ones whose other end is not seen."""
+        """Complete once every traced end is established (and the child queued),
+        or the client gave up; tick() closes, after a grace period, the ones
+        whose other end is not seen."""
+        if inc.has("client_closed") and not inc.has("established"):
+            return True
         return (
             inc.has("queued")
             and "server" in inc.established_ends
@@ -310,11 +377,35 @@ class Correlator:
     def _close(self, inc: Incident, why: str) -> Incident:
         self.open.pop(inc.key, None)
         inc.ended_by = why
-        if inc.has("established"):
-            inc.outcome = "recovered"
-        elif inc.syn_hits > 1 or (not inc.has("rst") and any(s.name == "retry_syn" for s in inc.steps)):
-            inc.outcome = "stuck"  # the client keeps knocking on the lingering socket
-        else:
-            inc.outcome = "pending"
         inc.steps.sort(key=lambda s: (s.ts_ns, STEPS.index(s.name)))
+        inc.outcome, inc.outcome_detail = self._outcome(inc)
+        self._remember(inc)
         return inc
+
+    def _outcome(self, inc: Incident) -> tuple[str, str]:
+        if inc.has("established"):
+            fast = inc.penalty_ns is not None and inc.penalty_ns < FAST_RETRY_NS
+            return "recovered", "recovered_fast" if fast else "recovered_after_rto"
+        knocking = inc.syn_hits > 1 or (not inc.has("rst") and any(s.name == "retry_syn" for s in inc.steps))
+        if knocking:
+            if inc.has("rst"):
+                inc.stuck_reason = "stuck"
+            elif inc.challenges_limited:
+                inc.stuck_reason = "stuck_rate_limited"
+            elif inc.challenges_sent:
+                inc.stuck_reason = "stuck_challenge_ack_lost"
+            else:
+                inc.stuck_reason = "stuck"
+        if inc.has("client_closed"):
+            return "gave_up", "client_gave_up"
+        if inc.stuck_reason:
+            return "stuck", inc.stuck_reason
+        return "pending", "pending"
+
+    def _remember(self, inc: Incident) -> None:
+        for table, key in ((self.recent_sockets, (inc.netns, inc.closewait["skaddr"])),
+                           (self.recent_tuples, (inc.netns, inc.key))):
+            table[key] = inc.id
+            table.move_to_end(key)
+            while len(table) > RECENT:
+                table.popitem(last=False)

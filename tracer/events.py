@@ -117,6 +117,7 @@ class Event:
     max_backlog: int = 0
     conn_pid: int = 0
     conn_comm: str = ""
+    unread: int = 0
 
     def has(self, flag: str) -> bool:
         return bool(self.flags & FLAGS[flag])
@@ -175,6 +176,7 @@ def decode(raw: bytes) -> Event:
         max_backlog=values["max_backlog"],
         conn_pid=values["conn_pid"],
         conn_comm=_cstr(values["conn_comm"]),
+        unread=values["unread"],
     )
 
 
@@ -190,6 +192,6 @@ def encode(ev: Event) -> bytes:
         "family": ev.family, "lport": ev.lport, "rport": ev.rport, "oldstate": ev.oldstate,
         "newstate": ev.newstate, "laddr": ev.laddr.ljust(16, b"\0"), "raddr": ev.raddr.ljust(16, b"\0"),
         "comm": ev.comm.encode()[:15], "conn_pid": ev.conn_pid, "conn_comm": ev.conn_comm.encode()[:15],
-        "reserved": 0,
+        "unread": ev.unread,
     }
     return EVENT_STRUCT.pack(*(values[n] for n in _FIELD_NAMES))

@@ -1,8 +1,35 @@
-"""Plain words for an incident: what happened, what it cost, what to fix."""
+"""Plain words for an incident: what happened, what it cost, what to fix.
+
+The fix is named in the operator's terms: which program at which pid holds
+which fd, the listener whose application does not accept(), the client's
+port reuse, or a middlebox dropping the challenge ACK.
+"""
 
 from __future__ import annotations
 
 from tracer.correlator import Incident
+
+# Why a socket in each lingering state is still there.
+WHY_LINGERING = {
+    "CLOSE_WAIT": "The peer closed the old connection, but the server application never called close() on its socket.",
+    "LAST_ACK": "The server application closed the old connection after the peer did, but its FIN was never "
+                "acknowledged (the peer's socket is gone, or the FIN is dropped on the way): the socket waits in "
+                "LAST_ACK, retransmitting its FIN.",
+    "FIN_WAIT1": "The server closed the old connection first and its FIN has not been acknowledged yet.",
+    "FIN_WAIT2": "The server closed the old connection first; the peer acknowledged but never sent its own FIN, "
+                 "so the socket waits in FIN_WAIT2 (orphans for net.ipv4.tcp_fin_timeout).",
+    "CLOSING": "Both ends closed at once and the server's FIN has not been acknowledged.",
+}
+
+FIX_LINGERING = {
+    "LAST_ACK": "Fix: this clears itself when the server gives up retransmitting its FIN "
+                "(net.ipv4.tcp_orphan_retries); find out why the FIN or its ACK is lost, and do not reuse client "
+                "ports that fast.",
+    "FIN_WAIT1": "Fix: find out why the server's FIN is not acknowledged; do not reuse client ports that fast.",
+    "FIN_WAIT2": "Fix: the peer must close its side; a shorter net.ipv4.tcp_fin_timeout limits how long orphans "
+                 "hold the tuple.",
+    "CLOSING": "Fix: this clears itself; do not reuse client ports that fast.",
+}
 
 
 def _ms(ns: int) -> str:
@@ -18,16 +45,121 @@ def _age(inc: Incident) -> str:
     return f" for {approx}{age:.1f} s"
 
 
-def explain(inc: Incident) -> str:
+def _owner_text(owner: dict) -> str:
+    return f"{owner['comm']} (pid {owner['pid']})"
+
+
+def _culprit(inc: Incident, owners: list[dict]) -> str:
+    unread = inc.closewait.get("unread_bytes")
+    unread_text = f", with {unread} unread bytes in it" if unread else ""
+    if owners:
+        o = owners[0]
+        more = f" (and {len(owners) - 1} more processes)" if len(owners) > 1 else ""
+        return (f"The program {_owner_text(o)} holds that socket as fd {o['fd']}{more}{unread_text} and never "
+                f"closed it after the peer hung up.")
+    if inc.closewait.get("inode") is None:
+        return (f"That socket was never accept()ed{unread_text}: the application listening on {inc.server} does "
+                f"not call accept() for every connection the kernel queues for it.")
+    return (f"No process holding that socket (inode {inc.closewait['inode']}) was found{unread_text}: "
+            f"its owner may have exited or passed it on.")
+
+
+def _outcome(inc: Incident) -> list[str]:
+    retries = sum(1 for s in inc.steps if s.name == "retry_syn")
+    detail = inc.outcome_detail
+    if inc.outcome == "recovered":
+        retry = any(s.name == "retry_syn" for s in inc.steps)
+        via = "The client's retried SYN then reached the listener. " if retry else ""
+        text = f"{via}The new connection was established {_ms(inc.penalty_ns or 0)} after the first SYN"
+        if detail == "recovered_fast":
+            return [text + ": the client retried right after the RST (Linux >= 5.6 clients re-arm their SYN "
+                           "timer at once when a challenge ACK answers their SYN)."]
+        return [text + ": the retry waited for a full retransmission timeout (clients before Linux 5.6 and "
+                       "non-Linux clients wait 1 s or 3 s; so does a SYN that hit the socket twice)."]
+    out = []
+    if inc.stuck_reason == "stuck_rate_limited":
+        out.append(
+            f"The client's SYN hit the lingering socket {inc.syn_hits} times; {inc.challenges_limited} challenge "
+            "ACK(s) were held back by the kernel's rate limits (net.ipv4.tcp_invalid_ratelimit per socket, "
+            "net.ipv4.tcp_challenge_ack_limit host-wide), so the client never learnt the numbers it needs to "
+            "reset the old socket.")
+    elif inc.stuck_reason == "stuck_challenge_ack_lost":
+        out.append(
+            f"The client's SYN hit the lingering socket {inc.syn_hits} times ({retries} retransmission(s)); "
+            f"{inc.challenges_sent} challenge ACK(s) went out but no RST ever came back: they are lost on the "
+            "way to the client (a firewall or NAT dropping them, e.g. conntrack classing them INVALID).")
+    elif inc.stuck_reason == "stuck":
+        out.append(f"The client's SYN hit the lingering socket {inc.syn_hits} times and the connection is not "
+                   "established.")
+    if inc.outcome == "gave_up":
+        out.append(f"The client closed its connecting socket after {retries} retransmission(s), before the "
+                   "connection was established (a connect timeout, or its application gave up).")
+    elif inc.outcome == "pending":
+        out.append("The connection was not seen established (yet).")
+    if inc.has("server_closed"):
+        out.append("Meanwhile the server application closed the old socket.")
+    return out
+
+
+def _listener(inc: Incident, listener: dict | None, ghost: bool) -> list[str]:
+    out = []
+    if ghost:
+        out.append("The old socket was never accept()ed, so it died inside the listener's accept queue and is "
+                   "still counted there (a ghost) until the application accepts it.")
+    if listener:
+        out.append(
+            f"The listener {listener['listener']} now has {listener['recv_q']} connection(s) queued (Recv-Q) "
+            f"of {listener['limit']}: {listener['alive']} alive, {listener['ghosts']} dead.")
+        if listener.get("full"):
+            out.append("Its queue is full: the kernel now drops new connections to it until its application "
+                       "accepts (ghosts included).")
+    elif inc.has("queued") and inc.lingering_state == "CLOSE_WAIT" and inc.outcome == "recovered" and not ghost:
+        out.append("If the old socket was never accept()ed, it is still counted in the listener's accept queue "
+                   "(Recv-Q) although it is dead.")
+    return out
+
+
+def _fix(inc: Incident, owners: list[dict]) -> str:
+    lingering = inc.lingering_state
+    if inc.stuck_reason == "stuck_challenge_ack_lost":
+        path = ("Fix now: let the challenge ACK (a bare ACK from the server port) through the firewall or NAT "
+                "on the client's path. ")
+    elif inc.stuck_reason == "stuck_rate_limited":
+        path = "Fix now: the rate limits hold the challenge ACKs back; they cannot be tuned per socket. "
+    else:
+        path = ""
+    if lingering != "CLOSE_WAIT":
+        return path + FIX_LINGERING.get(lingering, "")
+    if owners:
+        o = owners[0]
+        who = f"the program {_owner_text(o)} never closes fd {o['fd']} after the peer hangs up"
+        what = f"make {o['comm']} close its sockets when read() returns 0 (or on EPOLLRDHUP)"
+    elif inc.closewait.get("inode") is None:
+        who = f"the application listening on {inc.server} leaves connections in its accept queue"
+        what = "make it accept() every connection it queues (and close them when the peer hangs up)"
+    else:
+        who = f"an application behind {inc.server} never closes its socket after the peer hangs up"
+        what = "make it close its sockets when the peer hangs up (read() returning 0, EPOLLRDHUP)"
+    return (f"{path}Fix: {who}; {what}. Until then every client reusing such a port pays this delay (about "
+            "13 ms on Linux >= 5.6 clients, 1 s or more elsewhere); clients can avoid it by not reusing "
+            "source ports quickly (a wider net.ipv4.ip_local_port_range, no fixed bind() ports).")
+
+
+def explain(inc: Incident, context: dict | None = None) -> str:
+    context = context or {}
+    owners = context.get("owners", [])
     lingering = inc.lingering_state
     parts = [
         f"The client {inc.client} opened a new connection to {inc.server} from a port that an old connection "
         f"still holds on the server side: that socket has been in {lingering}{_age(inc)}."
     ]
+    if lingering in WHY_LINGERING:
+        parts.append(WHY_LINGERING[lingering])
     if lingering == "CLOSE_WAIT":
-        parts.append(
-            "The peer closed the old connection, but the server application never called close() on its socket."
-        )
+        parts.append(_culprit(inc, owners))
+    if inc.repeat_of:
+        same = "the same socket" if inc.repeat_of["same"] == "socket" else "the same port pair (a new lingering socket)"
+        parts.append(f"It happened before on {same}: incident #{inc.repeat_of['id']}.")
     parts.append(
         "The SYN reached that socket instead of the listener, and the kernel dropped it (RFC 5961 SYN challenge)."
     )
@@ -47,28 +179,11 @@ def explain(inc: Incident) -> str:
         parts.append("The lingering socket then received an RST from the client.")
     if inc.has("closewait_closed"):
         parts.append(f"That RST killed the {lingering} socket.")
-    retry = next((s for s in inc.steps if s.name == "retry_syn" and s.detail.get("reached") == "listener"), None)
-    if inc.outcome == "recovered":
-        via = " The client's retried SYN then reached the listener." if retry or inc.has("retry_syn") else ""
-        parts.append(f"{via} The new connection was established {_ms(inc.penalty_ns or 0)} after the first SYN.".lstrip())
-        if inc.has("queued") and lingering == "CLOSE_WAIT":
-            parts.append(
-                "If the old socket was never accept()ed, it is still counted in the listener's accept queue "
-                "(Recv-Q) although it is dead."
-            )
-    elif inc.outcome == "stuck":
-        parts.append(
-            f"The client's SYN hit the lingering socket {inc.syn_hits} times and the connection is not established: "
-            "the challenge ACK is rate limited or dropped on the way, so no RST clears the old socket."
-        )
-    else:
-        parts.append("The connection was not seen established (yet).")
+    parts += _outcome(inc)
+    parts += _listener(inc, context.get("listener"), inc.ghost)
     if inc.incomplete:
         parts.append("Some kernel events were lost while this incident was open: the timeline may miss steps.")
-    if lingering == "CLOSE_WAIT":
-        parts.append(
-            f"Fix: make the server application behind {inc.server} close its sockets when the peer hangs up "
-            "(read() returning 0, EPOLLRDHUP) and accept() every connection it queues; until then every client "
-            "reusing such a port pays this delay (about 13 ms on Linux >= 5.6 clients, 1 s or more elsewhere)."
-        )
+    fix = _fix(inc, owners)
+    if fix:
+        parts.append(fix)
     return " ".join(parts)

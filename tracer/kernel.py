@@ -115,9 +115,9 @@ def netns_inode(pid: int | str = "self") -> int:
     return os.stat(f"/proc/{pid}/ns/net").st_ino
 
 
-def require_root() -> None:
+def require_root(why: str = "it loads BPF programs") -> None:
     if os.geteuid() != 0:
-        raise KernelError("tcpcollide-trace must run as root (it loads BPF programs)")
+        raise KernelError(f"tcpcollide-trace must run as root ({why})")
 
 
 def kprobes_available(tracefs_root: Path | None = None) -> bool:

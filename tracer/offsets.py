@@ -45,6 +45,7 @@ FIELDS = [
     Field("OFF_SK_MAX_ACK_BACKLOG", "sock", "sk_max_ack_backlog", 4),
     Field("OFF_TP_SND_NXT", "tcp_sock", "snd_nxt", 4),
     Field("OFF_TP_RCV_NXT", "tcp_sock", "rcv_nxt", 4),
+    Field("OFF_TP_COPIED_SEQ", "tcp_sock", "copied_seq", 4),
     Field("OFF_TP_RCV_TSTAMP", "tcp_sock", "rcv_tstamp", 4),
     Field("OFF_TP_LAST_OOW_ACK_TIME", "tcp_sock", "last_oow_ack_time", 4),
     Field("OFF_SKB_HEAD", "sk_buff", "head", 8),

@@ -70,6 +70,8 @@ class TextWriter:
             self._summary(rec)
         elif kind == "doctor":
             self._doctor(rec)
+        elif kind == "inventory":
+            self._inventory(rec)
         elif kind == "event":
             self.console.print(Text(inert(json.dumps(rec))))
 
@@ -145,6 +147,39 @@ class TextWriter:
             self.console.print(Text(inert(f"problem: {p}"), style="red"))
         self.console.print(Text("the tracer can work here" if rec["ok"] else "the tracer cannot work here",
                                 style="bold green" if rec["ok"] else "bold red"))
+
+    def _inventory(self, rec: dict) -> None:
+        def age(v) -> str:
+            return "-" if v is None else f"{v:.1f} s"
+
+        self.console.print(Text(
+            f"{rec['closewait_total']} CLOSE_WAIT socket(s) in {rec['namespaces']} network namespace(s); "
+            f"{len(rec['listeners'])} of {rec['listeners_total']} listener(s) with ghosts or a full queue",
+            style="bold"))
+        if rec["closewait"]:
+            table = Table(box=None, header_style="bold", pad_edge=False, title="CLOSE_WAIT sockets by process",
+                          title_justify="left")
+            for col, just in (("pid", "right"), ("command", "left"), ("netns", "right"), ("local", "left"),
+                              ("sockets", "right"), ("oldest", "right"), ("newest", "right"), ("unread", "right"),
+                              ("fds", "left")):
+                table.add_column(col, justify=just, overflow="fold")
+            for g in rec["closewait"]:
+                fds = ",".join(str(s["fd"]) for s in g["sockets"] if s["fd"] is not None)
+                table.add_row("-" if g["pid"] is None else str(g["pid"]), inert(g["comm"]), str(g["netns"]),
+                              inert(g["local"]), str(g["count"]), age(g["oldest_age_s"]), age(g["newest_age_s"]),
+                              f"{g['unread_bytes']} B", inert(fds[:60] + ("..." if len(fds) > 60 else "")))
+            self.console.print(table)
+        if rec["listeners"]:
+            table = Table(box=None, header_style="bold", pad_edge=False, title="listeners with ghosts",
+                          title_justify="left")
+            for col, just in (("netns", "right"), ("listener", "left"), ("Recv-Q", "right"), ("limit", "right"),
+                              ("alive", "right"), ("ghosts", "right"), ("", "left")):
+                table.add_column(col, justify=just)
+            for q in rec["listeners"]:
+                table.add_row(str(q["netns"]), inert(q["listener"]), str(q["recv_q"]), str(q["limit"]),
+                              str(q["alive"]), str(q["ghosts"]), "FULL: new connections refused" if q["full"] else "")
+            self.console.print(table)
+        self.console.print(Text(f"ages: {rec['age_source']}", style="dim"))
 
     def _summary(self, rec: dict) -> None:
         outcomes = ", ".join(f"{k} {v}" for k, v in sorted(rec["by_outcome"].items())) or "none"

@@ -62,7 +62,11 @@ def event_record(ev: Event, first_ns: int | None = None) -> dict:
     return rec
 
 
-def collision_record(inc: Incident, clock: Clock, backend: str, verbose: bool = False) -> dict:
+def collision_record(inc: Incident, clock: Clock, backend: str, verbose: bool = False,
+                     context: dict | None = None) -> dict:
+    """context: what tracer/diagnosis.py found out on the host (the process
+    holding the lingering socket, the listener's queue); None in replays."""
+    context = context or {}
     penalty = inc.penalty_ns
     rec = {
         "type": "collision",
@@ -74,6 +78,8 @@ def collision_record(inc: Incident, clock: Clock, backend: str, verbose: bool = 
         "client": inc.client,
         "lingering_state": inc.lingering_state,
         "outcome": inc.outcome,
+        "outcome_detail": inc.outcome_detail,
+        "stuck_reason": inc.stuck_reason,
         "penalty_ms": round(penalty / 1e6, 3) if penalty is not None else None,
         "closewait_age_s": round(inc.closewait["age_s"], 3) if inc.closewait["age_s"] is not None else None,
         "closewait_age_source": inc.closewait["age_source"],
@@ -81,13 +87,20 @@ def collision_record(inc: Incident, clock: Clock, backend: str, verbose: bool = 
             "inode": inc.closewait["inode"],
             "snd_nxt": inc.closewait["snd_nxt"],
             "rcv_nxt": inc.closewait["rcv_nxt"],
+            "unread_bytes": inc.closewait.get("unread_bytes"),
+            "owners": context.get("owners", []),
+            "ghost": inc.ghost,
         },
+        "listener": context.get("listener"),
+        "repeat_of": inc.repeat_of,
         "client_netns": inc.client_netns,
         "client_process": inc.client_process,
+        "challenge_acks_sent": inc.challenges_sent,
         "challenge_acks_limited": inc.challenges_limited,
+        "retransmissions": sum(1 for s in inc.steps if s.name == "retry_syn"),
         "syn_hits": inc.syn_hits,
         "steps": [{"step": s.name, "t_ms": _rel_ms(inc, s.ts_ns), **s.detail} for s in inc.steps],
-        "explanation": explain(inc),
+        "explanation": explain(inc, context),
         "backend": backend,
         "incomplete": inc.incomplete,
         "ended_by": inc.ended_by,

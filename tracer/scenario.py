@@ -6,6 +6,12 @@
 3. once the client's FIN-WAIT-2 has expired, a new client connects from the
    same port: its SYN hits the CLOSE_WAIT socket.
 
+With --accept, a separate server process (named by --server-comm) accepts
+every connection and holds it without ever closing it, as a leaking
+application does (or, with --close-on-eof, closes it when the peer does).
+--unread leaves bytes unread in the server's socket; --rounds repeats the
+collision on the same port pair.
+
 Run as `python -m tracer.scenario ...` (tcpcollide-trace demo and the live
 tests do). It prints one JSON line per step on stdout; the last one carries
 the new connection's connect() latency as the client measured it.
@@ -14,7 +20,10 @@ the new connection's connect() latency as the client measured it.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
+import os
+import signal
 import socket
 import sys
 import time
@@ -22,10 +31,63 @@ import time
 from tracer import netns
 
 TCP_REPAIR = 19  # linux/tcp.h
+PR_SET_NAME, PR_SET_PDEATHSIG = 15, 1  # linux/prctl.h
 
 
 def say(step: str, **kw) -> None:
     print(json.dumps({"step": step, **kw}), flush=True)
+
+
+def serve(listener: socket.socket, comm: str, close_on_eof: bool) -> None:
+    """The leaking server (a child process): accept everything, never read,
+    never close (or close on EOF, which needs a read)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    libc.prctl(PR_SET_NAME, comm.encode()[:15])
+    held = []
+    while True:
+        conn, peer = listener.accept()
+        held.append(conn)
+        say("accepted", pid=os.getpid(), comm=comm, fd=conn.fileno(), peer=f"{peer[0]}:{peer[1]}")
+        if close_on_eof:
+            conn.settimeout(30)
+            try:
+                while conn.recv(65536):
+                    pass
+            except OSError:
+                pass
+            conn.close()
+            say("server_closed", note="closed after the peer's FIN")
+
+
+def connect_once(args, fam: int, first: bool) -> socket.socket | None:
+    """A client socket bound to the fixed port (once it is free)."""
+    deadline = time.monotonic() + args.port_wait
+    while True:
+        s = socket.socket(fam, socket.SOCK_STREAM)
+        try:
+            s.bind((args.client_ip, args.client_port))
+            return s
+        except OSError:
+            s.close()
+            if first or time.monotonic() > deadline:
+                say("error", note=f"port {args.client_port} still busy after {args.port_wait} s")
+                return None
+            time.sleep(0.05)
+
+
+def hang_up(args, s: socket.socket) -> None:
+    """Close our end: the server's end goes to CLOSE_WAIT."""
+    if args.unread:
+        s.sendall(b"x" * args.unread)
+    if args.fast:
+        # FIN, then drop the client socket silently: in TCP_REPAIR mode close()
+        # sends nothing (tcp_disconnect), so the port is free at once while the
+        # server's end stays in CLOSE_WAIT (the seed waits for FIN-WAIT-2 instead)
+        s.shutdown(socket.SHUT_WR)
+        time.sleep(0.05)
+        s.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 1)
+    s.close()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -36,45 +98,52 @@ def run(args: argparse.Namespace) -> int:
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind((args.listen_ip or args.server_ip, args.server_port))
     listener.listen(args.backlog)
-    say("listen", addr=f"{args.server_ip}:{args.server_port}", note="never calls accept()")
+    server_pid = 0
+    if args.accept:
+        server_pid = os.fork()
+        if server_pid == 0:
+            try:
+                serve(listener, args.server_comm, args.close_on_eof)
+            finally:
+                os._exit(0)
+        say("listen", addr=f"{args.server_ip}:{args.server_port}", server_pid=server_pid,
+            note="a server process accepts and never closes")
+    else:
+        say("listen", addr=f"{args.server_ip}:{args.server_port}", note="never calls accept()")
+    try:
+        return clients(args, fam)
+    finally:
+        if server_pid:
+            os.kill(server_pid, signal.SIGKILL)
+            os.waitpid(server_pid, 0)
+
+
+def clients(args: argparse.Namespace, fam: int) -> int:
     if args.client_ns:
         netns.enter(args.client_ns)
-    first = socket.socket(fam, socket.SOCK_STREAM)
-    first.bind((args.client_ip, args.client_port))
-    first.connect((args.server_ip, args.server_port))
-    if args.fast:
-        # FIN, then drop the client socket silently: in TCP_REPAIR mode close()
-        # sends nothing (tcp_disconnect), so the port is free at once while the
-        # server's end stays in CLOSE_WAIT (the seed waits for FIN-WAIT-2 instead)
-        first.shutdown(socket.SHUT_WR)
-        time.sleep(0.02)
-        first.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 1)
-    first.close()
-    say("first_close", client_port=args.client_port, note="server end now in CLOSE_WAIT")
-    deadline = time.monotonic() + args.port_wait
-    while True:
-        second = socket.socket(fam, socket.SOCK_STREAM)
+    conn = connect_once(args, fam, True)
+    if conn is None:
+        return 1
+    conn.connect((args.server_ip, args.server_port))
+    for n in range(1, args.rounds + 1):
+        time.sleep(args.before_close)
+        hang_up(args, conn)
+        say("first_close" if n == 1 else "close", client_port=args.client_port, note="server end now in CLOSE_WAIT")
+        conn = connect_once(args, fam, False)
+        if conn is None:
+            return 1
+        say("port_free", note="the client's FIN-WAIT-2 expired; the CLOSE_WAIT socket still holds the tuple")
+        if args.wait_stdin:
+            say("waiting", note="reconnects when a line arrives on stdin")
+            sys.stdin.readline()
+        conn.settimeout(args.connect_timeout)
+        t0 = time.monotonic()
         try:
-            second.bind((args.client_ip, args.client_port))
-            break
-        except OSError:
-            second.close()
-            if time.monotonic() > deadline:
-                say("error", note=f"port {args.client_port} still busy after {args.port_wait} s")
-                return 1
-            time.sleep(0.05)
-    say("port_free", note="the client's FIN-WAIT-2 expired; the CLOSE_WAIT socket still holds the tuple")
-    if args.wait_stdin:
-        say("waiting", note="reconnects when a line arrives on stdin")
-        sys.stdin.readline()
-    second.settimeout(args.connect_timeout)
-    t0 = time.monotonic()
-    try:
-        second.connect((args.server_ip, args.server_port))
-    except OSError as e:
-        say("connect_failed", error=str(e), connect_ms=round((time.monotonic() - t0) * 1e3, 3))
-        return 2
-    say("connected", connect_ms=round((time.monotonic() - t0) * 1e3, 3))
+            conn.connect((args.server_ip, args.server_port))
+        except OSError as e:
+            say("connect_failed", error=str(e), connect_ms=round((time.monotonic() - t0) * 1e3, 3))
+            return 2
+        say("connected", connect_ms=round((time.monotonic() - t0) * 1e3, 3), round=n)
     time.sleep(args.hold)
     return 0
 
@@ -95,6 +164,12 @@ def parser() -> argparse.ArgumentParser:
                    help="free the client port at once (TCP_REPAIR) instead of waiting for FIN-WAIT-2 to expire")
     p.add_argument("--wait-stdin", action="store_true", help="pause before the reconnect until a line is read")
     p.add_argument("--hold", type=float, default=1.0, help="seconds to keep the sockets open at the end")
+    p.add_argument("--accept", action="store_true", help="a server process accepts and holds every connection")
+    p.add_argument("--server-comm", default="leakysrv", help="the server process's name (with --accept)")
+    p.add_argument("--close-on-eof", action="store_true", help="the server closes a connection when the peer does")
+    p.add_argument("--unread", type=int, default=0, help="bytes the client sends and the server never reads")
+    p.add_argument("--rounds", type=int, default=1, help="collide this many times on the same port pair")
+    p.add_argument("--before-close", type=float, default=0.05, help="seconds between connecting and closing")
     return p
 
 

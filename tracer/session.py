@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tracer import hooks, kernel, program, selftest
+from tracer.diagnosis import Diagnoser
 from tracer.correlator import Correlator, Incident
 from tracer.events import DecodeError, decode
 from tracer.reorder import Reorderer
@@ -58,6 +59,7 @@ class Session:
         self._stopping = False
         self.plan = None
         self.types = None
+        self.diagnoser = Diagnoser()
 
     # -- start ---------------------------------------------------------------
 
@@ -99,7 +101,7 @@ class Session:
     def _emit(self, incidents: list[Incident]) -> None:
         for inc in incidents:
             self._untrack(inc)
-            rec = collision_record(inc, self.clock, self.backend, self.options.verbose)
+            rec = collision_record(inc, self.clock, self.backend, self.options.verbose, self.diagnoser.context(inc))
             self.summary.add(rec)
             self.sink(rec)
             if self.options.count and self.summary.collisions >= self.options.count:
@@ -114,13 +116,15 @@ class Session:
         key.saddr = (ctypes.c_ubyte * 16)(*saddr.ljust(16, b"\0"))
         key.caddr = (ctypes.c_ubyte * 16)(*caddr.ljust(16, b"\0"))
         try:
-            del table[key]
+            if table[key].skaddr == inc.closewait["skaddr"]:  # not a newer collision on the same tuple
+                del table[key]
         except KeyError:
             pass
 
     def _pump(self) -> None:
         now = time.monotonic_ns()
         for ev in self.reorder.pop_ready(now):
+            self.diagnoser.prefetch(ev)
             self._emit(self.correlator.feed(ev))
         self._emit(self.correlator.tick(now - self.reorder.delay_ns))
 
@@ -151,6 +155,7 @@ class Session:
         self._stopping = True  # a second signal must not cut the flush short
         self.bpf.perf_buffer_poll(0)
         for ev in self.reorder.drain():
+            self.diagnoser.prefetch(ev)
             self._emit(self.correlator.feed(ev))
         self._emit(self.correlator.flush())
         rec = self.summary.record(self.correlator.events_seen, self.correlator.lost_events,
