@@ -35,7 +35,9 @@ PR_SET_NAME, PR_SET_PDEATHSIG = 15, 1  # linux/prctl.h
 
 
 def say(step: str, **kw) -> None:
-    print(json.dumps({"step": step, **kw}), flush=True)
+    # one write(2) per line: the server process (--accept) shares this pipe
+    sys.stdout.flush()
+    os.write(sys.stdout.fileno(), (json.dumps({"step": step, **kw}) + "\n").encode())
 
 
 def serve(listener: socket.socket, comm: str, close_on_eof: bool) -> None:
