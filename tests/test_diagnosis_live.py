@@ -273,3 +273,32 @@ def test_inventory_needs_root_and_says_so():
     assert r.returncode == 1
     assert r.stderr.startswith("tcpcollide-trace: error: ") and "root" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_queue_overflow_because_of_ghosts(ns):
+    """Backlog 1: after the collision the ghost and the new connection fill
+    the queue; the next client's SYNs are dropped and the tracer says the
+    queue overflows because of ghosts."""
+    tracer = Tracer("--netns", str(ns.inode))
+    try:
+        tracer.wait_ready()
+        proc = scenario("--server-ns", ns.name, "--fast", "--backlog", "1", "--hold", "6")
+        read_steps(proc, until="connected")
+        rec = tracer.wait_for("collision", 15 * SLOW)
+        assert rec is not None
+        assert rec["listener"]["full"] is True and rec["listener"]["ghosts"] == 1, rec["listener"]
+        late = subprocess.run(
+            ["ip", "netns", "exec", ns.name, sys.executable, "-c",
+             "import socket\ntry:\n socket.create_connection(('127.0.0.1', 12345), timeout=2.5)\n"
+             "except OSError: print('refused')"], capture_output=True, text=True, timeout=30)
+        queue = tracer.wait_for("queue", 5 * SLOW)
+        proc.kill()
+        proc.wait()
+        tracer.stop()
+    finally:
+        tracer.kill()
+    assert "refused" in late.stdout, late
+    assert queue is not None
+    assert queue["event"] == "overflow" and queue["overflows"] >= 1, queue
+    assert queue["ghosts"] == 1 and queue["listener"] == "127.0.0.1:12345" and queue["collision"] == rec["id"]
+    assert "ghosts" in queue["explanation"]

@@ -40,11 +40,63 @@ def queue_for(queues: list[dict], server: str) -> dict | None:
     return best
 
 
+MAX_WATCHED = 256  # listeners with ghosts followed at once
+WATCH_INTERVAL_S = 1.0
+
+
 class Diagnoser:
     def __init__(self, owners: OwnerCache | None = None):
         self.owners = owners or OwnerCache()
         self._ns_paths: dict[int, str] = {}
         self._ns_scanned = float("-inf")
+        # (netns, listener) -> what was last reported about its queue
+        self.watched: dict[tuple[int, str], dict] = {}
+        self._polled = float("-inf")
+
+    def watch(self, rec: dict) -> None:
+        """Follow a collision's listener while its queue holds ghosts: tell
+        when it overflows because of them, and when they are gone."""
+        q = rec.get("listener")
+        if not q or not q["ghosts"]:
+            return
+        key = (rec["netns"], q["listener"])
+        if key in self.watched or len(self.watched) >= MAX_WATCHED:
+            return
+        path = self._ns_path(rec["netns"])
+        base = _overflows(path)
+        self.watched[key] = {**q, "server": rec["server"], "overflows_base": base, "overflows": 0,
+                             "collision": rec["id"]}
+
+    def poll(self) -> list[dict]:
+        """`queue` records for watched listeners whose state changed: it
+        overflowed (new connections dropped while ghosts fill the queue), the
+        ghosts changed, or they are gone."""
+        if not self.watched or time.monotonic() - self._polled < WATCH_INTERVAL_S:
+            return []
+        self._polled = time.monotonic()
+        out = []
+        for (netns, listener), last in list(self.watched.items()):
+            path = self._ns_path(netns)
+            now = self._queue(netns, last["server"]) if path else None
+            if now is None:  # the listener or its namespace is gone
+                del self.watched[(netns, listener)]
+                out.append(_queue_record(netns, last, "gone", last["overflows"]))
+                continue
+            total = _overflows(path)
+            overflows = total - last["overflows_base"] if total is not None and last["overflows_base"] is not None \
+                else 0
+            event = None
+            if overflows > last["overflows"] and now["ghosts"]:
+                event = "overflow"
+            elif now["ghosts"] != last["ghosts"] or now["full"] != last["full"]:
+                event = "ghosts_gone" if not now["ghosts"] else "changed"
+            if event is None:
+                continue
+            last.update(now, overflows=overflows)
+            out.append(_queue_record(netns, last, event, overflows))
+            if not now["ghosts"]:
+                del self.watched[(netns, listener)]
+        return out
 
     def prefetch(self, ev: Event) -> None:
         """Find the owner as soon as the collision starts: by the time the
@@ -64,14 +116,57 @@ class Diagnoser:
         return self._ns_paths.get(netns)
 
     def listener(self, inc: Incident) -> dict | None:
-        path = self._ns_path(inc.netns)
+        return self._queue(inc.netns, inc.server)
+
+    def _queue(self, netns: int, server: str) -> dict | None:
+        path = self._ns_path(netns)
         if path is None:
             return None
         try:
-            socks = sockdiag.list_sockets(QUEUE_STATES, inc.netns, ns_paths={inc.netns: path})
+            socks = sockdiag.list_sockets(QUEUE_STATES, netns, ns_paths={netns: path})
         except (OSError, sockdiag.SockDiagError):
             return None
-        q = queue_for(inventory.listener_queues(socks), inc.server)
+        q = queue_for(inventory.listener_queues(socks), server)
         if q is None:
             return None
         return {k: q[k] for k in ("listener", "recv_q", "limit", "alive", "ghosts", "full")}
+
+
+def _overflows(path: str | None) -> int | None:
+    if path is None:
+        return None
+    try:
+        return sockdiag.listen_overflows(path)
+    except (OSError, sockdiag.SockDiagError):
+        return None
+
+
+def _queue_record(netns: int, q: dict, event: str, overflows: int) -> dict:
+    return {
+        "type": "queue",
+        "event": event,
+        "netns": netns,
+        "listener": q["listener"],
+        "recv_q": q["recv_q"],
+        "limit": q["limit"],
+        "alive": q["alive"],
+        "ghosts": q["ghosts"],
+        "full": q["full"],
+        "overflows": overflows,
+        "collision": q["collision"],
+        "explanation": _queue_text(q, event, overflows),
+    }
+
+
+def _queue_text(q: dict, event: str, overflows: int) -> str:
+    head = (f"Listener {q['listener']}: {q['recv_q']} queued of {q['limit']}, {q['alive']} alive, "
+            f"{q['ghosts']} dead (ghosts).")
+    if event == "overflow":
+        return (f"{head} The accept queue is full and {overflows} new connection(s) were dropped "
+                "(TcpExtListenOverflows) since the collision: the ghosts take places that live connections need. "
+                "Fix: make the application accept() its connections.")
+    if event == "ghosts_gone":
+        return f"{head} The ghosts are gone: the application accepted (or the listener was closed)."
+    if event == "gone":
+        return f"Listener {q['listener']} is gone (closed, or its namespace was removed)."
+    return head

@@ -72,6 +72,10 @@ class TextWriter:
             self._doctor(rec)
         elif kind == "inventory":
             self._inventory(rec)
+        elif kind == "queue":
+            style = "red bold" if rec["event"] == "overflow" else "yellow"
+            self.console.print(Text(inert(f"queue {rec['event']} (netns {rec['netns']}): {rec['explanation']}"),
+                                    style=style))
         elif kind == "event":
             self.console.print(Text(inert(json.dumps(rec))))
 

@@ -104,6 +104,7 @@ class Session:
             rec = collision_record(inc, self.clock, self.backend, self.options.verbose, self.diagnoser.context(inc))
             self.summary.add(rec)
             self.sink(rec)
+            self.diagnoser.watch(rec)
             if self.options.count and self.summary.collisions >= self.options.count:
                 self._stop_reason = "count"
 
@@ -136,6 +137,8 @@ class Session:
             while self._stop_reason is None:
                 self.bpf.perf_buffer_poll(POLL_MS)
                 self._pump()
+                for rec in self.diagnoser.poll():
+                    self.sink(rec)
                 if deadline is not None and time.monotonic() >= deadline:
                     self._stop_reason = "duration"
                 elif on_idle is not None and self._stop_reason is None:

@@ -145,8 +145,8 @@ def _setns(fd: int) -> None:
         raise OSError(e, os.strerror(e))
 
 
-def _diag_socket_in(ns_path: str) -> socket.socket:
-    """A sock_diag netlink socket living in the namespace at ns_path."""
+def in_netns(ns_path: str, fn):
+    """fn(), run by a short-lived thread that joined the namespace at ns_path."""
     result: list = []
 
     def work():
@@ -156,7 +156,7 @@ def _diag_socket_in(ns_path: str) -> socket.socket:
                 _setns(fd)
             finally:
                 os.close(fd)
-            result.append(socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG))
+            result.append(fn())
         except OSError as e:
             result.append(e)
 
@@ -164,8 +164,28 @@ def _diag_socket_in(ns_path: str) -> socket.socket:
     t.start()
     t.join()
     if isinstance(result[0], OSError):
-        raise SockDiagError(f"cannot enter network namespace {ns_path}: {result[0].strerror}")
+        raise SockDiagError(f"network namespace {ns_path}: {result[0].strerror}")
     return result[0]
+
+
+def _diag_socket_in(ns_path: str) -> socket.socket:
+    """A sock_diag netlink socket living in the namespace at ns_path."""
+    return in_netns(ns_path, lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG))
+
+
+def listen_overflows(ns_path: str) -> int | None:
+    """The namespace's TcpExtListenOverflows counter: SYNs and handshakes
+    dropped because a listener's accept queue was full (what `nstat` shows)."""
+
+    def read() -> str:
+        with open("/proc/thread-self/net/netstat") as f:  # the calling thread's namespace
+            return f.read()
+
+    lines = [line.split() for line in in_netns(ns_path, read).splitlines()]
+    for names, values in zip(lines[::2], lines[1::2]):
+        if names and names[0] == "TcpExt:" and "ListenOverflows" in names:
+            return int(values[names.index("ListenOverflows")])
+    return None
 
 
 def namespaces() -> dict[int, str]:

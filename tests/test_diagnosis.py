@@ -1,0 +1,291 @@
+"""Unit tests of the diagnosis layer, no root: outcomes and repeats on
+synthetic event streams (tests/synthetic.py), the accept-queue arithmetic and
+CLOSE_WAIT grouping on synthetic socket lists, the sock_diag message parser on
+a hand-packed message, the owner cache with a fake /proc scan, and the
+explanations' wording of each fix."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+
+import pytest
+
+from tests.synthetic import MS, STATES, S, T0, Collision
+from tracer import inventory, sockdiag
+from tracer.correlator import Correlator
+from tracer.diagnosis import queue_for
+from tracer.procfs import Owner, OwnerCache, socket_owners
+from tracer.report import Clock, collision_record
+
+CLOCK = Clock(0)
+
+
+def run(events, flush=True, **kw):
+    c = Correlator(STATES, hz=250, **kw)
+    out = []
+    for ev in events:
+        out += c.feed(ev)
+    if flush:
+        out += c.flush()
+    return c, out
+
+
+# -- outcomes (synthetic streams) ---------------------------------------------------
+
+
+def test_seed_recovers_fast():
+    _, [inc] = run(Collision().seed_sequence())
+    assert (inc.outcome, inc.outcome_detail, inc.stuck_reason) == ("recovered", "recovered_fast", None)
+    assert "right after the RST" in collision_record(inc, CLOCK, "tracepoint")["explanation"]
+
+
+def test_retry_after_a_full_rto_is_named():
+    _, [inc] = run(Collision().seed_sequence(retry_after=1 * S))
+    assert inc.outcome_detail == "recovered_after_rto"
+    assert "retransmission timeout" in collision_record(inc, CLOCK, "tracepoint")["explanation"]
+
+
+def knocking(col: Collision, passed: list[bool]) -> list:
+    events = [col.syn_challenged(T0, passed=passed[0])]
+    for i, p in enumerate(passed[1:], 1):
+        t = T0 + (2 ** i - 1) * S
+        events += [col.retransmit(t), col.syn_challenged(t + 20_000, passed=p)]
+    return events
+
+
+def test_stuck_with_challenge_acks_sent_and_no_rst_is_lost_on_the_path():
+    col = Collision()
+    c, [] = run(knocking(col, [True, True, True]), flush=False, timeout_ns=5 * S)
+    [inc] = c.tick(T0 + 5 * S)
+    assert (inc.outcome, inc.outcome_detail) == ("stuck", "stuck_challenge_ack_lost")
+    rec = collision_record(inc, CLOCK, "tracepoint")
+    assert rec["challenge_acks_sent"] == 3 and rec["challenge_acks_limited"] == 0
+    assert rec["retransmissions"] == 2
+    assert [s["step"] for s in rec["steps"]].count("challenge_ack") == 3  # each one reported
+    assert "firewall or NAT" in rec["explanation"]
+
+
+def test_stuck_with_challenge_acks_held_back_is_rate_limited():
+    col = Collision()
+    c, [] = run(knocking(col, [True, False, False]), flush=False, timeout_ns=5 * S)
+    [inc] = c.tick(T0 + 5 * S)
+    assert inc.outcome_detail == "stuck_rate_limited"
+    rec = collision_record(inc, CLOCK, "tracepoint")
+    assert rec["challenge_acks_limited"] == 2
+    assert "tcp_invalid_ratelimit" in rec["explanation"]
+
+
+def test_client_giving_up_ends_the_incident_at_once():
+    col = Collision()
+    events = knocking(col, [True, True]) + [col.client_ev("state", T0 + 2 * S, "SYN_SENT", "CLOSE")]
+    _, [inc] = run(events, flush=False)
+    assert (inc.outcome, inc.outcome_detail, inc.stuck_reason) == ("gave_up", "client_gave_up",
+                                                                    "stuck_challenge_ack_lost")
+    assert inc.ended_by == "complete" and inc.has("client_closed")
+    assert "closed its connecting socket after 1 retransmission" in collision_record(inc, CLOCK, "x")["explanation"]
+
+
+def test_server_application_closing_meanwhile_is_a_step():
+    col = Collision()
+    events = knocking(col, [True, True]) + [col.server_ev("state", T0 + 2 * S, "CLOSE_WAIT", "LAST_ACK")]
+    _, [inc] = run(events)
+    step = inc.step("server_closed")
+    assert step is not None and step.detail == {"from_state": "CLOSE_WAIT", "to_state": "LAST_ACK"}
+    assert "Meanwhile the server application closed" in collision_record(inc, CLOCK, "x")["explanation"]
+
+
+def test_same_port_colliding_again_names_the_earlier_incident():
+    first = Collision()
+    second = Collision(closewait_sk=first.closewait_sk + 0x1000)
+    c, out = run(first.seed_sequence() + second.seed_sequence(t0=T0 + 5 * S))
+    assert [i.repeat_of for i in out] == [None, {"id": out[0].id, "same": "port"}]
+
+
+def test_same_socket_colliding_again_after_the_client_gave_up():
+    col = Collision()
+    events = knocking(col, [True]) + [col.client_ev("state", T0 + S, "SYN_SENT", "CLOSE")]
+    events += [col.syn_challenged(T0 + 10 * S)]
+    _, out = run(events)
+    assert [i.repeat_of for i in out] == [None, {"id": out[0].id, "same": "socket"}]
+
+
+def test_a_new_lingering_socket_on_an_open_tuple_supersedes_it():
+    first = Collision()
+    second = Collision(closewait_sk=first.closewait_sk + 0x1000)
+    events = first.seed_sequence()[:6] + [second.syn_challenged(T0 + 50 * MS)]
+    c, out = run(events, flush=False)
+    assert [i.ended_by for i in out] == ["superseded"]
+    assert out[0].outcome == "recovered"
+    assert list(c.open.values())[0].repeat_of == {"id": out[0].id, "same": "port"}
+
+
+def test_recent_incidents_are_bounded(monkeypatch):
+    monkeypatch.setattr("tracer.correlator.RECENT", 3)
+    out = []
+    c = Correlator(STATES, hz=250)
+    for i in range(10):
+        col = Collision(client_port=30000 + i, closewait_sk=0xFFFF888100000000 + i * 0x1000)
+        for ev in col.seed_sequence(t0=T0 + i * S):
+            out += c.feed(ev)
+    out += c.flush()
+    assert len(out) == 10
+    assert len(c.recent_sockets) == 3 and len(c.recent_tuples) == 3
+
+
+def test_ghost_is_a_never_accepted_socket_that_died():
+    _, [inc] = run(Collision().seed_sequence())
+    assert inc.closewait["inode"] is None and inc.ghost
+    rec = collision_record(inc, CLOCK, "tracepoint", context={
+        "owners": [], "listener": {"listener": "127.0.0.1:12345", "recv_q": 9, "limit": 8, "alive": 1,
+                                   "ghosts": 8, "full": True}})
+    assert rec["closewait_socket"]["ghost"] is True
+    assert "ghost" in rec["explanation"] and "Its queue is full" in rec["explanation"]
+
+
+def test_owner_named_in_the_fix():
+    col = Collision()
+    events = col.seed_sequence()
+    events[0] = events[0].__class__(**{**events[0].__dict__, "sk_ino": 4242, "unread": 100})
+    _, [inc] = run(events)
+    rec = collision_record(inc, CLOCK, "tracepoint", context={
+        "owners": [{"pid": 77, "comm": "leakysrv", "fd": 9}], "listener": None})
+    assert rec["closewait_socket"]["owners"] == [{"pid": 77, "comm": "leakysrv", "fd": 9}]
+    assert rec["closewait_socket"]["unread_bytes"] == 100 and rec["closewait_socket"]["ghost"] is False
+    assert "Fix: the program leakysrv (pid 77) never closes fd 9" in rec["explanation"]
+    assert "with 100 unread bytes" in rec["explanation"]
+
+
+@pytest.mark.parametrize("state, words", [("LAST_ACK", "FIN was never acknowledged"),
+                                          ("FIN_WAIT2", "tcp_fin_timeout"), ("CLOSING", "Both ends closed")])
+def test_other_lingering_states_have_their_own_explanation(state, words):
+    col = Collision()
+    events = col.seed_sequence()
+    events[0] = events[0].__class__(**{**events[0].__dict__, "oldstate": {v: k for k, v in STATES.items()}[state]})
+    _, [inc] = run(events)
+    rec = collision_record(inc, CLOCK, "tracepoint")
+    assert rec["lingering_state"] == state
+    assert words in rec["explanation"] and "never called close()" not in rec["explanation"]
+
+
+# -- accept queues and CLOSE_WAIT groups (synthetic socket lists) -------------------
+
+
+def sock(state, lport, rport=0, inode=0, recv_q=0, send_q=0, laddr="127.0.0.1", family="ipv4", netns=1,
+         last_ack=None):
+    raddr = "127.0.0.1" if family == "ipv4" else "::1"
+    return sockdiag.Sock(netns, family, state, laddr, lport, raddr if rport else ("0.0.0.0" if family == "ipv4"
+                         else "::"), rport, inode, recv_q, send_q, 0, last_ack)
+
+
+def test_listener_queue_counts_ghosts():
+    socks = [
+        sock("LISTEN", 9090, recv_q=3, send_q=8, inode=10),
+        sock("CLOSE_WAIT", 9090, 40001, recv_q=1),  # queued, alive
+        sock("ESTABLISHED", 9090, 40002),  # queued, alive
+        sock("ESTABLISHED", 9090, 40003, inode=11),  # accepted: not in the queue
+        sock("CLOSE_WAIT", 9091, 40004),  # another port
+    ]
+    [q] = inventory.listener_queues(socks)
+    assert (q["recv_q"], q["limit"], q["alive"], q["ghosts"], q["full"]) == (3, 8, 2, 1, False)
+    assert q["alive_states"] == {"CLOSE_WAIT": 1, "ESTABLISHED": 1}
+
+
+def test_children_go_to_the_exact_listener_before_the_wildcard():
+    socks = [
+        sock("LISTEN", 80, recv_q=1, send_q=4, laddr="0.0.0.0"),
+        sock("LISTEN", 80, recv_q=1, send_q=4, laddr="10.0.0.1"),
+        sock("ESTABLISHED", 80, 5000, laddr="10.0.0.1"),
+    ]
+    by = {q["listener"]: q for q in inventory.listener_queues(socks)}
+    assert by["10.0.0.1:80"]["alive"] == 1 and by["10.0.0.1:80"]["ghosts"] == 0
+    assert by["0.0.0.0:80"]["alive"] == 0 and by["0.0.0.0:80"]["ghosts"] == 1
+
+
+def test_full_queue():
+    [q] = inventory.listener_queues([sock("LISTEN", 80, recv_q=2, send_q=1)])
+    assert q["full"] and q["ghosts"] == 2
+
+
+def test_closewait_groups_by_process_and_port():
+    socks = [
+        sock("CLOSE_WAIT", 8080, 1, inode=100, recv_q=8, last_ack=5000),
+        sock("CLOSE_WAIT", 8080, 2, inode=101, recv_q=1, last_ack=1000),
+        sock("CLOSE_WAIT", 9090, 3, inode=0, recv_q=1, last_ack=2000),
+        sock("ESTABLISHED", 8080, 4, inode=102),
+    ]
+    owners = {100: [Owner(7, "leaky", 5)], 101: [Owner(7, "leaky", 6)]}
+    rec = inventory.build(socks, owners, namespaces=1)
+    assert rec["closewait_total"] == 3
+    leaky, orphan = rec["closewait"]
+    assert (leaky["pid"], leaky["comm"], leaky["local"], leaky["count"]) == (7, "leaky", "127.0.0.1:8080", 2)
+    assert (leaky["oldest_age_s"], leaky["newest_age_s"], leaky["unread_bytes"]) == (5.0, 1.0, 7)
+    assert [s["fd"] for s in leaky["sockets"]] == [5, 6]
+    assert orphan["pid"] is None and orphan["comm"] == inventory.NO_PROCESS
+    assert inventory.build(socks, owners, 1, port=9090)["closewait_total"] == 1
+
+
+def test_queue_for_finds_the_listener_of_a_server_end():
+    queues = [{"listener": "0.0.0.0:80"}, {"listener": "10.0.0.1:80"}, {"listener": "[::]:443"}]
+    assert queue_for(queues, "10.0.0.1:80")["listener"] == "10.0.0.1:80"
+    assert queue_for(queues, "10.0.0.2:80")["listener"] == "0.0.0.0:80"
+    assert queue_for(queues, "10.0.0.2:443")["listener"] == "[::]:443"  # dual-stack
+    assert queue_for(queues, "[fd00::1]:443")["listener"] == "[::]:443"
+    assert queue_for(queues, "10.0.0.1:81") is None
+
+
+# -- sock_diag parsing (a hand-packed inet_diag_msg) -------------------------------
+
+
+def diag_msg(state=8, rq=5, wq=0, inode=1234, last_ack=1500) -> bytes:
+    sockid = struct.pack(">HH16s16sIQ", 8080, 40000, socket.inet_aton("10.0.0.1").ljust(16, b"\0"),
+                         socket.inet_aton("10.0.0.2").ljust(16, b"\0"), 0, 0)
+    msg = struct.pack("=BBBB48sIIIII", socket.AF_INET, state, 0, 0, sockid, 0, rq, wq, 0, inode)
+    info = bytearray(104)
+    struct.pack_into("=I", info, 56, last_ack)
+    attr = struct.pack("=HH", 4 + len(info), sockdiag.INET_DIAG_INFO) + bytes(info)
+    return msg + attr
+
+
+def test_parse_inet_diag_message():
+    s = sockdiag.parse_message(7, diag_msg())
+    assert (s.netns, s.family, s.state, s.local, s.remote) == (7, "ipv4", "CLOSE_WAIT", "10.0.0.1:8080",
+                                                               "10.0.0.2:40000")
+    assert (s.inode, s.recv_q, s.unread_bytes, s.last_ack_recv_ms) == (1234, 5, 4, 1500)
+
+
+def test_parse_without_tcp_info():
+    s = sockdiag.parse_message(7, diag_msg()[:72])
+    assert s.last_ack_recv_ms is None and s.unread_bytes == 4
+
+
+def test_listener_queue_is_not_unread_data():
+    s = sockdiag.parse_message(7, diag_msg(state=10, rq=3, wq=128))
+    assert s.state == "LISTEN" and s.unread_bytes == 3 and s.send_q == 128
+
+
+# -- owners --------------------------------------------------------------------------
+
+
+def test_owner_cache_rescans_on_a_miss_at_most_so_often():
+    scans = []
+
+    def scan():
+        scans.append(1)
+        return {5: [Owner(1, "a", 3)]}
+
+    cache = OwnerCache(min_interval_s=60, scan=scan)
+    assert cache.lookup(5) == [Owner(1, "a", 3)]
+    assert cache.lookup(6) == [] and cache.lookup(7) == []  # misses within the interval: no rescan
+    assert len(scans) == 1
+    assert cache.lookup(0) == []
+
+
+def test_socket_owners_finds_our_own_socket():
+    with socket.socket() as s:
+        ino, fd = os.fstat(s.fileno()).st_ino, s.fileno()
+        found = socket_owners({ino})
+    with open("/proc/self/comm") as f:
+        comm = f.read().strip()
+    assert found == {ino: [Owner(os.getpid(), comm, fd)]}
