@@ -77,6 +77,13 @@ def test_demo_help_shows_examples():
     assert "--timeout" in result.output
 
 
+def test_inventory_help_shows_examples():
+    result = invoke(["inventory", "--help"])
+    assert result.exit_code == 0, result.output
+    assert "tcpcollide-trace -p 8080 --json inventory" in result.output
+    assert "inventory" in invoke(["--help"]).output
+
+
 def test_version():
     result = invoke(["--version"])
     assert result.exit_code == 0
@@ -127,7 +134,8 @@ def not_root(monkeypatch):
     monkeypatch.setattr(kernel.os, "geteuid", lambda: 1000)
 
 
-@pytest.mark.parametrize("args", [[], ["--json"], ["-p", "8080", "--duration", "1"], ["demo"]])
+@pytest.mark.parametrize("args", [[], ["--json"], ["-p", "8080", "--duration", "1"], ["demo"], ["inventory"],
+                                  ["--json", "inventory"]])
 def test_not_root_exits_1_with_one_error_line(not_root, args):
     result = invoke(args)
     err = stderr_of(result)
@@ -210,3 +218,22 @@ def test_json_writer_line_is_inert_and_lossless():
     assert line.endswith("\n") and line.count("\n") == 1
     assert "\x1b" not in line and "\x9b" not in line
     assert json.loads(line) == rec
+
+
+def test_inventory_and_queue_text_is_inert():
+    """Process names in the inventory and the queue record are shown inert."""
+    inv = {"type": "inventory", "time": "t", "namespaces": 1, "closewait_total": 1, "listeners_total": 1,
+           "age_source": "x", "listeners": [{"netns": 1, "listener": "127.0.0.1:80", "recv_q": 2, "limit": 1,
+                                              "alive": 1, "ghosts": 1, "full": True}],
+           "closewait": [{"pid": 7, "comm": HOSTILE, "netns": 1, "local": "127.0.0.1:80", "count": 1,
+                          "oldest_age_s": 1.0, "newest_age_s": 1.0, "unread_bytes": 0,
+                          "sockets": [{"remote": "r", "inode": 1, "fd": 3, "age_s": 1.0, "unread_bytes": 0}]}]}
+    queue = {"type": "queue", "event": "overflow", "netns": 1, "explanation": HOSTILE}
+    buf = io.StringIO()
+    w = TextWriter(buf, color=True, width=400)
+    w.write(inv)
+    w.write(queue)
+    out = buf.getvalue()
+    assert "\x9b" not in out and "\x1b[31m[bold red]" not in out
+    assert out.count("[bold red]x[/]") == 2
+    assert "FULL" in out
