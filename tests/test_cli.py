@@ -237,3 +237,13 @@ def test_inventory_and_queue_text_is_inert():
     assert "\x9b" not in out and "\x1b[31m[bold red]" not in out
     assert out.count("[bold red]x[/]") == 2
     assert "FULL" in out
+
+
+def test_owner_name_in_the_collision_panel_is_inert():
+    rec = hostile_record()
+    rec["closewait_socket"]["owners"] = [{"pid": 7, "comm": HOSTILE, "fd": 4}]
+    buf = io.StringIO()
+    TextWriter(buf, color=True, width=400).write(rec)
+    out = buf.getvalue()
+    assert "held by: \\x1b[31m[bold red]x[/]\\x9b2J (pid 7) fd 4" in out
+    assert "\x9b" not in out

@@ -105,12 +105,28 @@ class TextWriter:
             f"{age:.3f} s" + ("" if rec["closewait_age_source"] == "observed" else " (estimated)"))
         penalty = rec["penalty_ms"]
         facts = Text()
-        facts.append(f"outcome: {rec['outcome']}", style=style + " bold")
+        detail = rec.get("outcome_detail")
+        facts.append(f"outcome: {rec['outcome']}" + (f" ({detail})" if detail and detail != rec["outcome"] else ""),
+                     style=style + " bold")
         facts.append(f"   penalty: {'-' if penalty is None else f'{penalty:.1f} ms'}")
         facts.append(inert(f"   {rec['lingering_state']} socket age: {age_text}"))
-        inode = rec["closewait_socket"]["inode"]
-        if inode:
-            facts.append(f"   socket inode: {inode}")
+        sock = rec["closewait_socket"]
+        if sock["inode"]:
+            facts.append(f"   socket inode: {sock['inode']}")
+        for o in sock.get("owners", []):
+            facts.append("\n")
+            facts.append(inert(f"held by: {o['comm']} (pid {o['pid']}) fd {o['fd']}"), style="bold")
+        if sock.get("unread_bytes"):
+            facts.append(f"   unread: {sock['unread_bytes']} B")
+        if sock.get("ghost"):
+            facts.append("\nnever accepted: now a ghost in the listener's accept queue", style="red")
+        q = rec.get("listener")
+        if q:
+            facts.append("\n")
+            facts.append(inert(f"listener {q['listener']}: Recv-Q {q['recv_q']} of {q['limit']}, "
+                               f"{q['alive']} alive, {q['ghosts']} dead" + (" (FULL)" if q["full"] else "")))
+        if rec.get("repeat_of"):
+            facts.append(f"\nrepeat of collision #{rec['repeat_of']['id']} (same {rec['repeat_of']['same']})")
         if rec["incomplete"]:
             facts.append("   (events lost: incomplete)", style="red")
         body = Table.grid()
