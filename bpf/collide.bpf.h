@@ -74,8 +74,9 @@ static __always_inline int tc_v4_mapped(const __u8 *a)
 }
 
 /* Fill the socket part of an event. Returns 0 when the event passes the
- * user's filters (compile-time macros TC_FILTER_*), non-zero otherwise. */
-static __always_inline int tc_fill_sock(const void *sk, struct tc_event *ev)
+ * user's filters (compile-time macros TC_FILTER_*), non-zero otherwise.
+ * `tw`: sk is a TIME_WAIT socket (only its struct sock_common is there). */
+static __always_inline int tc_fill_sock_tw(const void *sk, struct tc_event *ev, int tw)
 {
 	__u16 family = 0, sport_be = 0, dport_be = 0;
 	__u8 state = 0;
@@ -85,10 +86,14 @@ static __always_inline int tc_fill_sock(const void *sk, struct tc_event *ev)
 	tc_read(family, sk, OFF_SKC_FAMILY);
 	if (family != TC_AF_INET && family != TC_AF_INET6)
 		return 1;
-	tc_read(sport_be, sk, OFF_INET_SPORT);
 	tc_read(dport_be, sk, OFF_SKC_DPORT);
 	ev->family = family;
-	ev->lport = (__u16)((sport_be >> 8) | (sport_be << 8));
+	if (tw) {
+		tc_read(ev->lport, sk, OFF_SKC_NUM); /* host order */
+	} else {
+		tc_read(sport_be, sk, OFF_INET_SPORT);
+		ev->lport = (__u16)((sport_be >> 8) | (sport_be << 8));
+	}
 	ev->rport = (__u16)((dport_be >> 8) | (dport_be << 8));
 #ifdef TC_FILTER_PORT
 	if (ev->lport != TC_FILTER_PORT && ev->rport != TC_FILTER_PORT)
@@ -125,9 +130,11 @@ static __always_inline int tc_fill_sock(const void *sk, struct tc_event *ev)
 	tc_read(state, sk, OFF_SKC_STATE);
 	ev->oldstate = state;
 	ev->newstate = state;
-	tc_read(sock, sk, OFF_SK_SOCKET);
-	if (sock)
-		tc_read(ev->sk_ino, sock, OFF_SOCKET_INODE_INO);
+	if (!tw) {
+		tc_read(sock, sk, OFF_SK_SOCKET);
+		if (sock)
+			tc_read(ev->sk_ino, sock, OFF_SOCKET_INODE_INO);
+	}
 	ev->skaddr = (__u64)sk;
 	{
 		__u64 skp = (__u64)sk;
@@ -143,6 +150,11 @@ static __always_inline int tc_fill_sock(const void *sk, struct tc_event *ev)
 	ev->pid = bpf_get_current_pid_tgid() >> 32;
 	bpf_get_current_comm(ev->comm, sizeof(ev->comm));
 	return 0;
+}
+
+static __always_inline int tc_fill_sock(const void *sk, struct tc_event *ev)
+{
+	return tc_fill_sock_tw(sk, ev, 0);
 }
 
 static __always_inline void tc_tuple_of(const struct tc_event *ev, int local_is_server, struct tc_tuple *t)
@@ -329,6 +341,48 @@ static __always_inline int tc_on_rcv_state(void *ctx, const void *sk, const void
 	if (!(flags & 0x02) || (flags & 0x04))
 		return 0;
 	return tc_on_syn_challenged(ctx, sk, hook);
+}
+
+/* A SYN freed with a TIME_WAIT socket as its receiver (skb:kfree_skb,
+ * rx_sk): tcp_timewait_state_process() did not take it as a new connection
+ * (its sequence number is not above the old connection's, and it has no newer
+ * timestamp), so the socket answered with an ACK carrying the old numbers
+ * (TCP_TW_ACK), unless its rate limiter held that back. A SYN it accepts goes
+ * on to the listener and is never freed here. */
+static __always_inline int tc_on_tw_syn(void *ctx, const void *tw, const void *skb, __u32 hook)
+{
+	struct tc_event ev = {};
+	struct tc_tuple t = {};
+	struct tc_track tr = {};
+	const unsigned char *th;
+	__u8 state = 0, flags = 0;
+	__u32 last_oow = 0;
+
+	tc_read(state, tw, OFF_SKC_STATE);
+	if (state != K_TCP_TIME_WAIT)
+		return 0;
+	th = tc_tcp_header(skb);
+	if (!th)
+		return 0;
+	bpf_probe_read_kernel(&flags, 1, th + 13);
+	if ((flags & 0x16) != 0x02) /* SYN without ACK or RST */
+		return 0;
+	tc_fired(hook);
+	if (tc_fill_sock_tw(tw, &ev, 1))
+		return 0;
+	ev.type = TC_EV_SYN_CHALLENGED;
+	ev.hook = hook;
+	tc_read(ev.seq, tw, OFF_SKC_TW_SND_NXT);
+	tc_read(ev.ack, tw, OFF_SKC_TW_RCV_NXT);
+	tc_read(last_oow, tw, OFF_TW_LAST_OOW_ACK_TIME);
+	if (tc_challenge_passed(last_oow, (__u32)bpf_jiffies64()))
+		ev.flags |= TC_F_CHALLENGE_PASSED;
+	tc_tuple_of(&ev, 1, &t);
+	tr.first_ns = ev.ts_ns;
+	tr.skaddr = (__u64)tw;
+	tracked.update(&t, &tr);
+	events.perf_submit(ctx, &ev, sizeof(ev));
+	return 0;
 }
 
 /* tcp_send_challenge_ack() returned: report whether the ACK went out. */

@@ -41,7 +41,8 @@ enum tc_hook {
 	TC_HOOK_FE_CONNECT = 15,      /* fentry tcp_v4_connect / tcp_v6_connect */
 	TC_HOOK_FE_QUEUE_ADD = 16,    /* fexit inet_csk_reqsk_queue_add */
 	TC_HOOK_FE_HASHDANCE = 17,    /* fexit inet_csk_complete_hashdance */
-	TC_HOOK_MAX = 18,
+	TC_HOOK_TP_KFREE_TW = 18,     /* tracepoint skb:kfree_skb, a SYN answered by a TIME_WAIT socket */
+	TC_HOOK_MAX = 19,
 };
 
 /* Event flags. */

@@ -17,13 +17,22 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 }
 #endif
 
-#if defined(TC_USE_TP_SYN_CHALLENGED) && defined(TC_HAVE_KFREE_SKB_RX_SK)
-/* a SYN dropped with SKB_DROP_REASON_TCP_INVALID_SYN by the socket rx_sk */
+#if (defined(TC_USE_TP_SYN_CHALLENGED) || defined(TC_USE_TP_TIMEWAIT_SYN)) && defined(TC_HAVE_KFREE_SKB_RX_SK)
+/* a SYN dropped with SKB_DROP_REASON_TCP_INVALID_SYN by the socket rx_sk;
+ * or a SYN a TIME_WAIT socket (rx_sk) answered with the old numbers */
 TRACEPOINT_PROBE(skb, kfree_skb)
 {
-	if (args->reason != K_SKB_DROP_REASON_TCP_INVALID_SYN || !args->rx_sk)
+	if (!args->rx_sk)
 		return 0;
-	return tc_on_syn_challenged(args, args->rx_sk, TC_HOOK_TP_KFREE_SKB);
+#ifdef TC_USE_TP_SYN_CHALLENGED
+	if (args->reason == K_SKB_DROP_REASON_TCP_INVALID_SYN)
+		return tc_on_syn_challenged(args, args->rx_sk, TC_HOOK_TP_KFREE_SKB);
+#endif
+#ifdef TC_USE_TP_TIMEWAIT_SYN
+	return tc_on_tw_syn(args, args->rx_sk, args->skbaddr, TC_HOOK_TP_KFREE_TW);
+#else
+	return 0;
+#endif
 }
 #endif
 

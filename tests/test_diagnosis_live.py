@@ -302,3 +302,71 @@ def test_queue_overflow_because_of_ghosts(ns):
     assert queue["event"] == "overflow" and queue["overflows"] >= 1, queue
     assert queue["ghosts"] == 1 and queue["listener"] == "127.0.0.1:12345" and queue["collision"] == rec["id"]
     assert "ghosts" in queue["explanation"]
+
+
+TIME_WAIT_SCENARIO = textwrap.dedent("""
+    import json, socket, sys, threading, time
+    from tracer import netns
+    netns.enter(sys.argv[1])
+    lst = socket.create_server(("127.0.0.1", 12345), backlog=8)
+    c = socket.socket()
+    c.bind(("127.0.0.1", 39836))
+    c.connect(("127.0.0.1", 12345))
+    s, _ = lst.accept()
+    # move more data than the ISN clock (one tick per 64 ns) advances meanwhile,
+    # so the next SYN's sequence number is below the old connection's
+    blob = b"z" * (1 << 20)
+    t = threading.Thread(target=lambda: [c.sendall(blob) for _ in range(64)])
+    t.start()
+    got = 0
+    while got < 64 * len(blob):
+        got += len(s.recv(1 << 20))
+    t.join()
+    s.close()  # the server closes first: its end goes to TIME_WAIT
+    assert c.recv(1) == b""
+    c.close()
+    time.sleep(0.1)
+    n = socket.socket()
+    n.bind(("127.0.0.1", 39836))
+    t0 = time.monotonic()
+    n.connect(("127.0.0.1", 12345))
+    print(json.dumps({"connect_ms": round((time.monotonic() - t0) * 1e3, 3)}), flush=True)
+    time.sleep(0.5)
+""")
+
+
+def test_time_wait_collision(ns):
+    """Without timestamps, a SYN below the old connection's numbers hits the
+    server's TIME_WAIT socket: it answers with the old numbers, the client
+    resets it and retries. Reported as a related incident (kfree_skb names
+    the TIME_WAIT socket since Linux 6.11; elsewhere the tracer says it cannot
+    see these)."""
+    ns.sysctl("net.ipv4.tcp_timestamps", "0")
+    tracer = Tracer("--netns", str(ns.inode))
+    try:
+        ready = tracer.wait_ready()
+        hook = next(h for h in ready["hooks"] if h["logical"] == "timewait_syn")
+        if not hook["available"]:
+            tracer.stop()
+            pytest.skip(f"this kernel does not show TIME_WAIT collisions: {hook['note']}")
+        assert hook["selftested"] is False and hook["verified"] is None
+        r = subprocess.run([sys.executable, "-c", TIME_WAIT_SCENARIO, ns.name], capture_output=True, text=True,
+                           timeout=60 * SLOW, cwd=REPO)
+        assert r.returncode == 0, r.stderr
+        connect_ms = json.loads(r.stdout)["connect_ms"]
+        rec = tracer.wait_for("collision", 10 * SLOW)
+        tracer.stop()
+    finally:
+        tracer.kill()
+    assert rec is not None
+    assert rec["lingering_state"] == "TIME_WAIT", rec
+    assert (rec["server"], rec["client"]) == ("127.0.0.1:12345", "127.0.0.1:39836")
+    assert rec["outcome"] == "recovered", rec
+    names = [s["step"] for s in rec["steps"]]
+    assert names[:3] == ["syn", "challenge_ack", "rst"] and "established" in names, names
+    ack = rec["steps"][1]
+    rst = rec["steps"][2]
+    assert rst["seq"] == ack["ack"] and rst["in_window"] is True  # the RST that kills the TIME_WAIT socket
+    assert rec["closewait_socket"]["inode"] is None and rec["closewait_socket"]["ghost"] is False
+    assert abs(rec["penalty_ms"] - connect_ms) < 5 * SLOW + 0.2 * connect_ms
+    assert "TIME_WAIT" in rec["explanation"] and "tcp_timestamps" in rec["explanation"]

@@ -19,6 +19,8 @@ WHY_LINGERING = {
     "FIN_WAIT2": "The server closed the old connection first; the peer acknowledged but never sent its own FIN, "
                  "so the socket waits in FIN_WAIT2 (orphans for net.ipv4.tcp_fin_timeout).",
     "CLOSING": "Both ends closed at once and the server's FIN has not been acknowledged.",
+    "TIME_WAIT": "The server closed the old connection first, so its end stays in TIME_WAIT (60 s) remembering "
+                 "the old connection's numbers.",
 }
 
 FIX_LINGERING = {
@@ -29,6 +31,10 @@ FIX_LINGERING = {
     "FIN_WAIT2": "Fix: the peer must close its side; a shorter net.ipv4.tcp_fin_timeout limits how long orphans "
                  "hold the tuple.",
     "CLOSING": "Fix: this clears itself; do not reuse client ports that fast.",
+    "TIME_WAIT": "Fix: TIME_WAIT is normal for the end that closes first; the collision needs a client that "
+                 "reuses the port within it without TCP timestamps (net.ipv4.tcp_timestamps on the client) and "
+                 "with a sequence number below the old connection's: keep timestamps on, or let clients close "
+                 "first, or do not reuse client ports that fast.",
 }
 
 
@@ -160,9 +166,15 @@ def explain(inc: Incident, context: dict | None = None) -> str:
     if inc.repeat_of:
         same = "the same socket" if inc.repeat_of["same"] == "socket" else "the same port pair (a new lingering socket)"
         parts.append(f"It happened before on {same}: incident #{inc.repeat_of['id']}.")
-    parts.append(
-        "The SYN reached that socket instead of the listener, and the kernel dropped it (RFC 5961 SYN challenge)."
-    )
+    if lingering == "TIME_WAIT":
+        parts.append(
+            "The SYN reached that socket instead of the listener; a TIME_WAIT socket lets a new SYN through only "
+            "when its sequence number is above the old connection's or its timestamp is newer, so the kernel "
+            "dropped it.")
+    else:
+        parts.append(
+            "The SYN reached that socket instead of the listener, and the kernel dropped it (RFC 5961 SYN challenge)."
+        )
     ack = inc.step("challenge_ack")
     if ack is not None:
         parts.append(
@@ -179,6 +191,8 @@ def explain(inc: Incident, context: dict | None = None) -> str:
         parts.append("The lingering socket then received an RST from the client.")
     if inc.has("closewait_closed"):
         parts.append(f"That RST killed the {lingering} socket.")
+    elif lingering == "TIME_WAIT" and rst is not None:
+        parts.append("That RST kills a TIME_WAIT socket (with net.ipv4.tcp_rfc1337 = 0, the default).")
     parts += _outcome(inc)
     parts += _listener(inc, context.get("listener"), inc.ghost)
     if inc.incomplete:

@@ -34,6 +34,12 @@ FIELDS = [
     # the state change is traced; inet_sport survives until the socket dies
     Field("OFF_INET_SPORT", "inet_sock", "inet_sport", 2),
     Field("OFF_SKC_DPORT", "sock", "__sk_common.skc_dport", 2),
+    # a TIME_WAIT socket (struct inet_timewait_sock) is only sock_common: its
+    # local port is skc_num, its old numbers tw_snd_nxt/tw_rcv_nxt live there
+    Field("OFF_SKC_NUM", "sock", "__sk_common.skc_num", 2),
+    Field("OFF_SKC_TW_SND_NXT", "sock", "__sk_common.skc_tw_snd_nxt", 4),
+    Field("OFF_SKC_TW_RCV_NXT", "sock", "__sk_common.skc_tw_rcv_nxt", 4),
+    Field("OFF_TW_LAST_OOW_ACK_TIME", "tcp_timewait_sock", "tw_last_oow_ack_time", 4),
     Field("OFF_SKC_RCV_SADDR", "sock", "__sk_common.skc_rcv_saddr", 4),
     Field("OFF_SKC_DADDR", "sock", "__sk_common.skc_daddr", 4),
     Field("OFF_SKC_V6_RCV_SADDR", "sock", "__sk_common.skc_v6_rcv_saddr", 16),
@@ -69,6 +75,7 @@ ENUMS = [
     ("K_TCP_FIN_WAIT1", "TCP_FIN_WAIT1", None),
     ("K_TCP_FIN_WAIT2", "TCP_FIN_WAIT2", None),
     ("K_TCP_CLOSING", "TCP_CLOSING", None),
+    ("K_TCP_TIME_WAIT", "TCP_TIME_WAIT", None),
     ("K_SKB_DROP_REASON_TCP_INVALID_SYN", "SKB_DROP_REASON_TCP_INVALID_SYN", "skb_drop_reason"),
 ]
 

@@ -16,7 +16,7 @@ import time
 
 from tracer import netns
 from tracer.events import ENUMS
-from tracer.hooks import Candidate, Plan
+from tracer.hooks import NOT_SELFTESTED, Candidate, Plan
 
 HOOK_IDS = ENUMS["tc_hook"]
 
@@ -47,7 +47,8 @@ def collide(on_netns=None, timeout: float = 10.0) -> None:
 
 def silent(plan: Plan, before: dict[int, int], after: dict[int, int]) -> list[Candidate]:
     """The selected candidates whose hook counter did not move."""
-    return [c for c in plan.selected if after.get(HOOK_IDS[c.hook], 0) <= before.get(HOOK_IDS[c.hook], 0)]
+    return [c for c in plan.selected if c.logical not in NOT_SELFTESTED
+            and after.get(HOOK_IDS[c.hook], 0) <= before.get(HOOK_IDS[c.hook], 0)]
 
 
 def run(plan: Plan, bpf) -> list[Candidate]:

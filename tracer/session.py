@@ -214,7 +214,7 @@ def attach(options: Options):
             bpf.cleanup()
             raise
         for choice in plan.choices:
-            if choice.candidate is not None:
+            if choice.candidate is not None and choice.logical not in hooks.NOT_SELFTESTED:
                 choice.verified = choice.candidate not in quiet
         if not quiet:
             return plan, types, bpf
