@@ -193,14 +193,32 @@ static __always_inline int tc_challenge_passed(__u32 last_oow, __u32 now_j)
 	return last_oow && now_j - last_oow <= 1;
 }
 
+/* A collision starts (or goes on): register its tuple, so that events on it
+ * reach user space, and submit the event. A repeat on the same socket keeps
+ * its entry; a new lingering socket on the same tuple (the port colliding
+ * again) takes it over. */
+static __always_inline int tc_track_and_submit(void *ctx, struct tc_event *ev)
+{
+	struct tc_tuple t = {};
+	struct tc_track tr = {};
+	struct tc_track *old;
+
+	tc_tuple_of(ev, 1, &t);
+	tr.first_ns = ev->ts_ns;
+	tr.skaddr = ev->skaddr;
+	old = tracked.lookup(&t);
+	if (!old || old->skaddr != ev->skaddr)
+		tracked.update(&t, &tr);
+	events.perf_submit(ctx, ev, sizeof(*ev));
+	return 0;
+}
+
 /* A SYN was dropped by a socket that is not listening (skb drop reason
  * TCP_INVALID_SYN): tcp_validate_incoming() has just called
  * tcp_send_challenge_ack(). The collision starts here. */
 static __always_inline int tc_on_syn_challenged(void *ctx, const void *sk, __u32 hook)
 {
 	struct tc_event ev = {};
-	struct tc_tuple t = {};
-	struct tc_track tr = {};
 	__u64 skp = (__u64)sk;
 	__u64 *since;
 	__u32 now_j, rcv_tstamp = 0, last_oow = 0, copied = 0, unread;
@@ -238,19 +256,7 @@ static __always_inline int tc_on_syn_challenged(void *ctx, const void *sk, __u32
 		ev.age_ns = ev.ts_ns - *since;
 		ev.flags |= TC_F_AGE_OBSERVED;
 	}
-	tc_tuple_of(&ev, 1, &t);
-	tr.first_ns = ev.ts_ns;
-	tr.skaddr = skp;
-	{
-		struct tc_track *old = tracked.lookup(&t);
-
-		/* a repeat on the same socket keeps its entry; a new lingering
-		 * socket on the same tuple (the port colliding again) takes over */
-		if (!old || old->skaddr != skp)
-			tracked.update(&t, &tr);
-	}
-	events.perf_submit(ctx, &ev, sizeof(ev));
-	return 0;
+	return tc_track_and_submit(ctx, &ev);
 }
 
 /* Any socket event that matters only when it is about a tracked tuple. */
@@ -352,8 +358,6 @@ static __always_inline int tc_on_rcv_state(void *ctx, const void *sk, const void
 static __always_inline int tc_on_tw_syn(void *ctx, const void *tw, const void *skb, __u32 hook)
 {
 	struct tc_event ev = {};
-	struct tc_tuple t = {};
-	struct tc_track tr = {};
 	const unsigned char *th;
 	__u8 state = 0, flags = 0;
 	__u32 last_oow = 0;
@@ -377,12 +381,7 @@ static __always_inline int tc_on_tw_syn(void *ctx, const void *tw, const void *s
 	tc_read(last_oow, tw, OFF_TW_LAST_OOW_ACK_TIME);
 	if (tc_challenge_passed(last_oow, (__u32)bpf_jiffies64()))
 		ev.flags |= TC_F_CHALLENGE_PASSED;
-	tc_tuple_of(&ev, 1, &t);
-	tr.first_ns = ev.ts_ns;
-	tr.skaddr = (__u64)tw;
-	tracked.update(&t, &tr);
-	events.perf_submit(ctx, &ev, sizeof(ev));
-	return 0;
+	return tc_track_and_submit(ctx, &ev);
 }
 
 /* tcp_send_challenge_ack() returned: report whether the ACK went out. */

@@ -22,6 +22,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from tracer.correlator import Correlator, Incident
 from tracer.events import AF_INET, AF_INET6, FLAGS, Event, decode
 
 DATA = Path(__file__).parent / "data"
@@ -172,3 +173,16 @@ def churn(n: int, t0: int = T0, seed: int = 1, server_port: int = 12345, step_ns
         make = c.server_ev if rng.random() < 0.5 else c.client_ev
         out.append(make(etype, ts, old, new))
     return out
+
+
+def correlate(events, flush: bool = True, **kw) -> tuple[Correlator, list[Incident]]:
+    """Feed events to a fresh correlator (kernel numbering of the fixtures);
+    return it and the incidents it ended (all of them, with flush)."""
+    kw.setdefault("hz", HZ)
+    c = Correlator(STATES, **kw)
+    out = []
+    for ev in events:
+        out += c.feed(ev)
+    if flush:
+        out += c.flush()
+    return c, out

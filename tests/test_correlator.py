@@ -22,24 +22,13 @@ import random
 import pytest
 
 from tests import synthetic
-from tests.synthetic import HZ, MS, S, STATES, T0, Collision, churn
+from tests.synthetic import HZ, MS, S, STATES, T0, Collision, churn, correlate
 from tracer.correlator import MAX_RAW_EVENTS, STEPS, Correlator, Incident
 from tracer.reorder import Reorderer
 from tracer.report import Clock, collision_record
 
 SEED_STEPS = ["syn", "challenge_ack", "rst", "closewait_closed", "retry_syn", "established", "queued"]
 CLOCK = Clock(0)
-
-
-def correlate(events, flush: bool = True, **kw) -> tuple[Correlator, list[Incident]]:
-    kw.setdefault("hz", HZ)
-    c = Correlator(STATES, **kw)
-    out = []
-    for ev in events:
-        out += c.feed(ev)
-    if flush:
-        out += c.flush()
-    return c, out
 
 
 def names(inc: Incident) -> list[str]:

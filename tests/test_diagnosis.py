@@ -12,7 +12,7 @@ import struct
 
 import pytest
 
-from tests.synthetic import MS, STATES, S, T0, Collision
+from tests.synthetic import MS, STATES, S, T0, Collision, correlate
 from tracer import inventory, sockdiag
 from tracer.correlator import Correlator
 from tracer.diagnosis import queue_for
@@ -22,14 +22,7 @@ from tracer.report import Clock, collision_record
 CLOCK = Clock(0)
 
 
-def run(events, flush=True, **kw):
-    c = Correlator(STATES, hz=250, **kw)
-    out = []
-    for ev in events:
-        out += c.feed(ev)
-    if flush:
-        out += c.flush()
-    return c, out
+run = correlate
 
 
 # -- outcomes (synthetic streams) ---------------------------------------------------
