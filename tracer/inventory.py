@@ -30,18 +30,13 @@ def _age_s(s: Sock) -> float | None:
     return None if s.last_ack_recv_ms is None else round(s.last_ack_recv_ms / 1000, 3)
 
 
-def _listener_of(child: Sock, groups: dict[tuple, list[Sock]]) -> tuple | None:
+def _listener_of(child: Sock, groups: dict[tuple, list[Sock]], wildcard: dict[tuple, tuple]) -> tuple | None:
     """The listener group `child` was accepted from: the one bound to its
-    exact address, else the wildcard one."""
+    exact address, else the wildcard one (by netns, family and port)."""
     exact = (child.netns, child.family, child.laddr, child.lport)
     if exact in groups:
         return exact
-    for key in groups:
-        netns, family, laddr, lport = key
-        if (netns, family, lport) == (child.netns, child.family, child.lport) and \
-                ipaddress.ip_address(laddr).is_unspecified:
-            return key
-    return None
+    return wildcard.get((child.netns, child.family, child.lport))
 
 
 def listener_queues(socks: list[Sock]) -> list[dict]:
@@ -52,10 +47,12 @@ def listener_queues(socks: list[Sock]) -> list[dict]:
     for s in socks:
         if s.state == "LISTEN":
             groups[(s.netns, s.family, s.laddr, s.lport)].append(s)
+    wildcard = {(netns, family, lport): (netns, family, laddr, lport) for netns, family, laddr, lport in groups
+                if ipaddress.ip_address(laddr).is_unspecified}
     alive: dict[tuple, list[Sock]] = defaultdict(list)
     for s in socks:
         if s.state in QUEUED_ALIVE_STATES and s.inode == 0:
-            key = _listener_of(s, groups)
+            key = _listener_of(s, groups, wildcard)
             if key is not None:
                 alive[key].append(s)
     out = []
