@@ -192,7 +192,8 @@ def namespaces() -> dict[int, str]:
     """Every network namespace reachable now: inode -> a path to it (a process's
     /proc/PID/ns/net, or a bind mount under /run/netns)."""
     found: dict[int, str] = {}
-    candidates = [f"/proc/{p}/ns/net" for p in os.listdir("/proc") if p.isdigit()]
+    # our own first: always enterable (another process's may not be, e.g. in a container)
+    candidates = ["/proc/self/ns/net"] + [f"/proc/{p}/ns/net" for p in os.listdir("/proc") if p.isdigit()]
     run = Path("/run/netns")
     if run.is_dir():
         candidates += [str(p) for p in run.iterdir()]
