@@ -17,6 +17,7 @@ from pathlib import Path
 import click
 
 from tracer import __version__, hooks, inventory, kernel, netns, program, selftest, sockdiag
+from tracer.replay import ReplayError, replay
 from tracer.render import JsonWriter, TextWriter, inert
 from tracer.session import Options, Session, Stop, attach
 
@@ -27,6 +28,8 @@ Examples:
   tcpcollide-trace --netns 4026532177 -4 -c 1
   tcpcollide-trace demo                reproduce the collision in a private namespace
   tcpcollide-trace inventory           who holds CLOSE_WAIT sockets here, which listeners hold ghosts
+  tcpcollide-trace --record run.rec    trace, and keep what the kernel said for a later replay
+  tcpcollide-trace replay run.rec      the same reports again, without root or BPF
 """
 
 RUNTIME_ERRORS = (kernel.KernelError, program.BuildError, hooks.BackendError, netns.NetnsError)
@@ -98,10 +101,12 @@ def _run(options: Options, sink, on_ready=None, on_idle=None) -> dict | None:
 @click.option("--incident-timeout", type=float, default=15.0, show_default=True, callback=_positive,
               metavar="SECONDS", help="End an incident that never completes after this long.")
 @click.option("--no-color", is_flag=True, help="No colors in the readable output.")
+@click.option("--record", type=click.Path(dir_okay=False, writable=True), metavar="FILE",
+              help="Also write what the kernel reported to FILE, for `tcpcollide-trace replay FILE`.")
 @click.version_option(__version__, prog_name="tcpcollide-trace")
 @click.pass_context
 def main(ctx, port, netns, ipv4, ipv6, duration, count, as_json, verbose, backend, no_selftest, btf,
-         kernel_types, incident_timeout, no_color):
+         kernel_types, incident_timeout, no_color, record):
     """Trace TCP connections whose SYN hits a socket left in CLOSE_WAIT.
 
     With no command: trace the whole host (all network namespaces, IPv4 and
@@ -109,7 +114,7 @@ def main(ctx, port, netns, ipv4, ipv6, duration, count, as_json, verbose, backen
     options = Options(
         filters=program.Filters(port=port, netns=netns, family=_family(ipv4, ipv6)),
         backend=backend, btf=btf, duration=duration, count=count, verbose=verbose,
-        incident_timeout=incident_timeout, selftest=not no_selftest, kernel_types=kernel_types,
+        incident_timeout=incident_timeout, selftest=not no_selftest, kernel_types=kernel_types, record=record,
     )
     ctx.obj = {"options": options, "as_json": as_json, "no_color": no_color}
     if ctx.invoked_subcommand is None:
@@ -281,3 +286,20 @@ def inventory_cmd(ctx):
     except (kernel.KernelError, sockdiag.SockDiagError, OSError) as e:
         _fail(str(e))
     _writer(ctx.obj["as_json"], ctx.obj["no_color"]).write(rep)
+
+
+@main.command("replay", epilog="\b\nExamples:\n  tcpcollide-trace replay run.rec\n  tcpcollide-trace --json -v replay run.rec")
+@click.argument("recording", type=click.Path(dir_okay=False))
+@click.pass_context
+def replay_cmd(ctx, recording):
+    """Replay a recording made with --record: the same reports, without root or BPF.
+
+    The recorded events go through the same correlator as they did live, with
+    the host context recorded for each incident; --json, -v and --no-color
+    apply. A damaged recording is replayed up to the damage, then the error
+    names its byte offset (exit status 1)."""
+    writer = _writer(ctx.obj["as_json"], ctx.obj["no_color"])
+    try:
+        replay(recording, writer.write, ctx.obj["options"].verbose)
+    except ReplayError as e:
+        _fail(str(e))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tracer.resources import bpf_dir
 
@@ -118,6 +118,7 @@ class Event:
     conn_pid: int = 0
     conn_comm: str = ""
     unread: int = 0
+    raw: bytes = field(default=b"", repr=False, compare=False)  # the record as read (decode() keeps it)
 
     def has(self, flag: str) -> bool:
         return bool(self.flags & FLAGS[flag])
@@ -177,6 +178,7 @@ def decode(raw: bytes) -> Event:
         conn_pid=values["conn_pid"],
         conn_comm=_cstr(values["conn_comm"]),
         unread=values["unread"],
+        raw=bytes(raw[:EVENT_SIZE]),
     )
 
 

@@ -14,10 +14,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from tracer import hooks, kernel, program, selftest
+from tracer import hooks, kernel, program, recording, selftest
 from tracer.diagnosis import Diagnoser
 from tracer.correlator import Correlator, Incident
-from tracer.events import DecodeError, decode
+from tracer.events import DecodeError, decode, encode
 from tracer.reorder import Reorderer
 from tracer.report import Clock, Summary, collision_record, ready_record
 
@@ -37,6 +37,7 @@ class Options:
     selftest: bool = True
     incident_timeout: float = 15.0
     reorder_delay: float = 0.1
+    record: str | None = None  # write a recording here (tracer/recording.py)
 
 
 class Stop(Exception):
@@ -60,6 +61,8 @@ class Session:
         self.plan = None
         self.types = None
         self.diagnoser = Diagnoser()
+        self.recorder: recording.Writer | None = None
+        self._record_file = None
 
     # -- start ---------------------------------------------------------------
 
@@ -67,6 +70,11 @@ class Session:
         """Attach everything, prove it fires; returns (and emits) `ready`."""
         t0 = time.monotonic()
         kernel.require_root()
+        if self.options.record:
+            try:
+                self._record_file = open(self.options.record, "wb")  # noqa: SIM115 - closed in close()
+            except OSError as e:
+                raise kernel.KernelError(f"cannot write the recording {self.options.record}: {e.strerror}") from None
         self.plan, self.types, self.bpf = attach(self.options)
         self.bpf["events"].open_perf_buffer(self._on_raw, page_cnt=PERF_PAGES, lost_cb=self._on_lost)
         self.backend = self.plan.backend
@@ -82,6 +90,14 @@ class Session:
             filters=self.options.filters.as_dict(),
             startup_s=time.monotonic() - t0,
         )
+        if self._record_file is not None:
+            self.recorder = recording.Writer(self._record_file, {
+                "kernel": ready["kernel"], "backend": self.backend, "types": self.types.source,
+                "hooks": ready["hooks"], "filters": ready["filters"],
+                "tcp_states": {str(k): v for k, v in self.types.tcp_states.items()}, "hz": self.correlator.hz,
+                "clock_offset_ns": self.clock.offset_ns, "incident_timeout_ns": self.correlator.timeout_ns,
+                "grace_ns": self.correlator.grace_ns,
+            })
         self.sink(ready)
         return ready
 
@@ -96,12 +112,17 @@ class Session:
         self.reorder.push(ev)
 
     def _on_lost(self, count) -> None:
+        if self.recorder is not None:
+            self.recorder.lost(count)
         self.correlator.lost(count)
 
     def _emit(self, incidents: list[Incident]) -> None:
         for inc in incidents:
             self._untrack(inc)
-            rec = collision_record(inc, self.clock, self.backend, self.options.verbose, self.diagnoser.context(inc))
+            context = self.diagnoser.context(inc)
+            if self.recorder is not None:
+                self.recorder.context(inc.id, context)
+            rec = collision_record(inc, self.clock, self.backend, self.options.verbose, context)
             self.summary.add(rec)
             self.sink(rec)
             self.diagnoser.watch(rec)
@@ -125,9 +146,17 @@ class Session:
     def _pump(self) -> None:
         now = time.monotonic_ns()
         for ev in self.reorder.pop_ready(now):
-            self.diagnoser.prefetch(ev)
-            self._emit(self.correlator.feed(ev))
-        self._emit(self.correlator.tick(now - self.reorder.delay_ns))
+            self._feed(ev)
+        done = self.correlator.tick(now - self.reorder.delay_ns)
+        if done and self.recorder is not None:
+            self.recorder.tick(now - self.reorder.delay_ns)
+        self._emit(done)
+
+    def _feed(self, ev) -> None:
+        self.diagnoser.prefetch(ev)
+        if self.recorder is not None:
+            self.recorder.event(ev.raw or encode(ev))
+        self._emit(self.correlator.feed(ev))
 
     def run(self, on_idle: Callable[[], str | None] | None = None) -> dict:
         """Stream until --duration, --count, a signal, or on_idle() says stop.
@@ -138,6 +167,8 @@ class Session:
                 self.bpf.perf_buffer_poll(POLL_MS)
                 self._pump()
                 for rec in self.diagnoser.poll():
+                    if self.recorder is not None:
+                        self.recorder.queue(rec)
                     self.sink(rec)
                 if deadline is not None and time.monotonic() >= deadline:
                     self._stop_reason = "duration"
@@ -158,11 +189,14 @@ class Session:
         self._stopping = True  # a second signal must not cut the flush short
         self.bpf.perf_buffer_poll(0)
         for ev in self.reorder.drain():
-            self.diagnoser.prefetch(ev)
-            self._emit(self.correlator.feed(ev))
+            self._feed(ev)
+        if self.recorder is not None:
+            self.recorder.flush()
         self._emit(self.correlator.flush())
         rec = self.summary.record(self.correlator.events_seen, self.correlator.lost_events,
                                   self._stop_reason or "end", self.decode_errors)
+        if self.recorder is not None:
+            self.recorder.end(rec)
         self.sink(rec)
         return rec
 
@@ -189,6 +223,9 @@ class Session:
         if self.bpf is not None:
             self.bpf.cleanup()
             self.bpf = None
+        if self._record_file is not None:
+            self._record_file.close()
+            self._record_file = None
 
 
 def attach(options: Options):

@@ -1,0 +1,149 @@
+"""Unit tests of recordings and replay, no root: synthetic event streams
+(tests/synthetic.py) written with the real Writer, replayed, and damaged in
+several ways. A damaged recording is replayed up to the damage and the error
+names the byte offset."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+
+import pytest
+
+from tests.synthetic import HZ, MS, S, STATES, T0, Collision, correlate
+from tracer import recording
+from tracer.events import encode
+from tracer.replay import ReplayError, replay
+from tracer.report import Clock, collision_record
+
+CONTEXT = {"owners": [{"pid": 7, "comm": "leaky", "fd": 4}], "listener": None}
+
+
+def make(path, events, contexts=True) -> list[dict]:
+    """Write a recording of `events` as a live session would; return the
+    collision records that session would have printed."""
+    buf = io.BytesIO()
+    w = recording.Writer(buf, {"kernel": "test", "backend": "tracepoint", "tcp_states": {str(k): v for k, v in
+                               STATES.items()}, "hz": HZ, "clock_offset_ns": 0, "incident_timeout_ns": 15 * S,
+                               "grace_ns": 200 * MS})
+    c, _ = correlate([], flush=False)
+    printed = []
+    for ev in events:
+        w.event(encode(ev))
+        for inc in c.feed(ev):
+            if contexts:
+                w.context(inc.id, CONTEXT)
+            printed.append(collision_record(inc, Clock(0), "tracepoint", False, CONTEXT if contexts else None))
+    w.flush()
+    for inc in c.flush():
+        w.context(inc.id, CONTEXT)
+        printed.append(collision_record(inc, Clock(0), "tracepoint", False, CONTEXT))
+    w.end({"stopped_by": "SIGINT", "undecodable_events": 0, "duration_s": 1.0})
+    path.write_bytes(buf.getvalue())
+    return printed
+
+
+def two_collisions():
+    a = Collision()
+    b = Collision(client_port=40000, closewait_sk=a.closewait_sk + 0x1000, client_sk=a.client_sk + 0x1000)
+    return a.seed_sequence() + b.seed_sequence(t0=T0 + 2 * S)
+
+
+def run(path):
+    out = []
+    try:
+        replay(str(path), out.append)
+        err = None
+    except ReplayError as e:
+        err = str(e)
+    return [r for r in out if r["type"] == "collision"], out[-1], err
+
+
+def test_replay_equals_what_the_live_session_printed(tmp_path):
+    path = tmp_path / "r.rec"
+    printed = make(path, two_collisions())
+    got, summary, err = run(path)
+    assert err is None
+    assert got == printed and len(got) == 2
+    assert got[0]["closewait_socket"]["owners"] == CONTEXT["owners"]
+    assert summary["type"] == "summary" and summary["stopped_by"] == "SIGINT" and summary["collisions"] == 2
+
+
+def test_an_open_incident_is_flushed_like_the_live_run(tmp_path):
+    path = tmp_path / "r.rec"
+    events = Collision().seed_sequence()[:4]  # never established: ended by the flush at Ctrl-C
+    printed = make(path, events)
+    got, _, err = run(path)
+    assert err is None and got == printed and got[0]["ended_by"] == "flush"
+
+
+def damage(path, how):
+    data = bytearray(path.read_bytes())
+    start = data.index(b"\n", len(recording.MAGIC)) + 1  # first frame
+    if how == "magic":
+        data[0:5] = b"XXXXX"
+    elif how == "header_json":
+        data[len(recording.MAGIC)] = ord("!")
+    elif how == "format":
+        head = json.loads(data[len(recording.MAGIC):start])
+        head["format"] = 99
+        data[len(recording.MAGIC):start] = json.dumps(head).encode() + b"\n"
+    elif how == "truncated":
+        del data[-5:]
+    elif how == "kind":
+        data[second_frame(data, start)] = 99
+    elif how == "length":
+        off = second_frame(data, start)
+        data[off + 1:off + 5] = struct.pack("<I", 1 << 30)
+    elif how == "event_size":
+        off = second_frame(data, start)
+        data[off + 1:off + 5] = struct.pack("<I", 10)
+    path.write_bytes(bytes(data))
+    return start
+
+
+def second_frame(data, start):
+    _, length = struct.unpack_from("<BI", data, start)
+    return start + 5 + length
+
+
+@pytest.mark.parametrize("how", ["magic", "header_json", "format"])
+def test_a_bad_header_is_one_clear_error(tmp_path, how):
+    path = tmp_path / "r.rec"
+    make(path, two_collisions())
+    damage(path, how)
+    with pytest.raises(ReplayError, match="byte offset"):
+        replay(str(path), lambda rec: None)
+
+
+@pytest.mark.parametrize("how", ["kind", "length", "event_size"])
+def test_damage_after_the_first_frame_names_its_offset(tmp_path, how):
+    path = tmp_path / "r.rec"
+    make(path, two_collisions())
+    start = damage(path, how)
+    got, summary, err = run(path)
+    off = second_frame(path.read_bytes(), start)
+    assert err is not None and f"byte offset {off}" in err and "everything before it was replayed" in err
+    assert summary["type"] == "summary" and summary["events"] == 1  # the first event was analysed
+
+
+def test_a_truncated_recording_keeps_what_came_before(tmp_path):
+    path = tmp_path / "r.rec"
+    printed = make(path, two_collisions())
+    damage(path, "truncated")
+    got, summary, err = run(path)
+    assert err is not None and "truncated" in err
+    assert got == printed  # the cut hit the end frame: every incident was already there
+    assert summary["stopped_by"] == "recording cut short"
+
+
+def test_a_recording_cut_inside_an_event_still_reports_the_first_incident(tmp_path):
+    path = tmp_path / "r.rec"
+    printed = make(path, two_collisions())
+    data = path.read_bytes()
+    first_b_event = data.index(encode(two_collisions()[8]))
+    path.write_bytes(data[:first_b_event + 20])
+    got, _, err = run(path)
+    assert err is not None and "truncated event frame" in err
+    assert got[0] == printed[0]

@@ -1,0 +1,149 @@
+"""Recordings: what the correlator was fed during a live run, to replay it
+later without root or BPF and get exactly the same incidents.
+
+A recording is the correlator's input log, in the order it was fed: kernel
+events as released by the reorder buffer (the `struct tc_event` bytes of
+bpf/tcpcollide.h), lost-event counts, the clock ticks that ended incidents,
+and what the host added to each incident (tracer/diagnosis.py: the process
+holding the socket, the listener's queue) and the queue records. Replaying
+it through the same pure correlator reproduces the live run's output.
+
+Layout: the magic line, one JSON header line (format version, tracer
+version, kernel, backend, the kernel's TCP state numbering, HZ, the clock
+offset, the event size, the correlator's settings), then frames of
+`<kind u8><length u32 LE><payload>`.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from tracer import __version__
+from tracer.events import EVENT_SIZE
+
+MAGIC = b"TCPCOLLIDE-RECORDING\n"
+FORMAT = 1
+MAX_HEADER = 1 << 20
+MAX_FRAME = 1 << 24
+
+EVENT, LOST, TICK, CONTEXT, QUEUE, END, FLUSH = 1, 2, 3, 4, 5, 6, 7
+KINDS = {EVENT: "event", LOST: "lost", TICK: "tick", CONTEXT: "context", QUEUE: "queue", END: "end", FLUSH: "flush"}
+_FRAME = struct.Struct("<BI")
+_U64 = struct.Struct("<Q")
+
+
+class RecordingError(Exception):
+    """The recording is not readable from `offset` on."""
+
+    def __init__(self, offset: int, why: str):
+        super().__init__(f"{why} at byte offset {offset}")
+        self.offset = offset
+
+
+@dataclass(frozen=True)
+class Frame:
+    kind: int
+    offset: int
+    payload: bytes
+
+    def json(self):
+        return json.loads(self.payload)
+
+    def u64(self) -> int:
+        return _U64.unpack(self.payload)[0]
+
+
+class Writer:
+    """Appends frames; flushed at every frame boundary that matters (an
+    incident's context, the end), so a killed tracer leaves a readable file."""
+
+    def __init__(self, f: BinaryIO, header: dict):
+        self.f = f
+        head = {"format": FORMAT, "tracer": __version__, "event_size": EVENT_SIZE, **header}
+        f.write(MAGIC + json.dumps(head, separators=(",", ":")).encode() + b"\n")
+        f.flush()
+
+    def _frame(self, kind: int, payload: bytes) -> None:
+        self.f.write(_FRAME.pack(kind, len(payload)) + payload)
+
+    def event(self, raw: bytes) -> None:
+        self._frame(EVENT, raw)
+
+    def lost(self, count: int) -> None:
+        self._frame(LOST, _U64.pack(count))
+
+    def tick(self, now_ns: int) -> None:
+        self._frame(TICK, _U64.pack(now_ns))
+
+    def context(self, incident_id: int, context: dict) -> None:
+        self._frame(CONTEXT, json.dumps({"id": incident_id, **context}, separators=(",", ":")).encode())
+        self.f.flush()
+
+    def queue(self, rec: dict) -> None:
+        self._frame(QUEUE, json.dumps(rec, separators=(",", ":")).encode())
+        self.f.flush()
+
+    def flush(self) -> None:
+        self._frame(FLUSH, b"")
+
+    def end(self, summary: dict) -> None:
+        self._frame(END, json.dumps(summary, separators=(",", ":")).encode())
+        self.f.flush()
+
+
+def read_header(f: BinaryIO) -> dict:
+    magic = f.read(len(MAGIC))
+    if magic != MAGIC:
+        raise RecordingError(0, "not a tcpcollide-trace recording (bad magic)")
+    line = f.readline(MAX_HEADER)
+    if not line.endswith(b"\n"):
+        raise RecordingError(len(MAGIC), "truncated header")
+    try:
+        head = json.loads(line)
+    except ValueError:
+        raise RecordingError(len(MAGIC), "corrupt header (not JSON)") from None
+    if not isinstance(head, dict) or head.get("format") != FORMAT:
+        raise RecordingError(len(MAGIC), f"unsupported recording format {head.get('format') if isinstance(head, dict) else head!r} (this tracer reads {FORMAT})")
+    if head.get("event_size") != EVENT_SIZE:
+        raise RecordingError(len(MAGIC), f"events of {head.get('event_size')} bytes; this tracer's layout has {EVENT_SIZE}")
+    for key in ("tcp_states", "backend", "clock_offset_ns"):
+        if key not in head:
+            raise RecordingError(len(MAGIC), f"header lacks {key!r}")
+    return head
+
+
+def frames(f: BinaryIO, start: int) -> Iterator[Frame]:
+    """Frames from `start` (after the header). Raises RecordingError at the
+    first damaged frame, after yielding every good one before it."""
+    offset = start
+    while True:
+        head = f.read(_FRAME.size)
+        if not head:
+            return
+        if len(head) < _FRAME.size:
+            raise RecordingError(offset, "truncated frame header")
+        kind, length = _FRAME.unpack(head)
+        if kind not in KINDS:
+            raise RecordingError(offset, f"unknown frame kind {kind}")
+        if length > MAX_FRAME:
+            raise RecordingError(offset, f"frame of {length} bytes (corrupt length)")
+        payload = f.read(length)
+        if len(payload) < length:
+            raise RecordingError(offset, f"truncated {KINDS[kind]} frame ({len(payload)} of {length} bytes)")
+        if kind == EVENT and length != EVENT_SIZE:
+            raise RecordingError(offset, f"event frame of {length} bytes, expected {EVENT_SIZE}")
+        if kind == FLUSH and length:
+            raise RecordingError(offset, f"flush frame of {length} bytes, expected 0")
+        if kind in (LOST, TICK) and length != _U64.size:
+            raise RecordingError(offset, f"{KINDS[kind]} frame of {length} bytes, expected 8")
+        if kind in (CONTEXT, QUEUE, END):
+            try:
+                json.loads(payload)
+            except ValueError:
+                raise RecordingError(offset, f"corrupt {KINDS[kind]} frame (not JSON)") from None
+        yield Frame(kind, offset, payload)
+        offset += _FRAME.size + length
