@@ -108,6 +108,9 @@ BAD_USAGE = {
     "demo-ipv4-and-ipv6": (["demo", "-4", "-6"], "-4 and -6"),
     "demo-timeout-zero": (["demo", "--timeout", "0"], "--timeout"),
     "unknown-option": (["--bogus"], "--bogus"),
+    "metrics-no-port": (["--metrics", "localhost"], "--metrics"),
+    "metrics-port-too-big": (["--metrics", "0.0.0.0:70000"], "--metrics"),
+    "replay-no-file": (["replay"], "RECORDING"),
 }
 
 
@@ -247,3 +250,10 @@ def test_owner_name_in_the_collision_panel_is_inert():
     out = buf.getvalue()
     assert "held by: \\x1b[31m[bold red]x[/]\\x9b2J (pid 7) fd 4" in out
     assert "\x9b" not in out
+
+
+@pytest.mark.parametrize("text, parsed", [("0.0.0.0:9465", ("0.0.0.0", 9465)), ("[::]:9465", ("::", 9465)),
+                                          (":9465", ("0.0.0.0", 9465)), ("127.0.0.1:1", ("127.0.0.1", 1))])
+def test_metrics_listen_address(text, parsed):
+    from tracer.metrics import parse_listen
+    assert parse_listen(text) == parsed

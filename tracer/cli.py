@@ -47,6 +47,18 @@ def _positive(ctx, param, value):
     return value
 
 
+def _listen(ctx, param, value):
+    if value is None:
+        return None
+    from tracer.metrics import parse_listen  # noqa: PLC0415
+
+    try:
+        parse_listen(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+    return value
+
+
 def _family(ipv4: bool, ipv6: bool) -> str | None:
     if ipv4 and ipv6:
         raise click.UsageError("-4 and -6 exclude each other (give neither for both)")
@@ -103,10 +115,12 @@ def _run(options: Options, sink, on_ready=None, on_idle=None) -> dict | None:
 @click.option("--no-color", is_flag=True, help="No colors in the readable output.")
 @click.option("--record", type=click.Path(dir_okay=False, writable=True), metavar="FILE",
               help="Also write what the kernel reported to FILE, for `tcpcollide-trace replay FILE`.")
+@click.option("--metrics", callback=_listen, metavar="HOST:PORT",
+              help="Serve Prometheus metrics on HOST:PORT (e.g. 0.0.0.0:9465, [::]:9465).")
 @click.version_option(__version__, prog_name="tcpcollide-trace")
 @click.pass_context
 def main(ctx, port, netns, ipv4, ipv6, duration, count, as_json, verbose, backend, no_selftest, btf,
-         kernel_types, incident_timeout, no_color, record):
+         kernel_types, incident_timeout, no_color, record, metrics):
     """Trace TCP connections whose SYN hits a socket left in CLOSE_WAIT.
 
     With no command: trace the whole host (all network namespaces, IPv4 and
@@ -115,6 +129,7 @@ def main(ctx, port, netns, ipv4, ipv6, duration, count, as_json, verbose, backen
         filters=program.Filters(port=port, netns=netns, family=_family(ipv4, ipv6)),
         backend=backend, btf=btf, duration=duration, count=count, verbose=verbose,
         incident_timeout=incident_timeout, selftest=not no_selftest, kernel_types=kernel_types, record=record,
+        metrics=metrics,
     )
     ctx.obj = {"options": options, "as_json": as_json, "no_color": no_color}
     if ctx.invoked_subcommand is None:

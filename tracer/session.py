@@ -38,6 +38,7 @@ class Options:
     incident_timeout: float = 15.0
     reorder_delay: float = 0.1
     record: str | None = None  # write a recording here (tracer/recording.py)
+    metrics: str | None = None  # serve Prometheus metrics on HOST:PORT (tracer/metrics.py)
 
 
 class Stop(Exception):
@@ -62,6 +63,7 @@ class Session:
         self.types = None
         self.diagnoser = Diagnoser()
         self.recorder: recording.Writer | None = None
+        self.metrics = None
         self._record_file = None
 
     # -- start ---------------------------------------------------------------
@@ -90,6 +92,14 @@ class Session:
             filters=self.options.filters.as_dict(),
             startup_s=time.monotonic() - t0,
         )
+        if self.options.metrics:
+            from tracer.metrics import Metrics  # noqa: PLC0415 - only when asked for
+
+            try:
+                self.metrics = Metrics(self.options.metrics)
+            except OSError as e:
+                raise kernel.KernelError(str(e)) from None
+            self.metrics.ready(ready["hooks"])
         if self._record_file is not None:
             self.recorder = recording.Writer(self._record_file, {
                 "kernel": ready["kernel"], "backend": self.backend, "types": self.types.source,
@@ -109,11 +119,15 @@ class Session:
         except DecodeError:
             self.decode_errors += 1
             return
+        if self.metrics is not None:
+            self.metrics.events.inc()
         self.reorder.push(ev)
 
     def _on_lost(self, count) -> None:
         if self.recorder is not None:
             self.recorder.lost(count)
+        if self.metrics is not None:
+            self.metrics.lost.inc(count)
         self.correlator.lost(count)
 
     def _emit(self, incidents: list[Incident]) -> None:
@@ -124,6 +138,8 @@ class Session:
                 self.recorder.context(inc.id, context)
             rec = collision_record(inc, self.clock, self.backend, self.options.verbose, context)
             self.summary.add(rec)
+            if self.metrics is not None:
+                self.metrics.collision(rec)
             self.sink(rec)
             self.diagnoser.watch(rec)
             if self.options.count and self.summary.collisions >= self.options.count:
@@ -226,6 +242,9 @@ class Session:
         if self._record_file is not None:
             self._record_file.close()
             self._record_file = None
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
 
 
 def attach(options: Options):

@@ -1,0 +1,116 @@
+"""Prometheus metrics for fleets (`--metrics HOST:PORT`), with the official
+prometheus_client, on a registry of the tracer's own.
+
+Counters and the penalty histogram move as collisions are reported. The
+CLOSE_WAIT sockets and the ghosts per listener are gauges computed when
+Prometheus scrapes, from the same snapshot `tcpcollide-trace inventory`
+prints (sock_diag and /proc, cached a few seconds so a scrape storm costs
+little). Label values (process names) are escaped by prometheus_client.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+
+from tracer import inventory
+
+PENALTY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.5, 7.0, 15.0, 30.0)
+SNAPSHOT_TTL_S = 5.0
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """"HOST:PORT" or "[IPv6]:PORT" -> (host, port); ValueError when not."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{text!r} is not HOST:PORT")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port)
+
+
+class SocketCollector:
+    """Gauges from an inventory snapshot, taken at scrape time."""
+
+    def __init__(self, snapshot=inventory.snapshot):
+        self._snapshot = snapshot
+        self._cached: tuple[float, dict] | None = None
+
+    def invalidate(self) -> None:
+        """Something changed (a collision): the next scrape takes a new snapshot."""
+        self._cached = None
+
+    def _inventory(self) -> dict | None:
+        if self._cached is None or time.monotonic() - self._cached[0] > SNAPSHOT_TTL_S:
+            try:
+                self._cached = (time.monotonic(), self._snapshot())
+            except Exception:  # noqa: BLE001 - a failed snapshot must not break the scrape
+                return None
+        return self._cached[1]
+
+    def collect(self):
+        inv = self._inventory()
+        cw = GaugeMetricFamily("tcpcollide_closewait_sockets",
+                               "CLOSE_WAIT sockets by holding process and local address", labels=[
+                                   "netns", "local", "pid", "comm"])
+        oldest = GaugeMetricFamily("tcpcollide_closewait_oldest_age_seconds",
+                                   "Age of the oldest CLOSE_WAIT socket of the group (since its last ACK)",
+                                   labels=["netns", "local", "pid", "comm"])
+        queued = GaugeMetricFamily("tcpcollide_listener_queue_length",
+                                   "Accept-queue length (Recv-Q) of listeners with ghosts or a full queue",
+                                   labels=["netns", "listener"])
+        ghosts = GaugeMetricFamily("tcpcollide_listener_ghosts",
+                                   "Dead children (reset, never accepted) still counted in the accept queue",
+                                   labels=["netns", "listener"])
+        for g in (inv or {}).get("closewait", []):
+            labels = [str(g["netns"]), g["local"], "" if g["pid"] is None else str(g["pid"]), g["comm"]]
+            cw.add_metric(labels, g["count"])
+            if g["oldest_age_s"] is not None:
+                oldest.add_metric(labels, g["oldest_age_s"])
+        for q in (inv or {}).get("listeners", []):
+            labels = [str(q["netns"]), q["listener"]]
+            queued.add_metric(labels, q["recv_q"])
+            ghosts.add_metric(labels, q["ghosts"])
+        return [cw, oldest, queued, ghosts]
+
+
+class Metrics:
+    def __init__(self, listen: str, snapshot=inventory.snapshot):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.collisions = Counter("tcpcollide_collisions", "Collisions reported, by server port and outcome",
+                                  ["server_port", "outcome", "outcome_detail", "lingering_state"], registry=r)
+        self.penalty = Histogram("tcpcollide_penalty_seconds", "Delay a colliding client paid: first SYN to "
+                                 "established", buckets=PENALTY_BUCKETS, registry=r)
+        self.events = Counter("tcpcollide_events", "Kernel events received", registry=r)
+        self.lost = Counter("tcpcollide_lost_events", "Kernel events lost (perf buffer full)", registry=r)
+        self.hook_up = Gauge("tcpcollide_hook_up", "1 when a logical hook has a kernel hook attached",
+                             ["logical", "backend", "target"], registry=r)
+        self.hook_verified = Gauge("tcpcollide_hook_verified", "1 when the self-test saw the hook fire",
+                                   ["logical"], registry=r)
+        self.sockets = SocketCollector(snapshot)
+        r.register(self.sockets)
+        host, port = parse_listen(listen)
+        try:
+            self.server, self.thread = start_http_server(port, host, registry=r)
+        except OSError as e:
+            raise OSError(f"cannot serve metrics on {listen}: {e.strerror}") from None
+
+    def ready(self, hooks: list[dict]) -> None:
+        for h in hooks:
+            self.hook_up.labels(h["logical"], h["backend"] or "", h["target"] or "").set(1 if h["available"] else 0)
+            if h["verified"] is not None:
+                self.hook_verified.labels(h["logical"]).set(1 if h["verified"] else 0)
+
+    def collision(self, rec: dict) -> None:
+        port = rec["server"].rpartition(":")[2]
+        self.collisions.labels(port, rec["outcome"], rec.get("outcome_detail") or "",
+                               rec["lingering_state"]).inc()
+        if rec["penalty_ms"] is not None:
+            self.penalty.observe(rec["penalty_ms"] / 1000)
+        self.sockets.invalidate()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
