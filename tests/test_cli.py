@@ -257,3 +257,16 @@ def test_owner_name_in_the_collision_panel_is_inert():
 def test_metrics_listen_address(text, parsed):
     from tracer.metrics import parse_listen
     assert parse_listen(text) == parsed
+
+
+@pytest.mark.parametrize("command", ["demo", "doctor", "inventory", "top", "replay"])
+def test_every_subcommand_has_help_with_examples(command):
+    result = invoke([command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Examples:" in result.output and f"tcpcollide-trace {command}" in result.output.replace("--json ", "")
+
+
+def test_help_documents_exit_codes_and_completion():
+    out = invoke(["--help"]).output
+    assert "Exit status: 0" in out and "2 bad usage" in out
+    assert "_TCPCOLLIDE_TRACE_COMPLETE=bash_source" in out

@@ -17,6 +17,7 @@ from pathlib import Path
 import click
 
 from tracer import __version__, hooks, inventory, kernel, netns, program, selftest, sockdiag
+from tracer.dashboard import Dashboard
 from tracer.replay import ReplayError, replay
 from tracer.render import JsonWriter, TextWriter, inert
 from tracer.session import Options, Session, Stop, attach
@@ -30,6 +31,12 @@ Examples:
   tcpcollide-trace inventory           who holds CLOSE_WAIT sockets here, which listeners hold ghosts
   tcpcollide-trace --record run.rec    trace, and keep what the kernel said for a later replay
   tcpcollide-trace replay run.rec      the same reports again, without root or BPF
+  tcpcollide-trace top                 a live dashboard
+
+\b
+Exit status: 0 success (also after Ctrl-C, SIGTERM, SIGHUP), 1 the tracer
+cannot run here or its input is bad (one line on stderr), 2 bad usage.
+Shell completion (bash): eval "$(_TCPCOLLIDE_TRACE_COMPLETE=bash_source tcpcollide-trace)"
 """
 
 RUNTIME_ERRORS = (kernel.KernelError, program.BuildError, hooks.BackendError, netns.NetnsError)
@@ -162,7 +169,7 @@ def demo(ctx, ipv4, ipv6, timeout):
     options = Options(filters=program.Filters(port=base.filters.port, netns=ns.inode, family=family),
                       backend=base.backend, btf=base.btf, verbose=base.verbose,
                       incident_timeout=base.incident_timeout, selftest=base.selftest,
-                      kernel_types=base.kernel_types)
+                      kernel_types=base.kernel_types, record=base.record, metrics=base.metrics)
     state: dict = {"collisions": 0, "connected": False}
 
     def sink(rec: dict) -> None:
@@ -185,7 +192,7 @@ def demo(ctx, ipv4, ipv6, timeout):
              "--hold", "2"], stdout=subprocess.PIPE, text=True, bufsize=1)
         os.set_blocking(state["proc"].stdout.fileno(), False)
 
-    def on_idle():
+    def on_idle(_session):
         proc = state["proc"]
         for line in proc.stdout.readlines():
             narrate(line)
@@ -318,3 +325,29 @@ def replay_cmd(ctx, recording):
         replay(recording, writer.write, ctx.obj["options"].verbose)
     except ReplayError as e:
         _fail(str(e))
+
+
+@main.command("top", epilog="\b\nExamples:\n  tcpcollide-trace top\n  tcpcollide-trace -p 8080 top")
+@click.pass_context
+def top(ctx):
+    """A live dashboard: collisions as they complete, counters by outcome,
+    server port, culprit process and client, CLOSE_WAIT sockets and ghosts
+    per listener, events per second, lost events and the backend.
+
+    Redraws in place (80x24 is enough); plain lines when stdout is not a
+    terminal. The filters (-p, --netns, -4, -6) apply. Ctrl-C to stop."""
+    from rich.console import Console  # noqa: PLC0415
+
+    console = Console(highlight=False, markup=False, emoji=False,
+                      no_color=ctx.obj["no_color"] or None)
+    dash = Dashboard(console)
+
+    def on_idle(session):
+        dash.tick(session.correlator.events_seen, session.correlator.lost_events)
+        return None
+
+    try:
+        _run(ctx.obj["options"], dash.write, dash.start, on_idle)
+    finally:
+        dash.stop()
+

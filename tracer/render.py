@@ -208,5 +208,7 @@ class TextWriter:
             f"{rec['collisions']} collision(s) ({outcomes}); worst penalty "
             f"{'-' if worst is None else f'{worst:.1f} ms'}; {rec['events']} kernel events, "
             f"{rec['lost_events']} lost; {rec['duration_s']:.1f} s", style="bold"))
+        for c in rec.get("top_culprits", []):
+            self.console.print(Text(inert(f"  {c['collisions']:>5}  {c['culprit']}")))
         if rec["lost_events"]:
             self.console.print(Text(f"warning: {rec['lost_events']} kernel events were lost", style="red"))

@@ -125,18 +125,31 @@ def ready_record(backend: str, hooks: list[dict], types_source: str, filters: di
     }
 
 
+def culprit_of(rec: dict) -> str:
+    """Who a collision record blames, in a few words: the process holding the
+    lingering socket, or the listener's application when it never accepted."""
+    sock = rec["closewait_socket"]
+    if sock.get("owners"):
+        return f"{sock['owners'][0]['comm']} (pid {sock['owners'][0]['pid']})"
+    if rec["lingering_state"] == "CLOSE_WAIT" and sock.get("inode") is None:
+        return f"not accepted on {rec['server']}"
+    return f"{rec['lingering_state']} on {rec['server']}"
+
+
 @dataclass
 class Summary:
     """Running totals for the final `summary` record."""
 
     started_ns: int = field(default_factory=time.monotonic_ns)
     outcomes: Counter = field(default_factory=Counter)
+    culprits: Counter = field(default_factory=Counter)
     worst_penalty_ms: float | None = None
     collisions: int = 0
 
     def add(self, rec: dict) -> None:
         self.collisions += 1
         self.outcomes[rec["outcome"]] += 1
+        self.culprits[culprit_of(rec)] += 1
         p = rec["penalty_ms"]
         if p is not None and (self.worst_penalty_ms is None or p > self.worst_penalty_ms):
             self.worst_penalty_ms = p
@@ -147,6 +160,7 @@ class Summary:
             "collisions": self.collisions,
             "by_outcome": dict(self.outcomes),
             "worst_penalty_ms": self.worst_penalty_ms,
+            "top_culprits": [{"culprit": c, "collisions": n} for c, n in self.culprits.most_common(5)],
             "events": events,
             "lost_events": lost,
             "undecodable_events": undecodable,

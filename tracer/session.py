@@ -174,8 +174,8 @@ class Session:
             self.recorder.event(ev.raw or encode(ev))
         self._emit(self.correlator.feed(ev))
 
-    def run(self, on_idle: Callable[[], str | None] | None = None) -> dict:
-        """Stream until --duration, --count, a signal, or on_idle() says stop.
+    def run(self, on_idle: Callable[[Session], str | None] | None = None) -> dict:
+        """Stream until --duration, --count, a signal, or on_idle(session) says stop.
         Returns (and emits) the `summary` record. Call inside signals()."""
         deadline = time.monotonic() + self.options.duration if self.options.duration else None
         try:
@@ -189,7 +189,7 @@ class Session:
                 if deadline is not None and time.monotonic() >= deadline:
                     self._stop_reason = "duration"
                 elif on_idle is not None and self._stop_reason is None:
-                    self._stop_reason = on_idle()
+                    self._stop_reason = on_idle(self)
         except Stop as e:
             self._stop_reason = str(e)
         return self.finish()
