@@ -306,6 +306,62 @@ def test_signals_detach_everything(sig):
 
 
 @pytest.mark.matrix
+def test_sigkill_leaves_nothing_attached():
+    """Even a tracer killed outright leaves no program, map or probe behind:
+    everything it attached hangs off its own file descriptors."""
+    before_progs = bpf_prog_ids()
+    before_kprobes = kprobe_events()
+    tracer = Tracer()
+    try:
+        tracer.wait_ready()
+        during = bpf_prog_ids()
+        tracer.proc.send_signal(signal.SIGKILL)
+        tracer.proc.wait(timeout=20 * SLOW)
+    finally:
+        tracer.kill()
+    assert len(during - before_progs) >= 5
+    deadline = time.monotonic() + 10 * SLOW
+    while bpf_prog_ids() & (during - before_progs) and time.monotonic() < deadline:
+        time.sleep(0.2)  # the kernel frees them as the killed process's files close
+    assert bpf_prog_ids() & (during - before_progs) == set(), "programs left attached after SIGKILL"
+    assert kprobe_events() == before_kprobes, "kprobe events left behind"
+
+
+def kprobe_events() -> str | None:
+    """tracefs's list of kprobe events (None on a kernel without kprobes)."""
+    try:
+        with open("/sys/kernel/tracing/kprobe_events") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+def test_two_tracers_at_once_both_see_the_collision(ns):
+    """Two tracers on one host do not disturb each other (each has its own
+    maps and perf buffer): both report the one collision, the first one
+    stopped does not take the other's programs with it."""
+    a = Tracer("--netns", str(ns.inode))
+    b = Tracer("--netns", str(ns.inode), "--no-selftest")
+    try:
+        a.wait_ready()
+        b.wait_ready()
+        proc = scenario("--server-ns", ns.name, "--hold", "0.5")
+        read_steps(proc)
+        ra = a.wait_for("collision", 15 * SLOW)
+        rc_a, _, err_a = a.stop()
+        rb = b.wait_for("collision", 15 * SLOW)
+        rc_b, _, err_b = b.stop()
+    finally:
+        a.kill()
+        b.kill()
+    assert rc_a == 0 and rc_b == 0, err_a + err_b
+    assert ra is not None and rb is not None
+    keep = ("server", "client", "outcome", "lingering_state")
+    assert {k: ra[k] for k in keep} == {k: rb[k] for k in keep}
+    assert [s["step"] for s in ra["steps"]] == [s["step"] for s in rb["steps"]]
+
+
+@pytest.mark.matrix
 def test_event_layout_matches_what_bcc_compiled():
     """The Python decoder's idea of struct tc_event equals what clang compiled
     for the BPF side (the size of a map value of that type)."""
