@@ -12,7 +12,6 @@ import time
 import pytest
 
 from tests.live import BACKEND, BIN, REPO, SLOW, read_steps, require_live, scenario
-from tests.test_diagnosis_live import ns  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.live
 
@@ -38,7 +37,7 @@ def wait_screen(session: str, text: str, timeout: float) -> str:
         time.sleep(0.2)
 
 
-def test_top_in_a_terminal(ns):  # noqa: F811
+def test_top_in_a_terminal(ns):
     session = f"tct-top-{ns.inode}"
     cmd = f"cd {REPO} && {BIN} --backend {BACKEND} --netns {ns.inode} top; echo EXIT=$?; sleep 60"
     subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "80", "-y", "24", cmd], check=True)
@@ -61,7 +60,7 @@ def test_top_in_a_terminal(ns):  # noqa: F811
     assert "EXIT=0" in final and "summary: 1 collisions" in final, final
 
 
-def test_top_without_a_terminal_prints_plain_lines(ns):  # noqa: F811
+def test_top_without_a_terminal_prints_plain_lines(ns):
     top = subprocess.Popen([str(BIN), "--backend", BACKEND, "--netns", str(ns.inode), "top"], stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True, cwd=REPO)
     try:

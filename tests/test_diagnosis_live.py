@@ -26,12 +26,6 @@ def _live():
     require_live()
 
 
-@pytest.fixture
-def ns():
-    with netns.NetNS(ns_name("dg")) as n:
-        yield n
-
-
 def nft(ns: netns.NetNS, *rules: str) -> None:
     script = "\n".join(rules) + "\n"
     r = subprocess.run(["ip", "netns", "exec", ns.name, "nft", "-f", "-"], input=script, text=True,

@@ -28,12 +28,6 @@ def _live():
     require_live()
 
 
-@pytest.fixture
-def ns():
-    with netns.NetNS(ns_name("ns")) as n:
-        yield n
-
-
 def collisions(records: list[dict]) -> list[dict]:
     return [r for r in records if r["type"] == "collision"]
 

@@ -9,7 +9,6 @@ import urllib.request
 import pytest
 
 from tests.live import SLOW, Tracer, read_steps, require_live, scenario
-from tests.test_diagnosis_live import ns  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.live
 
@@ -35,7 +34,7 @@ def scrape(port: int) -> dict[str, float]:
     return out
 
 
-def test_metrics_during_a_collision(ns):  # noqa: F811
+def test_metrics_during_a_collision(ns):
     port = free_port()
     tracer = Tracer("--netns", str(ns.inode), "--metrics", f"127.0.0.1:{port}")
     try:
@@ -67,7 +66,7 @@ def test_metrics_during_a_collision(ns):  # noqa: F811
     assert after["tcpcollide_listener_queue_length" + labels] == 2
 
 
-def test_metrics_port_in_use_is_one_clear_error(ns):  # noqa: F811
+def test_metrics_port_in_use_is_one_clear_error(ns):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()

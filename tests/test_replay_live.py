@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from tests.live import BIN, SLOW, Tracer, read_steps, require_live, scenario
-from tests.test_diagnosis_live import ns  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.live
 
@@ -39,7 +38,7 @@ def rec_dir():
     shutil.rmtree(d, ignore_errors=True)
 
 
-def test_replay_rebuilds_the_live_incidents(ns, rec_dir):  # noqa: F811
+def test_replay_rebuilds_the_live_incidents(ns, rec_dir):
     path = rec_dir / "run.rec"
     tracer = Tracer("--netns", str(ns.inode), "-v", "--record", str(path))
     try:
