@@ -47,8 +47,16 @@ struct tc_conn {
 };
 
 BPF_PERF_OUTPUT(events);
-/* how often each kernel hook ran, whatever it saw: proof that a hook fires */
-BPF_ARRAY(hook_fired, __u64, TC_HOOK_MAX);
+/* how often each kernel hook ran, whatever it saw: proof that a hook fires
+ * (per CPU: a shared counter would bounce its cache line between CPUs on
+ * every state change of the host) */
+BPF_PERCPU_ARRAY(hook_fired, __u64, TC_HOOK_MAX);
+/* Until when (bpf_ktime_get_ns) a collision may be in progress: pushed
+ * forward here when one starts, and by user space while its incidents are
+ * open (tracer/session.py). Outside this window `tracked` is empty, and the
+ * hooks that only care about tracked tuples return after one array lookup:
+ * the cost of a host's ordinary connections. */
+BPF_ARRAY(tracking, __u64, 1);
 /* connecting socket -> the process that called connect() (connect hook) */
 BPF_TABLE("lru_hash", __u64, struct tc_conn, connectors, TC_CONN_MAP_SIZE);
 /* socket address -> ktime it entered CLOSE_WAIT (LRU: a full map forgets the
@@ -62,7 +70,16 @@ static __always_inline void tc_fired(__u32 hook)
 	__u64 *n = hook_fired.lookup(&hook);
 
 	if (n)
-		__sync_fetch_and_add(n, 1);
+		*n += 1;
+}
+
+/* Is a collision in progress anywhere (see `tracking`)? */
+static __always_inline int tc_tracking(void)
+{
+	int zero = 0;
+	__u64 *until = tracking.lookup(&zero);
+
+	return until && *until > bpf_ktime_get_ns();
 }
 
 #define tc_read(dst, base, off) bpf_probe_read_kernel(&(dst), sizeof(dst), (const char *)(base) + (off))
@@ -173,16 +190,63 @@ static __always_inline void tc_tuple_of(const struct tc_event *ev, int local_is_
 	}
 }
 
-/* Is this socket an end of a tracked collision (either orientation)? */
-static __always_inline int tc_is_tracked(const struct tc_event *ev)
+/* The tuple of a full socket, oriented with its own end as the server, read
+ * with the fewest reads: the same key tc_tuple_of() makes from a filled event
+ * (v4-mapped IPv6 described as IPv4, addresses zero-padded). Non-zero when sk
+ * is not an inet socket. */
+static __always_inline int tc_sock_tuple(const void *sk, struct tc_tuple *t)
+{
+	__u16 family = 0, sport_be = 0, dport_be = 0;
+
+	tc_read(family, sk, OFF_SKC_FAMILY);
+	if (family != TC_AF_INET && family != TC_AF_INET6)
+		return 1;
+	tc_read(sport_be, sk, OFF_INET_SPORT);
+	tc_read(dport_be, sk, OFF_SKC_DPORT);
+	t->sport = (__u16)((sport_be >> 8) | (sport_be << 8));
+	t->cport = (__u16)((dport_be >> 8) | (dport_be << 8));
+	t->family = family;
+	if (family == TC_AF_INET6) {
+		bpf_probe_read_kernel(t->saddr, 16, (const char *)sk + OFF_SKC_V6_RCV_SADDR);
+		bpf_probe_read_kernel(t->caddr, 16, (const char *)sk + OFF_SKC_V6_DADDR);
+		if (!tc_v4_mapped(t->caddr))
+			return 0;
+		t->family = TC_AF_INET;
+		__builtin_memset(t->saddr, 0, 16);
+		__builtin_memset(t->caddr, 0, 16);
+	}
+	bpf_probe_read_kernel(t->saddr, 4, (const char *)sk + OFF_SKC_RCV_SADDR);
+	bpf_probe_read_kernel(t->caddr, 4, (const char *)sk + OFF_SKC_DADDR);
+	return 0;
+}
+
+/* Is this tuple tracked in either orientation? (Swaps `t` for the second.) */
+static __always_inline int tc_tuple_tracked(struct tc_tuple *t)
+{
+	__u8 a[16];
+	__u16 p;
+
+	if (tracked.lookup(t))
+		return 1;
+	p = t->sport;
+	t->sport = t->cport;
+	t->cport = p;
+	__builtin_memcpy(a, t->saddr, 16);
+	__builtin_memcpy(t->saddr, t->caddr, 16);
+	__builtin_memcpy(t->caddr, a, 16);
+	return tracked.lookup(t) != 0;
+}
+
+/* Is this full socket an end of a tracked collision? The hot path of every
+ * hook that only cares about tracked tuples: one array lookup while no
+ * collision is in progress, a few reads and two hash lookups while one is. */
+static __always_inline int tc_sock_tracked(const void *sk)
 {
 	struct tc_tuple t = {};
 
-	tc_tuple_of(ev, 1, &t);
-	if (tracked.lookup(&t))
-		return 1;
-	tc_tuple_of(ev, 0, &t);
-	return tracked.lookup(&t) != 0;
+	if (!sk || !tc_tracking())
+		return 0;
+	return !tc_sock_tuple(sk, &t) && tc_tuple_tracked(&t);
 }
 
 /* __tcp_oow_rate_limited() stamps tp->last_oow_ack_time only when it lets an
@@ -203,12 +267,17 @@ static __always_inline int tc_track_and_submit(void *ctx, struct tc_event *ev)
 	struct tc_track tr = {};
 	struct tc_track *old;
 
+	int zero = 0;
+	__u64 *until = tracking.lookup(&zero);
+
 	tc_tuple_of(ev, 1, &t);
 	tr.first_ns = ev->ts_ns;
 	tr.skaddr = ev->skaddr;
 	old = tracked.lookup(&t);
 	if (!old || old->skaddr != ev->skaddr)
 		tracked.update(&t, &tr);
+	if (until && *until < ev->ts_ns + TC_TRACKING_NS)
+		*until = ev->ts_ns + TC_TRACKING_NS;
 	events.perf_submit(ctx, ev, sizeof(*ev));
 	return 0;
 }
@@ -259,45 +328,6 @@ static __always_inline int tc_on_syn_challenged(void *ctx, const void *sk, __u32
 	return tc_track_and_submit(ctx, &ev);
 }
 
-/* Any socket event that matters only when it is about a tracked tuple. */
-static __always_inline int tc_on_tracked(void *ctx, const void *sk, __u32 type, __u32 hook,
-					 int oldstate, int newstate, __u32 seq)
-{
-	struct tc_event ev = {};
-
-	if (!sk || tc_fill_sock(sk, &ev))
-		return 0;
-	if (!tc_is_tracked(&ev))
-		return 0;
-	ev.type = type;
-	ev.hook = hook;
-	ev.seq = seq;
-	if (oldstate >= 0)
-		ev.oldstate = oldstate;
-	if (newstate >= 0)
-		ev.newstate = newstate;
-	events.perf_submit(ctx, &ev, sizeof(ev));
-	return 0;
-}
-
-/* tcp_set_state(): remember when sockets enter CLOSE_WAIT, forget them when
- * they leave it, and report transitions of tracked tuples. */
-static __always_inline int tc_on_set_state(void *ctx, const void *sk, int oldstate, int newstate, __u32 hook)
-{
-	__u64 skp = (__u64)sk;
-
-	tc_fired(hook);
-	if (newstate == K_TCP_CLOSE_WAIT) {
-		__u64 now = bpf_ktime_get_ns();
-
-		cw_since.update(&skp, &now);
-		return 0;
-	}
-	if (oldstate == K_TCP_CLOSE_WAIT)
-		cw_since.delete(&skp);
-	return tc_on_tracked(ctx, sk, TC_EV_STATE, hook, oldstate, newstate, 0);
-}
-
 /* The TCP header of `skb` (skb->head + skb->transport_header), or NULL. */
 static __always_inline const unsigned char *tc_tcp_header(const void *skb)
 {
@@ -325,6 +355,44 @@ static __always_inline __u32 tc_rst_seq(const void *skb)
 	/* struct tcphdr: ack_seq is the third 32-bit word */
 	bpf_probe_read_kernel(&ack_seq_be, 4, th + 8);
 	return __builtin_bswap32(ack_seq_be);
+}
+
+/* Any socket event that matters only when it is about a tracked tuple. */
+static __always_inline int tc_on_tracked(void *ctx, const void *sk, __u32 type, __u32 hook,
+					 int oldstate, int newstate, const void *skb)
+{
+	struct tc_event ev = {};
+
+	if (!tc_sock_tracked(sk) || tc_fill_sock(sk, &ev))
+		return 0;
+	ev.type = type;
+	ev.hook = hook;
+	if (type == TC_EV_RST_SENT)
+		ev.seq = tc_rst_seq(skb);
+	if (oldstate >= 0)
+		ev.oldstate = oldstate;
+	if (newstate >= 0)
+		ev.newstate = newstate;
+	events.perf_submit(ctx, &ev, sizeof(ev));
+	return 0;
+}
+
+/* tcp_set_state(): remember when sockets enter CLOSE_WAIT, forget them when
+ * they leave it, and report transitions of tracked tuples. */
+static __always_inline int tc_on_set_state(void *ctx, const void *sk, int oldstate, int newstate, __u32 hook)
+{
+	__u64 skp = (__u64)sk;
+
+	tc_fired(hook);
+	if (newstate == K_TCP_CLOSE_WAIT) {
+		__u64 now = bpf_ktime_get_ns();
+
+		cw_since.update(&skp, &now);
+		return 0;
+	}
+	if (oldstate == K_TCP_CLOSE_WAIT)
+		cw_since.delete(&skp);
+	return tc_on_tracked(ctx, sk, TC_EV_STATE, hook, oldstate, newstate, 0);
 }
 
 /* tcp_rcv_state_process() entry: a SYN (without RST) reaching a socket in a
@@ -391,7 +459,7 @@ static __always_inline int tc_on_challenge(void *ctx, const void *sk, __u32 hook
 	__u32 last_oow = 0, now_j = (__u32)bpf_jiffies64();
 
 	tc_fired(hook);
-	if (!sk || tc_fill_sock(sk, &ev) || !tc_is_tracked(&ev))
+	if (!tc_sock_tracked(sk) || tc_fill_sock(sk, &ev))
 		return 0;
 	ev.type = TC_EV_CHALLENGE_ACK;
 	ev.hook = hook;
@@ -424,7 +492,7 @@ static __always_inline int tc_on_queued(void *ctx, const void *listener, const v
 	struct tc_event ev = {};
 
 	tc_fired(hook);
-	if (!child || tc_fill_sock(child, &ev) || !tc_is_tracked(&ev))
+	if (!tc_sock_tracked(child) || tc_fill_sock(child, &ev))
 		return 0;
 	ev.type = TC_EV_QUEUED;
 	ev.hook = hook;

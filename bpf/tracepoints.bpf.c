@@ -41,7 +41,7 @@ TRACEPOINT_PROBE(tcp, tcp_send_reset)
 {
 	tc_fired(TC_HOOK_TP_SEND_RESET);
 	return tc_on_tracked(args, args->skaddr, TC_EV_RST_SENT, TC_HOOK_TP_SEND_RESET, -1, -1,
-			     tc_rst_seq(args->skbaddr));
+			     args->skbaddr);
 }
 #endif
 

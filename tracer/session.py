@@ -65,6 +65,7 @@ class Session:
         self.recorder: recording.Writer | None = None
         self.metrics = None
         self._record_file = None
+        self._tracking_renewed = 0
 
     # -- start ---------------------------------------------------------------
 
@@ -159,8 +160,20 @@ class Session:
         except KeyError:
             pass
 
+    def _keep_tracking(self, now: int) -> None:
+        """While incidents are open, keep the kernel side looking tuples up
+        (map `tracking`: the hooks skip the lookup outside its window)."""
+        if not self.correlator.open or now < self._tracking_renewed + 1_000_000_000:
+            return
+        self._tracking_renewed = now
+        table = self.bpf["tracking"]
+        key = table.Key(0)
+        if table[key].value < now + program.TRACKING_NS:
+            table[key] = table.Leaf(now + program.TRACKING_NS)
+
     def _pump(self) -> None:
         now = time.monotonic_ns()
+        self._keep_tracking(now)
         for ev in self.reorder.pop_ready(now):
             self._feed(ev)
         done = self.correlator.tick(now - self.reorder.delay_ns)
@@ -266,6 +279,7 @@ def attach(options: Options):
         try:
             quiet = selftest.run(plan, bpf)
             bpf["tracked"].clear()  # the self-test's collision
+            bpf["tracking"].clear()  # and the window it opened
         except BaseException:
             bpf.cleanup()
             raise
