@@ -47,7 +47,7 @@ enum tc_hook {
 
 /* Event flags. */
 enum tc_flag {
-	TC_F_AGE_OBSERVED = 1,      /* age_ns is valid: the tracer saw the socket enter CLOSE_WAIT */
+	TC_F_AGE_OBSERVED = 1,      /* age_ns is valid (recordings of versions before 0.2, which kept a map of CLOSE_WAIT entry times) */
 	TC_F_CHALLENGE_PASSED = 2,  /* the per-socket challenge-ACK rate limiter let the ACK through now */
 	TC_F_AGE_JIFFIES = 4,       /* age_jiffies is valid (tp->rcv_tstamp was set) */
 	TC_F_CHALLENGE_SEEN = 8,    /* the challenge is reported separately (TC_EV_CHALLENGE_ACK) */
@@ -56,7 +56,7 @@ enum tc_flag {
 struct tc_event {
 	__u64 ts_ns;       /* bpf_ktime_get_ns(): CLOCK_MONOTONIC, nanoseconds */
 	__u64 skaddr;      /* kernel address of the socket (an identity, never dereferenced) */
-	__u64 age_ns;      /* TC_F_AGE_OBSERVED: nanoseconds since the socket entered CLOSE_WAIT */
+	__u64 age_ns;      /* TC_F_AGE_OBSERVED: nanoseconds since the socket entered CLOSE_WAIT (old recordings) */
 	__u32 netns;       /* inode number of the socket's network namespace */
 	__u32 type;        /* enum tc_event_type */
 	__u32 hook;        /* enum tc_hook */

@@ -93,7 +93,7 @@ def test_seed_experiment_loopback_ipv4(ns):
     found = collisions(records)
     assert len(found) == 1, found
     check_seed(found[0], steps, "127.0.0.1:12345", "127.0.0.1:39836", "ipv4", ns.inode)
-    assert found[0]["closewait_age_source"] == "observed"
+    assert found[0]["closewait_age_source"] == "estimated"  # tp->rcv_tstamp: the FIN's ACK, in jiffies
     summary = records[-1]
     assert summary["collisions"] == 1 and summary["by_outcome"] == {"recovered": 1}
     assert summary["lost_events"] == 0

@@ -22,7 +22,6 @@ from tracer.hooks import Plan
 from tracer.resources import bpf_dir, compat_dir
 
 AF_BY_NAME = {"ipv4": 2, "ipv6": 10}
-CW_MAP_SIZE = 65536  # sockets remembered in CLOSE_WAIT (LRU)
 TRACK_MAP_SIZE = 4096  # collisions in progress (LRU)
 CONN_MAP_SIZE = 65536  # connecting sockets and their process (LRU)
 # How long after a collision starts the hooks keep looking tuples up in
@@ -113,7 +112,7 @@ class BuildSpec:
 def build_spec(plan: Plan, types: KernelTypes, filters: Filters) -> BuildSpec:
     source = bpf_dir() / MAIN_SOURCE
     defines: dict[str, int | str] = {
-        "TC_CW_MAP_SIZE": CW_MAP_SIZE, "TC_TRACK_MAP_SIZE": TRACK_MAP_SIZE, "TC_CONN_MAP_SIZE": CONN_MAP_SIZE,
+        "TC_TRACK_MAP_SIZE": TRACK_MAP_SIZE, "TC_CONN_MAP_SIZE": CONN_MAP_SIZE,
         "TC_TRACKING_NS": f"{TRACKING_NS}ULL",
     }
     defines.update(types.defines)

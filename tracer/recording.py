@@ -113,6 +113,18 @@ def read_header(f: BinaryIO) -> dict:
     for key in ("tcp_states", "backend", "clock_offset_ns"):
         if key not in head:
             raise RecordingError(len(MAGIC), f"header lacks {key!r}")
+    states = head["tcp_states"]
+    if not isinstance(states, dict) or not all(
+            isinstance(k, str) and k.isdigit() and isinstance(v, str) for k, v in states.items()):
+        raise RecordingError(len(MAGIC), "corrupt header (tcp_states)")
+    head["tcp_states"] = {int(k): v for k, v in states.items()}
+    if not isinstance(head["backend"], str):
+        raise RecordingError(len(MAGIC), "corrupt header (backend)")
+    for key in ("clock_offset_ns", "hz", "incident_timeout_ns", "grace_ns"):
+        value = head.get(key)
+        bad = not isinstance(value, int) or isinstance(value, bool) or (value < 0 and key != "clock_offset_ns")
+        if value is not None and bad:
+            raise RecordingError(len(MAGIC), f"corrupt header ({key})")
     return head
 
 

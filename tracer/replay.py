@@ -32,7 +32,7 @@ def replay(path: str, sink: Callable[[dict], None], verbose: bool = False) -> di
             head = recording.read_header(f)
         except recording.RecordingError as e:
             raise ReplayError(f"{path}: {e}") from None
-        states = {int(k): v for k, v in head["tcp_states"].items()}
+        states = head["tcp_states"]  # {number: name}, checked by read_header
         correlator = Correlator(states, hz=head.get("hz"), timeout_ns=head.get("incident_timeout_ns", 15_000_000_000),
                                 grace_ns=head.get("grace_ns", 200_000_000))
         clock = Clock(head["clock_offset_ns"])
