@@ -51,12 +51,13 @@ BPF_PERF_OUTPUT(events);
  * (per CPU: a shared counter would bounce its cache line between CPUs on
  * every state change of the host) */
 BPF_PERCPU_ARRAY(hook_fired, __u64, TC_HOOK_MAX);
-/* Until when (bpf_ktime_get_ns) a collision may be in progress: pushed
- * forward here when one starts, and by user space while its incidents are
- * open (tracer/session.py). Outside this window `tracked` is empty, and the
- * hooks that only care about tracked tuples return after one array lookup:
- * the cost of a host's ordinary connections. */
-BPF_ARRAY(tracking, __u64, 1);
+/* Whether a collision may be in progress. Outside this window `tracked` is
+ * empty, and the hooks that only care about tracked tuples return after two
+ * array lookups: all a host's ordinary connections cost. Entry TC_WIN_UNTIL
+ * (jiffies, enum tc_window in tcpcollide.h) is pushed forward here when a
+ * collision starts; TC_WIN_KEEP is set by user space while it has incidents open (tracer/session.py). Each
+ * entry has one writer, so neither side can undo what the other granted. */
+BPF_ARRAY(tracking, __u64, 2);
 /* connecting socket -> the process that called connect() (connect hook) */
 BPF_TABLE("lru_hash", __u64, struct tc_conn, connectors, TC_CONN_MAP_SIZE);
 /* collisions in progress; user space deletes an entry when its incident ends */
@@ -73,10 +74,13 @@ static __always_inline void tc_fired(__u32 hook)
 /* Is a collision in progress anywhere (see `tracking`)? */
 static __always_inline int tc_tracking(void)
 {
-	int zero = 0;
-	__u64 *until = tracking.lookup(&zero);
+	int until = TC_WIN_UNTIL, keep = TC_WIN_KEEP;
+	__u64 *k = tracking.lookup(&keep), *u;
 
-	return until && *until > bpf_ktime_get_ns();
+	if (k && *k)
+		return 1;
+	u = tracking.lookup(&until);
+	return u && *u > bpf_jiffies64();
 }
 
 #define tc_read(dst, base, off) bpf_probe_read_kernel(&(dst), sizeof(dst), (const char *)(base) + (off))
@@ -254,29 +258,29 @@ static __always_inline int tc_challenge_passed(__u32 last_oow, __u32 now_j)
 	return last_oow && now_j - last_oow <= 1;
 }
 
-/* A collision starts (or goes on): register its tuple, so that events on it
- * reach user space, and submit the event. A repeat on the same socket keeps
- * its entry; a new lingering socket on the same tuple (the port colliding
- * again) takes it over. */
-static __always_inline int tc_track_and_submit(void *ctx, struct tc_event *ev)
+/* A collision starts (or goes on): register its tuple (oriented: `t`'s
+ * server end is the lingering socket `skaddr`), so that events on it reach
+ * user space, and open the tracking window. A repeat on the same socket
+ * keeps its entry; a new lingering socket on the same tuple (the port
+ * colliding again) takes it over. Collisions the user's filters leave out
+ * are registered too: the hooks count firing on tracked tuples (tc_on_tracked),
+ * and the self-test's collision runs in a namespace of its own; their events
+ * are dropped by the filters in tc_fill_sock() like any other. */
+static __always_inline void tc_track(const struct tc_tuple *t, __u64 skaddr)
 {
-	struct tc_tuple t = {};
 	struct tc_track tr = {};
 	struct tc_track *old;
+	int until = TC_WIN_UNTIL;
+	__u64 *u = tracking.lookup(&until);
+	__u64 until_j = bpf_jiffies64() + TC_TRACKING_J;
 
-	int zero = 0;
-	__u64 *until = tracking.lookup(&zero);
-
-	tc_tuple_of(ev, 1, &t);
-	tr.first_ns = ev->ts_ns;
-	tr.skaddr = ev->skaddr;
-	old = tracked.lookup(&t);
-	if (!old || old->skaddr != ev->skaddr)
-		tracked.update(&t, &tr);
-	if (until && *until < ev->ts_ns + TC_TRACKING_NS)
-		*until = ev->ts_ns + TC_TRACKING_NS;
-	events.perf_submit(ctx, ev, sizeof(*ev));
-	return 0;
+	tr.first_ns = bpf_ktime_get_ns();
+	tr.skaddr = skaddr;
+	old = tracked.lookup(t);
+	if (!old || old->skaddr != skaddr)
+		tracked.update(t, &tr);
+	if (u && *u < until_j)
+		*u = until_j;
 }
 
 /* A SYN was dropped by a socket that is not listening (skb drop reason
@@ -285,9 +289,13 @@ static __always_inline int tc_track_and_submit(void *ctx, struct tc_event *ev)
 static __always_inline int tc_on_syn_challenged(void *ctx, const void *sk, __u32 hook)
 {
 	struct tc_event ev = {};
+	struct tc_tuple t = {};
 	__u32 now_j, rcv_tstamp = 0, last_oow = 0, copied = 0, unread;
 
 	tc_fired(hook); /* counted before the user's filters: the self-test runs in its own netns */
+	if (tc_sock_tuple(sk, &t))
+		return 0;
+	tc_track(&t, (__u64)sk);
 	if (tc_fill_sock(sk, &ev))
 		return 0;
 	ev.type = TC_EV_SYN_CHALLENGED;
@@ -315,7 +323,8 @@ static __always_inline int tc_on_syn_challenged(void *ctx, const void *sk, __u32
 	if (tc_challenge_passed(last_oow, now_j))
 		ev.flags |= TC_F_CHALLENGE_PASSED;
 #endif
-	return tc_track_and_submit(ctx, &ev);
+	events.perf_submit(ctx, &ev, sizeof(ev));
+	return 0;
 }
 
 /* The TCP header of `skb` (skb->head + skb->transport_header), or NULL. */
@@ -353,7 +362,12 @@ static __always_inline int tc_on_tracked(void *ctx, const void *sk, __u32 type, 
 {
 	struct tc_event ev = {};
 
-	if (!tc_sock_tracked(sk) || tc_fill_sock(sk, &ev))
+	if (!tc_sock_tracked(sk))
+		return 0;
+	/* counted on tracked tuples only, to keep the untracked path to one
+	 * lookup: the self-test's collision exercises every such hook */
+	tc_fired(hook);
+	if (tc_fill_sock(sk, &ev))
 		return 0;
 	ev.type = type;
 	ev.hook = hook;
@@ -368,14 +382,20 @@ static __always_inline int tc_on_tracked(void *ctx, const void *sk, __u32 type, 
 }
 
 /* tcp_set_state(): report transitions of tracked tuples. Every state change
- * of the host comes through here: outside a collision it costs the hook
- * counter and one array lookup. (The age of a lingering socket is read from
- * the socket itself when a SYN hits it, tp->rcv_tstamp, rather than kept in
- * a map on every CLOSE_WAIT transition: that cost the CLOSE_WAIT churn
- * 0.55 us per connection.) */
+ * of the host comes through here, so outside a collision it costs one array
+ * lookup (tc_sock_tracked). `oldstate` < 0: still in sk, read it only for a
+ * tracked socket. (The age of a lingering socket is read from the socket
+ * itself when a SYN hits it, tp->rcv_tstamp, rather than kept in a map on
+ * every CLOSE_WAIT transition: that cost 0.55 us per connection on a
+ * CLOSE_WAIT churn.) */
 static __always_inline int tc_on_set_state(void *ctx, const void *sk, int oldstate, int newstate, __u32 hook)
 {
-	tc_fired(hook);
+	__u8 state = 0;
+
+	if (oldstate < 0 && tc_sock_tracked(sk)) {
+		tc_read(state, sk, OFF_SKC_STATE);
+		oldstate = state;
+	}
 	return tc_on_tracked(ctx, sk, TC_EV_STATE, hook, oldstate, newstate, 0);
 }
 
@@ -410,6 +430,7 @@ static __always_inline int tc_on_rcv_state(void *ctx, const void *sk, const void
 static __always_inline int tc_on_tw_syn(void *ctx, const void *tw, const void *skb, __u32 hook)
 {
 	struct tc_event ev = {};
+	struct tc_tuple t = {};
 	const unsigned char *th;
 	__u8 state = 0, flags = 0;
 	__u32 last_oow = 0;
@@ -433,7 +454,10 @@ static __always_inline int tc_on_tw_syn(void *ctx, const void *tw, const void *s
 	tc_read(last_oow, tw, OFF_TW_LAST_OOW_ACK_TIME);
 	if (tc_challenge_passed(last_oow, (__u32)bpf_jiffies64()))
 		ev.flags |= TC_F_CHALLENGE_PASSED;
-	return tc_track_and_submit(ctx, &ev);
+	tc_tuple_of(&ev, 1, &t);
+	tc_track(&t, ev.skaddr);
+	events.perf_submit(ctx, &ev, sizeof(ev));
+	return 0;
 }
 
 /* tcp_send_challenge_ack() returned: report whether the ACK went out. */
@@ -475,8 +499,10 @@ static __always_inline int tc_on_queued(void *ctx, const void *listener, const v
 {
 	struct tc_event ev = {};
 
-	tc_fired(hook);
-	if (!tc_sock_tracked(child) || tc_fill_sock(child, &ev))
+	if (!tc_sock_tracked(child))
+		return 0;
+	tc_fired(hook); /* on tracked tuples only (tc_on_tracked says why) */
+	if (tc_fill_sock(child, &ev))
 		return 0;
 	ev.type = TC_EV_QUEUED;
 	ev.hook = hook;

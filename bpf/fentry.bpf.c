@@ -9,10 +9,7 @@
 #ifdef TC_USE_FE_SET_STATE
 KFUNC_PROBE(tcp_set_state, void *sk, int state)
 {
-	__u8 oldstate = 0;
-
-	tc_read(oldstate, sk, OFF_SKC_STATE);
-	return tc_on_set_state(ctx, sk, oldstate, state, TC_HOOK_FE_SET_STATE);
+	return tc_on_set_state(ctx, sk, -1, state, TC_HOOK_FE_SET_STATE);
 }
 #endif
 

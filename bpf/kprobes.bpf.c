@@ -14,11 +14,8 @@
 int tc_kp_set_state(struct pt_regs *ctx)
 {
 	const void *sk = (const void *)PT_REGS_PARM1(ctx);
-	int newstate = (int)PT_REGS_PARM2(ctx);
-	__u8 oldstate = 0;
 
-	tc_read(oldstate, sk, OFF_SKC_STATE);
-	return tc_on_set_state(ctx, sk, oldstate, newstate, TC_HOOK_KP_SET_STATE);
+	return tc_on_set_state(ctx, sk, -1, (int)PT_REGS_PARM2(ctx), TC_HOOK_KP_SET_STATE);
 }
 #endif
 

@@ -53,6 +53,13 @@ enum tc_flag {
 	TC_F_CHALLENGE_SEEN = 8,    /* the challenge is reported separately (TC_EV_CHALLENGE_ACK) */
 };
 
+/* The entries of map `tracking` (bpf/collide.bpf.h): whether the hooks look
+ * sockets up in `tracked`. */
+enum tc_window {
+	TC_WIN_UNTIL = 0, /* jiffies until which a collision that started may go on (written by BPF) */
+	TC_WIN_KEEP = 1,  /* non-zero while user space has incidents open (written by user space) */
+};
+
 struct tc_event {
 	__u64 ts_ns;       /* bpf_ktime_get_ns(): CLOCK_MONOTONIC, nanoseconds */
 	__u64 skaddr;      /* kernel address of the socket (an identity, never dereferenced) */

@@ -5,10 +5,35 @@
  * shared logic in collide.bpf.h; tracer/hooks.py compiles in the ones it
  * selected (TC_USE_TP_<HOOK>), and defines TC_HAVE_<EVENT>_<FIELD> for the
  * fields each tracepoint's format file lists.
+ *
+ * Each event is attached as a raw tracepoint where the kernel's BTF gives
+ * the event's prototype (TC_RAW_<EVENT>, and TC_RAW_<EVENT>_<ARG> = the
+ * argument's position, from tracer/hooks.py): the program gets the
+ * tracepoint's own arguments, and the kernel skips filling a trace record
+ * for it on every call, which is most of what a tracepoint costs a host's
+ * ordinary connections. Without BTF (the kernel-headers path) the classic
+ * tracepoint with its format-file record (`args->field`) is used.
  */
+
+#define TC_RAW_ARG(event, arg) (ctx->args[TC_RAW_##event##_##arg])
 
 #ifdef TC_USE_TP_SET_STATE
 /* every tcp_set_state() goes through inet_sk_state_store() and this event */
+#ifdef TC_RAW_INET_SOCK_SET_STATE
+RAW_TRACEPOINT_PROBE(inet_sock_set_state)
+{
+	const void *sk = (const void *)TC_RAW_ARG(INET_SOCK_SET_STATE, SK);
+	__u16 protocol = 0;
+
+	if (!tc_sock_tracked(sk)) /* the protocol is worth a read only then */
+		return 0;
+	tc_read(protocol, sk, OFF_SK_PROTOCOL);
+	if (protocol != K_IPPROTO_TCP)
+		return 0;
+	return tc_on_set_state(ctx, sk, (int)TC_RAW_ARG(INET_SOCK_SET_STATE, OLDSTATE),
+			       (int)TC_RAW_ARG(INET_SOCK_SET_STATE, NEWSTATE), TC_HOOK_TP_SET_STATE);
+}
+#else
 TRACEPOINT_PROBE(sock, inet_sock_set_state)
 {
 	if (args->protocol != K_IPPROTO_TCP)
@@ -16,49 +41,91 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 	return tc_on_set_state(args, args->skaddr, args->oldstate, args->newstate, TC_HOOK_TP_SET_STATE);
 }
 #endif
+#endif
 
 #if (defined(TC_USE_TP_SYN_CHALLENGED) || defined(TC_USE_TP_TIMEWAIT_SYN)) && defined(TC_HAVE_KFREE_SKB_RX_SK)
 /* a SYN dropped with SKB_DROP_REASON_TCP_INVALID_SYN by the socket rx_sk;
  * or a SYN a TIME_WAIT socket (rx_sk) answered with the old numbers */
-TRACEPOINT_PROBE(skb, kfree_skb)
+static __always_inline int tc_on_kfree_skb(void *ctx, const void *skb, const void *rx_sk, int reason)
 {
-	if (!args->rx_sk)
+	if (!rx_sk)
 		return 0;
 #ifdef TC_USE_TP_SYN_CHALLENGED
-	if (args->reason == K_SKB_DROP_REASON_TCP_INVALID_SYN)
-		return tc_on_syn_challenged(args, args->rx_sk, TC_HOOK_TP_KFREE_SKB);
+	if (reason == K_SKB_DROP_REASON_TCP_INVALID_SYN)
+		return tc_on_syn_challenged(ctx, rx_sk, TC_HOOK_TP_KFREE_SKB);
 #endif
 #ifdef TC_USE_TP_TIMEWAIT_SYN
-	return tc_on_tw_syn(args, args->rx_sk, args->skbaddr, TC_HOOK_TP_KFREE_TW);
+	return tc_on_tw_syn(ctx, rx_sk, skb, TC_HOOK_TP_KFREE_TW);
 #else
 	return 0;
 #endif
 }
+
+#ifdef TC_RAW_KFREE_SKB
+RAW_TRACEPOINT_PROBE(kfree_skb)
+{
+	return tc_on_kfree_skb(ctx, (const void *)TC_RAW_ARG(KFREE_SKB, SKB), (const void *)TC_RAW_ARG(KFREE_SKB, RX_SK),
+			       (int)TC_RAW_ARG(KFREE_SKB, REASON));
+}
+#else
+TRACEPOINT_PROBE(skb, kfree_skb)
+{
+	return tc_on_kfree_skb(args, args->skbaddr, args->rx_sk, args->reason);
+}
+#endif
 #endif
 
 #if defined(TC_USE_TP_SEND_RESET) && defined(TC_HAVE_TCP_SEND_RESET_SKADDR)
+#ifdef TC_RAW_TCP_SEND_RESET
+RAW_TRACEPOINT_PROBE(tcp_send_reset)
+{
+	return tc_on_tracked(ctx, (const void *)TC_RAW_ARG(TCP_SEND_RESET, SK), TC_EV_RST_SENT, TC_HOOK_TP_SEND_RESET,
+			     -1, -1, (const void *)TC_RAW_ARG(TCP_SEND_RESET, SKB));
+}
+#else
 TRACEPOINT_PROBE(tcp, tcp_send_reset)
 {
-	tc_fired(TC_HOOK_TP_SEND_RESET);
-	return tc_on_tracked(args, args->skaddr, TC_EV_RST_SENT, TC_HOOK_TP_SEND_RESET, -1, -1,
-			     args->skbaddr);
+	return tc_on_tracked(args, args->skaddr, TC_EV_RST_SENT, TC_HOOK_TP_SEND_RESET, -1, -1, args->skbaddr);
 }
+#endif
 #endif
 
 #if defined(TC_USE_TP_RECEIVE_RESET) && defined(TC_HAVE_TCP_RECEIVE_RESET_SKADDR)
+#ifdef TC_RAW_TCP_RECEIVE_RESET
+RAW_TRACEPOINT_PROBE(tcp_receive_reset)
+{
+	return tc_on_tracked(ctx, (const void *)TC_RAW_ARG(TCP_RECEIVE_RESET, SK), TC_EV_RST_RECEIVED,
+			     TC_HOOK_TP_RECEIVE_RESET, -1, -1, 0);
+}
+#else
 TRACEPOINT_PROBE(tcp, tcp_receive_reset)
 {
-	tc_fired(TC_HOOK_TP_RECEIVE_RESET);
 	return tc_on_tracked(args, args->skaddr, TC_EV_RST_RECEIVED, TC_HOOK_TP_RECEIVE_RESET, -1, -1, 0);
 }
 #endif
+#endif
 
 #if defined(TC_USE_TP_RETRANSMIT) && defined(TC_HAVE_TCP_RETRANSMIT_SKB_STATE)
+/* only the SYN-SENT socket's retransmissions (the client's retried SYN) */
+#ifdef TC_RAW_TCP_RETRANSMIT_SKB
+RAW_TRACEPOINT_PROBE(tcp_retransmit_skb)
+{
+	const void *sk = (const void *)TC_RAW_ARG(TCP_RETRANSMIT_SKB, SK);
+	__u8 state = 0;
+
+	if (!tc_sock_tracked(sk))
+		return 0;
+	tc_read(state, sk, OFF_SKC_STATE);
+	if (state != K_TCP_SYN_SENT)
+		return 0;
+	return tc_on_tracked(ctx, sk, TC_EV_RETRANSMIT, TC_HOOK_TP_RETRANSMIT, -1, -1, 0);
+}
+#else
 TRACEPOINT_PROBE(tcp, tcp_retransmit_skb)
 {
 	if (args->state != K_TCP_SYN_SENT)
 		return 0;
-	tc_fired(TC_HOOK_TP_RETRANSMIT);
 	return tc_on_tracked(args, args->skaddr, TC_EV_RETRANSMIT, TC_HOOK_TP_RETRANSMIT, -1, -1, 0);
 }
+#endif
 #endif

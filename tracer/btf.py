@@ -676,6 +676,21 @@ class BTF:
             return None
         return self.type_str(self._raw(self._raw(tid)[2])[2])
 
+    def tracepoint_args(self, event: str) -> list[str] | None:
+        """C types of raw tracepoint *event*'s arguments (its TP_PROTO), from
+        the ``btf_trace_<event>`` typedef, without the leading ``void *__data``;
+        None when the kernel's BTF has no such typedef."""
+        ids = self.find_type_ids(f"btf_trace_{event}", {KIND_TYPEDEF})
+        if not ids:
+            return None
+        ptr = self._skip_modifiers(self._raw(ids[0])[2])
+        if self._kinds[ptr] != KIND_PTR:
+            return None
+        proto = self._skip_modifiers(self._raw(ptr)[2])
+        if self._kinds[proto] != KIND_FUNC_PROTO:
+            return None
+        return [self.type_str(t) for _, t in self._params(proto)][1:]
+
     def _params(self, proto_id: int) -> Iterator[tuple[str, int]]:
         _, info, _ = self._raw(proto_id)
         base = self._offsets[proto_id] + 12

@@ -111,6 +111,37 @@ CANDIDATES: dict[str, list[Candidate]] = {
     "timewait_syn": [_tp("timewait_syn", "skb:kfree_skb", ("skbaddr", "rx_sk"), "TC_HOOK_TP_KFREE_TW")],
 }
 
+# The tracepoint programs run as raw tracepoints where the kernel's BTF gives
+# each event's prototype (bpf/tracepoints.bpf.c says why): the arguments they
+# read, found by C type (`const` ignored) and order among arguments of that
+# type. A prototype with more arguments of a wanted type than wanted is
+# ambiguous, and the event keeps its classic tracepoint.
+RAW_ARGS: dict[str, tuple[tuple[str, str, int], ...]] = {
+    "sock:inet_sock_set_state": (("SK", "struct sock *", 0), ("OLDSTATE", "int", 0), ("NEWSTATE", "int", 1)),
+    "skb:kfree_skb": (("SKB", "struct sk_buff *", 0), ("REASON", "enum skb_drop_reason", 0),
+                      ("RX_SK", "struct sock *", 0)),
+    "tcp:tcp_send_reset": (("SK", "struct sock *", 0), ("SKB", "struct sk_buff *", 0)),
+    "tcp:tcp_receive_reset": (("SK", "struct sock *", 0),),
+    "tcp:tcp_retransmit_skb": (("SK", "struct sock *", 0),),
+}
+
+
+def raw_arg_positions(target: str, args: list[str] | None) -> dict[str, int] | None:
+    """{ARG: position} of RAW_ARGS[target] in a prototype's argument types,
+    or None (no prototype, an argument missing, or ambiguous)."""
+    if args is None or target not in RAW_ARGS:
+        return None
+    types = [" ".join(t.replace("const ", "").split()) for t in args]
+    wanted = RAW_ARGS[target]
+    out = {}
+    for name, ctype, nth in wanted:
+        where = [i for i, t in enumerate(types) if t == ctype]
+        if nth >= len(where) or len(where) > sum(1 for _, c, _ in wanted if c == ctype):
+            return None
+        out[name] = where[nth]
+    return out
+
+
 _WHY_MISSING = {
     ("skb:kfree_skb", "rx_sk"): "skb:kfree_skb names the receiving socket (rx_sk) only since Linux 6.11",
     ("skb:kfree_skb", "reason"): "skb:kfree_skb carries a drop reason only since Linux 5.17",
@@ -132,6 +163,7 @@ class Offer:
     btf_funcs: set[str] = field(default_factory=set)
     fentry: bool = False
     fentry_note: str = ""
+    raw_args: dict[str, dict[str, int]] = field(default_factory=dict)  # tracepoint -> {ARG: position}
 
     def check(self, c: Candidate) -> str:
         """'' when the kernel offers the candidate, else why not (short: the
@@ -172,16 +204,23 @@ class Choice:
     note: str = ""  # why the better candidates were not taken, or what happens without one
     verified: bool | None = None  # the self-test saw it fire (None: not tested)
 
+    raw: bool = False  # a tracepoint attached as a raw tracepoint
+
     @property
     def available(self) -> bool:
         return self.candidate is not None
 
     def as_dict(self) -> dict:
         c = self.candidate
+        attach = None
+        if c is not None:
+            attach = {"fentry": "fentry/fexit", "kprobe": "kprobe"}.get(c.backend) or (
+                "raw_tracepoint" if self.raw else "tracepoint")
         return {
             "logical": self.logical,
             "backend": c.backend if c else None,
             "target": "+".join(c.targets) if c else None,
+            "attach": attach,
             "available": c is not None,
             "verified": self.verified,
             "selftested": self.logical not in NOT_SELFTESTED,
@@ -219,6 +258,12 @@ class Plan:
             event = fmt.name.split(":")[1].upper()
             for name in fmt.fields:
                 out[f"TC_HAVE_{event}_{name.upper()}"] = 1
+        for target in {c.targets[0] for c in self.selected if c.backend == "tracepoint"}:
+            positions = self.offer.raw_args.get(target)
+            if positions is not None:
+                event = target.split(":")[1].upper()
+                out[f"TC_RAW_{event}"] = 1
+                out.update({f"TC_RAW_{event}_{arg}": pos for arg, pos in positions.items()})
         return out
 
     def prelude(self) -> str:
@@ -257,6 +302,10 @@ def gather(btf=None, fentry_probe=None) -> Offer:
     offer.kallsyms = kernel.resolve_symbols(wanted)
     if btf is not None:
         offer.btf_funcs = {f for f in wanted if btf.has_func(f)}
+        for target in RAW_ARGS:
+            positions = raw_arg_positions(target, btf.tracepoint_args(target.split(":")[1]))
+            if positions is not None:
+                offer.raw_args[target] = positions
         if fentry_probe is not None:
             offer.fentry, offer.fentry_note = fentry_probe()
         else:
@@ -299,5 +348,6 @@ def select(offer: Offer, backend: str = "auto", exclude: set[str] = frozenset())
             notes.append(WITHOUT[logical])
         if chosen is not None and logical in NOT_SELFTESTED:
             notes.append("not exercised by the self-test")
-        choices.append(Choice(logical, chosen, "; ".join(dict.fromkeys(notes))))
+        raw = chosen is not None and chosen.backend == "tracepoint" and chosen.targets[0] in offer.raw_args
+        choices.append(Choice(logical, chosen, "; ".join(dict.fromkeys(notes)), raw=raw))
     return Plan(choices, offer)

@@ -47,6 +47,7 @@ FIELDS = [
     Field("OFF_SKC_NET", "sock", "__sk_common.skc_net", 8),
     Field("OFF_NET_NS_INUM", "net", "ns.inum", 4),
     Field("OFF_SK_SOCKET", "sock", "sk_socket", 8),
+    Field("OFF_SK_PROTOCOL", "sock", "sk_protocol", 2),  # a u16 since Linux 5.6
     Field("OFF_SK_ACK_BACKLOG", "sock", "sk_ack_backlog", 4),
     Field("OFF_SK_MAX_ACK_BACKLOG", "sock", "sk_max_ack_backlog", 4),
     Field("OFF_TP_SND_NXT", "tcp_sock", "snd_nxt", 4),

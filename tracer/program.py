@@ -25,8 +25,9 @@ AF_BY_NAME = {"ipv4": 2, "ipv6": 10}
 TRACK_MAP_SIZE = 4096  # collisions in progress (LRU)
 CONN_MAP_SIZE = 65536  # connecting sockets and their process (LRU)
 # How long after a collision starts the hooks keep looking tuples up in
-# `tracked` (map `tracking`); user space extends it while incidents are open.
-TRACKING_NS = 30_000_000_000
+# `tracked` (map `tracking`), in jiffies: 30 s at HZ 1000, longer at lower
+# HZ; user space keeps the window open while it has incidents open.
+TRACKING_JIFFIES = 30_000
 MAIN_SOURCE = "tcpcollide.bpf.c"
 UAPI_DIRS = ("/usr/include", "/usr/include/x86_64-linux-gnu")  # Debian's linux-libc-dev
 
@@ -113,7 +114,7 @@ def build_spec(plan: Plan, types: KernelTypes, filters: Filters) -> BuildSpec:
     source = bpf_dir() / MAIN_SOURCE
     defines: dict[str, int | str] = {
         "TC_TRACK_MAP_SIZE": TRACK_MAP_SIZE, "TC_CONN_MAP_SIZE": CONN_MAP_SIZE,
-        "TC_TRACKING_NS": f"{TRACKING_NS}ULL",
+        "TC_TRACKING_J": TRACKING_JIFFIES,
     }
     defines.update(types.defines)
     defines.update(plan.defines())

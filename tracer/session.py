@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from tracer import hooks, kernel, program, recording, selftest
 from tracer.diagnosis import Diagnoser
 from tracer.correlator import Correlator, Incident
-from tracer.events import DecodeError, decode, encode
+from tracer.events import ENUMS, DecodeError, decode, encode
 from tracer.reorder import Reorderer
 from tracer.report import Clock, Summary, collision_record, ready_record
 
@@ -65,7 +65,7 @@ class Session:
         self.recorder: recording.Writer | None = None
         self.metrics = None
         self._record_file = None
-        self._tracking_renewed = 0
+        self._tracking_kept = False
 
     # -- start ---------------------------------------------------------------
 
@@ -160,26 +160,26 @@ class Session:
         except KeyError:
             pass
 
-    def _keep_tracking(self, now: int) -> None:
-        """While incidents are open, keep the kernel side looking tuples up
-        (map `tracking`: the hooks skip the lookup outside its window)."""
-        if not self.correlator.open or now < self._tracking_renewed + 1_000_000_000:
+    def _keep_tracking(self) -> None:
+        """While incidents are open (or events wait in the reorder buffer),
+        hold the kernel side's tracking window open (map `tracking`: outside
+        it the hooks skip the `tracked` lookup); let it close after."""
+        keep = bool(self.correlator.open) or len(self.reorder) > 0
+        if keep == self._tracking_kept:
             return
-        self._tracking_renewed = now
         table = self.bpf["tracking"]
-        key = table.Key(0)
-        if table[key].value < now + program.TRACKING_NS:
-            table[key] = table.Leaf(now + program.TRACKING_NS)
+        table[table.Key(ENUMS["tc_window"]["TC_WIN_KEEP"])] = table.Leaf(int(keep))
+        self._tracking_kept = keep
 
     def _pump(self) -> None:
         now = time.monotonic_ns()
-        self._keep_tracking(now)
         for ev in self.reorder.pop_ready(now):
             self._feed(ev)
         done = self.correlator.tick(now - self.reorder.delay_ns)
         if done and self.recorder is not None:
             self.recorder.tick(now - self.reorder.delay_ns)
         self._emit(done)
+        self._keep_tracking()
 
     def _feed(self, ev) -> None:
         self.diagnoser.prefetch(ev)
