@@ -26,7 +26,6 @@ import shutil
 import struct
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -74,16 +73,19 @@ SOCK_COMMON_FIELDS = [
 
 
 @needs_vmlinux
-def test_load_time() -> None:
-    start = time.perf_counter()
+def test_load_and_index() -> None:
+    """(Its speed is part of the start-up benchmark, not asserted here.)"""
     btf = BTF.load()
-    loaded = time.perf_counter() - start
-    btf.member_offset("sock_common", "skc_num")  # builds the name index
-    btf.enum_value("TCP_ESTABLISHED")  # builds the enumerator index
-    total = time.perf_counter() - start
+    assert btf.member_offset("sock_common", "skc_num") >= 0  # builds the name index
+    assert btf.enum_value("TCP_ESTABLISHED") == 1  # builds the enumerator index
     assert len(btf) > 10_000
-    assert loaded < 1.0, f"loading vmlinux BTF took {loaded:.3f}s"
-    assert total < 2.0, f"loading + indexing vmlinux BTF took {total:.3f}s"
+
+
+def test_tracepoint_args(kbtf: BTF) -> None:
+    """Raw tracepoint prototypes (btf_trace_<event>), without `void *__data`."""
+    assert kbtf.tracepoint_args("inet_sock_set_state") == ["const struct sock *", "const int", "const int"]
+    assert kbtf.tracepoint_args("tcp_receive_reset") == ["struct sock *"]
+    assert kbtf.tracepoint_args("no_such_event") is None
 
 
 def test_default_path_is_vmlinux(kbtf: BTF) -> None:

@@ -131,3 +131,55 @@ def test_candidates_match_the_bpf_sources():
             assert re.search(rf"\b{c.hook}\b", text), f"no program increments {c.hook}"
             for _, _, fn in c.probes:
                 assert fn in defined, fn
+
+
+# Raw tracepoint arguments, as BTF spells the prototypes (without `void *__data`).
+PROTOS_6_18 = {
+    "sock:inet_sock_set_state": ["const struct sock *", "const int", "const int"],
+    "skb:kfree_skb": ["struct sk_buff *", "void *", "enum skb_drop_reason", "struct sock *"],
+    "tcp:tcp_send_reset": ["const struct sock *", "const struct sk_buff *", "const enum sk_rst_reason"],
+    "tcp:tcp_receive_reset": ["struct sock *"],
+    "tcp:tcp_retransmit_skb": ["const struct sock *", "const struct sk_buff *", "int"],
+}
+
+
+def test_raw_tracepoint_arguments_found_by_type():
+    got = {t: hooks.raw_arg_positions(t, a) for t, a in PROTOS_6_18.items()}
+    assert got["sock:inet_sock_set_state"] == {"SK": 0, "OLDSTATE": 1, "NEWSTATE": 2}
+    assert got["skb:kfree_skb"] == {"SKB": 0, "REASON": 2, "RX_SK": 3}
+    assert got["tcp:tcp_send_reset"] == {"SK": 0, "SKB": 1}
+    # 6.1: tcp_send_reset(sk, skb) without a reason: the same positions
+    assert hooks.raw_arg_positions("tcp:tcp_send_reset", ["const struct sock *", "const struct sk_buff *"]) == \
+        {"SK": 0, "SKB": 1}
+
+
+def test_raw_tracepoint_refused_when_absent_or_ambiguous():
+    assert hooks.raw_arg_positions("tcp:tcp_receive_reset", None) is None  # no btf_trace_ typedef
+    assert hooks.raw_arg_positions("tcp:tcp_receive_reset", ["struct sk_buff *"]) is None  # no socket
+    # two sockets where one is wanted: which one is meant cannot be told
+    assert hooks.raw_arg_positions("tcp:tcp_receive_reset", ["struct sock *", "struct sock *"]) is None
+    assert hooks.raw_arg_positions("sock:inet_sock_set_state", ["const struct sock *", "int", "int", "int"]) is None
+
+
+def test_plan_compiles_raw_tracepoints_only_where_the_prototype_is_known():
+    o = offer(kprobes=False, fentry=False)
+    o.raw_args = {t: hooks.raw_arg_positions(t, a) for t, a in PROTOS_6_18.items() if t != "tcp:tcp_receive_reset"}
+    plan = hooks.select(o)
+    d = plan.defines()
+    assert d["TC_RAW_INET_SOCK_SET_STATE"] == 1 and d["TC_RAW_INET_SOCK_SET_STATE_NEWSTATE"] == 2
+    assert d["TC_RAW_KFREE_SKB_RX_SK"] == 3
+    assert "TC_RAW_TCP_RECEIVE_RESET" not in d
+    attach = {c.logical: c.as_dict()["attach"] for c in plan.choices}
+    assert attach["set_state"] == "raw_tracepoint" and attach["receive_reset"] == "tracepoint"
+    assert attach["connect"] is None
+    fe = {c.logical: c.as_dict()["attach"] for c in hooks.select(offer()).choices}
+    assert fe["set_state"] == "fentry/fexit"
+
+
+def test_every_raw_argument_is_used_by_the_bpf_sources():
+    text = (bpf_dir() / "tracepoints.bpf.c").read_text()
+    for target, args in hooks.RAW_ARGS.items():
+        event = target.split(":")[1].upper()
+        assert re.search(rf"#ifdef TC_RAW_{event}\b", text), event
+        for name, _, _ in args:
+            assert re.search(rf"TC_RAW_ARG\({event}, {name}\)", text), (event, name)
