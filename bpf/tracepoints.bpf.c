@@ -40,6 +40,10 @@ TRACEPOINT_PROBE(skb, kfree_skb)
 TRACEPOINT_PROBE(tcp, tcp_send_reset)
 {
 	tc_fired(TC_HOOK_TP_SEND_RESET);
+	/* the client's side of a collision starts here (a SYN-SENT socket
+	 * resetting a challenge ACK); any other reset matters only on a tracked tuple */
+	if (tc_on_client_reset(args, args->skaddr, args->skbaddr, TC_HOOK_TP_SEND_RESET))
+		return 0;
 	return tc_on_tracked(args, args->skaddr, TC_EV_RST_SENT, TC_HOOK_TP_SEND_RESET, -1, -1,
 			     tc_rst_seq(args->skbaddr));
 }
