@@ -113,6 +113,12 @@ def read_header(f: BinaryIO) -> dict:
     for key in ("tcp_states", "backend", "clock_offset_ns"):
         if key not in head:
             raise RecordingError(len(MAGIC), f"header lacks {key!r}")
+    try:
+        states = {int(k): v for k, v in head["tcp_states"].items()}
+        if not all(isinstance(v, str) for v in states.values()):
+            raise ValueError
+    except (AttributeError, TypeError, ValueError):
+        raise RecordingError(len(MAGIC), "corrupt header (tcp_states is not a map of state numbers to names)") from None
     return head
 
 
