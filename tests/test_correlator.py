@@ -765,3 +765,26 @@ def test_verbose_events_name_hook_backend_and_states():
     assert ev["oldstate_name"] == "SYN_SENT" and ev["skaddr"] == f"{col.client_sk:#x}"
     assert (ev["seq"], ev["ack"]) == (col.snd_nxt, col.rcv_nxt) and ev["flag_names"] == ["syn_stamp"]
     assert {"cpu", "ts_ns", "t_ms", "netns", "local", "remote"} <= set(ev)
+
+
+def test_text_report_of_the_client_view_is_inert():
+    """Synthetic: the readable report of a client-view incident (no lingering
+    state, a hostile process name) draws and stays inert; event lines too."""
+    import io
+
+    from tracer.render import TextWriter
+    from tracer.report import event_stream_record
+
+    col = Collision()
+    seq = col.client_sequence()
+    seq[0] = col.client_challenged(seq[0].ts_ns, syn_ts=T0, conn_pid=9, conn_comm="evil\x1b]0;x\x07")
+    _, [inc] = correlate(seq)
+    out = io.StringIO()
+    w = TextWriter(out, color=False, width=120)
+    w.write(collision_record(inc, CLOCK, "tracepoint", verbose=True, states=STATES))
+    w.write(event_stream_record(seq[0], CLOCK, STATES))
+    text = out.getvalue()
+    assert "\x1b" not in text and "\x07" not in text
+    assert "client view" in text and "connecting process: evil\\x1b]0;x\\x07 (pid 9)" in text
+    assert "old connection held by the remote server 127.0.0.1:12345" in text
+    assert "client_challenged" in text and "SYN_SENT" in text
