@@ -266,21 +266,27 @@ static __always_inline int tc_challenge_passed(__u32 last_oow, __u32 now_j)
  * are registered too: the hooks count firing on tracked tuples (tc_on_tracked),
  * and the self-test's collision runs in a namespace of its own; their events
  * are dropped by the filters in tc_fill_sock() like any other. */
+static __always_inline void tc_open_window(void)
+{
+	int until = TC_WIN_UNTIL;
+	__u64 *u = tracking.lookup(&until);
+	__u64 until_j = bpf_jiffies64() + TC_TRACKING_J;
+
+	if (u && *u < until_j)
+		*u = until_j;
+}
+
 static __always_inline void tc_track(const struct tc_tuple *t, __u64 skaddr)
 {
 	struct tc_track tr = {};
 	struct tc_track *old;
-	int until = TC_WIN_UNTIL;
-	__u64 *u = tracking.lookup(&until);
-	__u64 until_j = bpf_jiffies64() + TC_TRACKING_J;
 
 	tr.first_ns = bpf_ktime_get_ns();
 	tr.skaddr = skaddr;
 	old = tracked.lookup(t);
 	if (!old || old->skaddr != skaddr)
 		tracked.update(t, &tr);
-	if (u && *u < until_j)
-		*u = until_j;
+	tc_open_window();
 }
 
 /* A SYN was dropped by a socket that is not listening (skb drop reason
@@ -512,4 +518,87 @@ static __always_inline int tc_on_queued(void *ctx, const void *listener, const v
 		ev.backlog += 1;
 	events.perf_submit(ctx, &ev, sizeof(ev));
 	return 0;
+}
+
+/* The client's side of a collision, seen from the client's own kernel.
+ *
+ * A SYN-SENT socket that receives an ACK not acknowledging its SYN (the
+ * challenge ACK of a remote socket that still holds the tuple) makes
+ * tcp_rcv_synsent_state_process() return 1, and tcp_v4/v6_do_rcv() answer
+ * with a RST from this socket (tcp_v4/v6_send_reset(sk, skb): `sk` is the
+ * connecting socket, `skb` the ACK). Nothing else makes a SYN-SENT socket
+ * reset a bare ACK, so only this narrow case streams anything.
+ *
+ * The event carries the ACK's numbers as received (its seq is the remote
+ * socket's snd_nxt, its ack the RST's seq) and the time since the first SYN:
+ * tcp_connect() sets tp->retrans_stamp to tcp_time_stamp_ts() when it sends
+ * the SYN, milliseconds of tcp_clock_ns() (ktime_get_ns(), the clock of
+ * bpf_ktime_get_ns()) truncated to 32 bits, or microseconds when the route
+ * negotiated usec timestamps (tp->tcp_usec_ts, Linux >= 6.7); a retransmission
+ * keeps it. The tuple is registered in `tracked` (server = the remote end) so
+ * the client's retransmissions and state changes reach user space.
+ *
+ * Returns 1 when it handled the reset (submitted, or filtered out), 0 when
+ * the reset is something else. */
+static __always_inline int tc_on_client_reset(void *ctx, const void *sk, const void *skb, __u32 hook)
+{
+	struct tc_event ev = {};
+	struct tc_tuple t = {};
+	struct tc_track tr = {};
+	const unsigned char *th;
+	__u8 state = 0, flags = 0;
+	__u32 seq_be = 0, ack_be = 0, stamp = 0;
+
+	if (!sk)
+		return 0;
+	tc_read(state, sk, OFF_SKC_STATE);
+	if (state != K_TCP_SYN_SENT)
+		return 0;
+	th = tc_tcp_header(skb);
+	if (!th)
+		return 0;
+	/* struct tcphdr: the flags byte is byte 13 (FIN 1, SYN 2, RST 4, ACK 16) */
+	bpf_probe_read_kernel(&flags, 1, th + 13);
+	if ((flags & 0x16) != 0x10) /* ACK without SYN or RST */
+		return 0;
+	if (tc_fill_sock(sk, &ev))
+		return 1;
+	ev.type = TC_EV_CLIENT_CHALLENGED;
+	ev.hook = hook;
+	bpf_probe_read_kernel(&seq_be, 4, th + 4);
+	bpf_probe_read_kernel(&ack_be, 4, th + 8);
+	ev.seq = __builtin_bswap32(seq_be);
+	ev.ack = __builtin_bswap32(ack_be);
+	tc_read(stamp, sk, OFF_TP_RETRANS_STAMP);
+	if (stamp) {
+		__u64 unit = 1000000, now_units, syn_ns;
+#ifdef OFF_TP_USEC_TS
+		__u8 bits = 0;
+
+		tc_read(bits, sk, OFF_TP_USEC_TS);
+		if (bits & TC_TP_USEC_TS_MASK)
+			unit = 1000;
+#endif
+		now_units = ev.ts_ns / unit;
+		/* the stamp is the low 32 bits of the SYN's time in `unit`s, truncated:
+		 * the SYN left within that unit; take its middle */
+		syn_ns = (now_units - (__u32)((__u32)now_units - stamp)) * unit + unit / 2;
+		if (syn_ns <= ev.ts_ns && ev.ts_ns - syn_ns < 3600ULL * 1000000000ULL) {
+			ev.age_ns = ev.ts_ns - syn_ns;
+			ev.flags |= TC_F_SYN_STAMP;
+		} else if (syn_ns > ev.ts_ns && syn_ns - ev.ts_ns <= unit / 2) {
+			ev.age_ns = 0; /* the SYN left in this very unit */
+			ev.flags |= TC_F_SYN_STAMP;
+		}
+	}
+	/* a collision the server's side already registered keeps its entry */
+	tc_tuple_of(&ev, 0, &t);
+	if (!tracked.lookup(&t)) {
+		tr.first_ns = ev.ts_ns;
+		tr.skaddr = ev.skaddr;
+		tracked.update(&t, &tr);
+	}
+	tc_open_window();
+	events.perf_submit(ctx, &ev, sizeof(ev));
+	return 1;
 }

@@ -20,6 +20,8 @@ enum tc_event_type {
 	TC_EV_RETRANSMIT = 5,     /* a socket on a tracked tuple retransmitted (the client's SYN) */
 	TC_EV_QUEUED = 6,         /* a child on a tracked tuple was added to its listener's accept queue */
 	TC_EV_CHALLENGE_ACK = 7,  /* tcp_send_challenge_ack() returned for a socket on a tracked tuple */
+	TC_EV_CLIENT_CHALLENGED = 8, /* a socket in SYN-SENT answered with RST a bare ACK that does not
+				      * acknowledge its SYN: the client's side of a collision */
 };
 
 /* Which kernel hook produced the event. */
@@ -51,6 +53,7 @@ enum tc_flag {
 	TC_F_CHALLENGE_PASSED = 2,  /* the per-socket challenge-ACK rate limiter let the ACK through now */
 	TC_F_AGE_JIFFIES = 4,       /* age_jiffies is valid (tp->rcv_tstamp was set) */
 	TC_F_CHALLENGE_SEEN = 8,    /* the challenge is reported separately (TC_EV_CHALLENGE_ACK) */
+	TC_F_SYN_STAMP = 16,        /* CLIENT_CHALLENGED: age_ns is the time since the client's first SYN */
 };
 
 /* The entries of map `tracking` (bpf/collide.bpf.h): whether the hooks look
@@ -63,14 +66,17 @@ enum tc_window {
 struct tc_event {
 	__u64 ts_ns;       /* bpf_ktime_get_ns(): CLOCK_MONOTONIC, nanoseconds */
 	__u64 skaddr;      /* kernel address of the socket (an identity, never dereferenced) */
-	__u64 age_ns;      /* TC_F_AGE_OBSERVED: nanoseconds since the socket entered CLOSE_WAIT (old recordings) */
+	__u64 age_ns;      /* TC_F_AGE_OBSERVED: nanoseconds since the socket entered CLOSE_WAIT (old recordings);
+			    * TC_F_SYN_STAMP: nanoseconds since the connecting socket sent its first SYN */
 	__u32 netns;       /* inode number of the socket's network namespace */
 	__u32 type;        /* enum tc_event_type */
 	__u32 hook;        /* enum tc_hook */
 	__u32 cpu;         /* CPU the hook ran on */
 	__u32 pid;         /* current task's tgid when the hook fired (often softirq context) */
-	__u32 seq;         /* SYN_CHALLENGED: socket's snd_nxt; RST_SENT: the RST's sequence number */
-	__u32 ack;         /* SYN_CHALLENGED: socket's rcv_nxt (the challenge ACK's ack number) */
+	__u32 seq;         /* SYN_CHALLENGED: socket's snd_nxt; RST_SENT: the RST's sequence number;
+			    * CLIENT_CHALLENGED: the received ACK's sequence number */
+	__u32 ack;         /* SYN_CHALLENGED: socket's rcv_nxt (the challenge ACK's ack number);
+			    * CLIENT_CHALLENGED: the received ACK's ack number (= the RST's sequence number) */
 	__u32 age_jiffies; /* TC_F_AGE_JIFFIES: jiffies since the socket last accepted an ACK */
 	__u32 sk_ino;      /* inode of the socket's struct socket, 0 when it has none */
 	__u32 flags;       /* enum tc_flag bits */

@@ -79,12 +79,20 @@ TRACEPOINT_PROBE(skb, kfree_skb)
 #ifdef TC_RAW_TCP_SEND_RESET
 RAW_TRACEPOINT_PROBE(tcp_send_reset)
 {
-	return tc_on_tracked(ctx, (const void *)TC_RAW_ARG(TCP_SEND_RESET, SK), TC_EV_RST_SENT, TC_HOOK_TP_SEND_RESET,
-			     -1, -1, (const void *)TC_RAW_ARG(TCP_SEND_RESET, SKB));
+	const void *sk = (const void *)TC_RAW_ARG(TCP_SEND_RESET, SK);
+	const void *skb = (const void *)TC_RAW_ARG(TCP_SEND_RESET, SKB);
+
+	/* the client's side of a collision starts here (a SYN-SENT socket
+	 * resetting a challenge ACK); any other reset matters only on a tracked tuple */
+	if (tc_on_client_reset(ctx, sk, skb, TC_HOOK_TP_SEND_RESET))
+		return 0;
+	return tc_on_tracked(ctx, sk, TC_EV_RST_SENT, TC_HOOK_TP_SEND_RESET, -1, -1, skb);
 }
 #else
 TRACEPOINT_PROBE(tcp, tcp_send_reset)
 {
+	if (tc_on_client_reset(args, args->skaddr, args->skbaddr, TC_HOOK_TP_SEND_RESET))
+		return 0;
 	return tc_on_tracked(args, args->skaddr, TC_EV_RST_SENT, TC_HOOK_TP_SEND_RESET, -1, -1, args->skbaddr);
 }
 #endif

@@ -53,6 +53,7 @@ HZ: int = load_fixture(FIXTURES[0])["hz"]
 F_OBSERVED = FLAGS["TC_F_AGE_OBSERVED"]
 F_PASSED = FLAGS["TC_F_CHALLENGE_PASSED"]
 F_JIFFIES = FLAGS["TC_F_AGE_JIFFIES"]
+F_SYN_STAMP = FLAGS["TC_F_SYN_STAMP"]
 
 T0 = 5_000 * S  # an arbitrary kernel monotonic time for synthetic streams
 
@@ -124,6 +125,19 @@ class Collision:
         return self.client_ev("rst_sent", ts, "SYN_SENT", hook="tp_send_reset",
                               seq=self.rcv_nxt if seq is None else seq)
 
+    def client_challenged(self, ts: int, syn_ts: int | None = None, seq: int | None = None, ack: int | None = None,
+                          **kw) -> Event:
+        """The client's SYN-SENT socket resets the challenge ACK it received
+        (tcp:tcp_send_reset): the ACK's numbers as received, and the time
+        since the client's first SYN (tp->retrans_stamp) when `syn_ts` is given."""
+        flags = F_SYN_STAMP if syn_ts is not None else 0
+        return self.client_ev("client_challenged", ts, "SYN_SENT", hook="tp_send_reset",
+                              seq=self.snd_nxt if seq is None else seq, ack=self.rcv_nxt if ack is None else ack,
+                              age_ns=ts - syn_ts if syn_ts is not None else 0, flags=flags, **kw)
+
+    def client_gave_up(self, ts: int) -> Event:
+        return self.client_ev("state", ts, "SYN_SENT", "CLOSE")
+
     def rst_received(self, ts: int) -> Event:
         return self.server_ev("rst_received", ts, "CLOSE_WAIT", hook="tp_receive_reset")
 
@@ -156,6 +170,25 @@ class Collision:
             self.child_syn_recv(t1 + 134_000),
             self.server_established(t1 + 149_000),
         ]
+
+
+    def client_sequence(self, t0: int = T0, retry_after: int = 11 * MS, rtt: int = 36_000) -> list[Event]:
+        """What the client's kernel alone reports (the server traced elsewhere):
+        its first SYN left at t0, the challenge ACK came back `rtt` later and
+        was reset, the SYN was retried and the connection established."""
+        t1 = t0 + rtt + retry_after
+        return [
+            self.client_challenged(t0 + rtt, syn_ts=t0),
+            self.retransmit(t1),
+            self.client_established(t1 + 95_000),
+        ]
+
+    def both_sequence(self, t0: int = T0, retry_after: int = 11 * MS) -> list[Event]:
+        """Both ends traced on one host, as the current BPF side reports them:
+        the client's reset is a `client_challenged` event (its SYN left 20 us
+        before the server's kernel dropped it)."""
+        seq = self.seed_sequence(t0, retry_after)
+        return [self.client_challenged(e.ts_ns, syn_ts=t0 - 20_000) if e.type == "rst_sent" else e for e in seq]
 
 
 def churn(n: int, t0: int = T0, seed: int = 1, server_port: int = 12345, step_ns: int = 10_000) -> list[Event]:

@@ -593,3 +593,198 @@ def test_no_challenge_ack_when_rate_limited():
     _, [inc] = correlate([col.syn_challenged(T0, passed=False)])
     assert names(inc) == ["syn"]
     assert "No challenge ACK" in record(inc)["explanation"]
+
+
+# -- synthetic: the client's view (issue 7) --------------------------------------------
+# All synthetic streams: Events built by tests/synthetic.py, no kernel.
+
+CLIENT_STEPS = ["syn", "challenge_ack", "rst", "retry_syn", "established"]
+
+
+def test_client_view_alone_is_one_recovered_incident():
+    """Synthetic: only the client's kernel is traced (the server is remote)."""
+    col = Collision(server_ip="10.0.0.1", client_ip="10.0.0.2", client_netns=4026530001)
+    seq = col.client_sequence(T0, retry_after=13 * MS)
+    c = Correlator(STATES, hz=HZ)
+    done = []
+    for ev in seq:
+        done += c.feed(ev)
+    [inc] = done  # complete once the client is established: no server end to wait for
+    assert inc.view == "client" and inc.ended_by == "complete"
+    assert (inc.server, inc.client) == ("10.0.0.1:12345", "10.0.0.2:39836")
+    assert names(inc) == CLIENT_STEPS
+    assert inc.first_ns == T0  # the client's first SYN, not the challenge
+    assert inc.penalty_ns == seq[-1].ts_ns - T0
+    assert inc.outcome_detail == "recovered_fast"
+    rec = record(inc)
+    assert rec["view"] == "client" and rec["netns"] is None and rec["client_netns"] == 4026530001
+    assert rec["lingering_state"] is None and rec["syn_hits"] == 1 and rec["challenge_acks_received"] == 1
+    assert rec["penalty_ms"] == pytest.approx((seq[-1].ts_ns - T0) / 1e6, abs=1e-3)
+    by = {s["step"]: s for s in rec["steps"]}
+    assert by["syn"] == {"step": "syn", "t_ms": 0.0, "seen_at": "client", "sent": True}
+    assert (by["challenge_ack"]["seq"], by["challenge_ack"]["ack"]) == (col.snd_nxt, col.rcv_nxt)
+    assert by["challenge_ack"]["t_ms"] == 0.036
+    assert by["rst"]["seq"] == col.rcv_nxt and by["rst"]["in_window"] is None  # no server end to compare with
+    assert by["retry_syn"]["reached"] == "listener"
+    assert ("The server at 10.0.0.1:12345 still holds an old connection from this port in CLOSE_WAIT: its "
+            "application is not closing sockets") in rec["explanation"]
+    assert "13" in rec["explanation"] or "ms" in rec["explanation"]
+
+
+def test_client_view_without_a_syn_stamp_starts_at_the_challenge():
+    """Synthetic: no tp->retrans_stamp (flag unset): the timeline starts at the reset."""
+    col = Collision()
+    ev = col.client_challenged(T0)
+    _, [inc] = correlate([ev, col.retransmit(T0 + 11 * MS), col.client_established(T0 + 12 * MS)])
+    assert names(inc) == ["challenge_ack", "rst", "retry_syn", "established"]
+    assert inc.penalty_ns == 12 * MS
+
+
+@pytest.mark.parametrize("order", ["timestamp", "client_first"])
+def test_both_ends_make_one_incident(order):
+    """Synthetic: both ends on the traced host merge into one `both` incident,
+    whichever end's event is fed first."""
+    col = Collision()
+    seq = col.both_sequence()
+    if order == "client_first":  # e.g. the server's event delayed past the reorder window
+        seq[0], seq[1] = seq[1], seq[0]
+    c, incidents = correlate(seq)
+    [inc] = incidents
+    assert inc.view == "both"
+    assert inc.closewait["skaddr"] == col.closewait_sk and inc.lingering_state == "CLOSE_WAIT"
+    assert inc.client_sk == col.client_sk and inc.challenges_received == 1
+    assert inc.outcome == "recovered"
+    rec = record(inc)
+    assert rec["view"] == "both" and rec["netns"] == col.netns and rec["client_netns"] == col.client_netns
+    ack = next(s for s in rec["steps"] if s["step"] == "challenge_ack")
+    assert (ack["received_seq"], ack["received_ack"], ack["matches_server"]) == (col.snd_nxt, col.rcv_nxt, True)
+    rst = next(s for s in rec["steps"] if s["step"] == "rst")
+    assert rst["in_window"] is True and rst["seen_at"] == "client"
+    assert "never called close()" in rec["explanation"]  # the server side's explanation, with its culprit
+
+
+def test_both_ends_rewritten_numbers_are_told():
+    """Synthetic: the client received other numbers than the server sent."""
+    col = Collision()
+    seq = [col.client_challenged(e.ts_ns, syn_ts=T0 - 1000, seq=col.snd_nxt + 7) if e.type == "rst_sent" else e
+           for e in col.seed_sequence()]
+    _, [inc] = correlate(seq)
+    rec = record(inc)
+    ack = next(s for s in rec["steps"] if s["step"] == "challenge_ack")
+    assert ack["matches_server"] is False and ack["received_seq"] == col.snd_nxt + 7
+    assert "rewrites sequence numbers" in rec["explanation"]
+
+
+def test_server_only_view():
+    """Synthetic: the server's namespace alone (no client event)."""
+    col = Collision()
+    seq = [e for e in col.seed_sequence() if e.skaddr != col.client_sk]
+    _, [inc] = correlate(seq)
+    assert inc.view == "server" and record(inc)["view"] == "server"
+    assert inc.challenges_received == 0
+
+
+def test_client_view_stuck_when_the_challenges_go_on():
+    """Synthetic: every SYN of the client meets the old connection again."""
+    col = Collision()
+    t = T0
+    seq = [col.client_challenged(t + 36_000, syn_ts=t)]
+    for n in range(1, 4):
+        t_retry = T0 + n * S
+        seq += [col.retransmit(t_retry), col.client_challenged(t_retry + 36_000, syn_ts=T0)]
+    _, [inc] = correlate(seq)
+    assert inc.view == "client" and inc.ended_by == "flush"
+    assert inc.outcome == "stuck" and inc.syn_hits == 4 and inc.challenges_received == 4
+    retries = [s for s in inc.steps if s.name == "retry_syn"]
+    assert [r.detail["reached"] for r in retries] == ["lingering socket"] * 3
+    assert "yet the server kept answering" in record(inc)["explanation"]
+
+
+def test_client_view_gave_up():
+    """Synthetic: the client closes its SYN-SENT socket (connect timeout)."""
+    col = Collision()
+    seq = [col.client_challenged(T0 + 36_000, syn_ts=T0), col.retransmit(T0 + S), col.client_gave_up(T0 + 2 * S)]
+    c = Correlator(STATES, hz=HZ)
+    done = [i for ev in seq for i in c.feed(ev)]
+    [inc] = done
+    assert inc.outcome == "gave_up" and inc.outcome_detail == "client_gave_up" and inc.view == "client"
+
+
+def test_client_view_after_rto():
+    """Synthetic: a client that waits a full RTO (1 s) before retrying."""
+    col = Collision()
+    _, [inc] = correlate(col.client_sequence(T0, retry_after=S))
+    assert inc.outcome_detail == "recovered_after_rto"
+    assert 1 * S < inc.penalty_ns < 1.2 * S
+
+
+def test_client_view_new_socket_on_the_same_tuple_is_a_new_incident():
+    """Synthetic: a second connecting socket from the same port is a repeat (same
+    port), never the same socket: there is no lingering socket in the client view."""
+    col = Collision()
+    first = col.client_challenged(T0 + 36_000, syn_ts=T0)
+    col2 = dataclasses.replace(col, client_sk=col.client_sk + 0x1000)
+    second = col2.client_challenged(T0 + S, syn_ts=T0 + S - 36_000)
+    c, incidents = correlate([first, second, col2.retransmit(T0 + S + 11 * MS),
+                              col2.client_established(T0 + S + 12 * MS)])
+    assert [i.ended_by for i in incidents] == ["superseded", "complete"]
+    assert incidents[1].repeat_of == {"id": incidents[0].id, "same": "port"}
+    # two client-view incidents on different tuples are never taken for repeats
+    other = dataclasses.replace(col, client_port=40001, client_sk=0xFFFF888100777000)
+    _, [a, b] = correlate(col.client_sequence(T0) + other.client_sequence(T0 + S))
+    assert a.repeat_of is None and b.repeat_of is None
+
+
+def test_client_process_from_the_connect_hook():
+    """Synthetic: kprobe/fentry backends name the connecting process in the event."""
+    col = Collision()
+    seq = col.client_sequence()
+    seq[0] = col.client_challenged(seq[0].ts_ns, syn_ts=T0, conn_pid=4242, conn_comm="curl\x1b[31m")
+    _, [inc] = correlate(seq)
+    rec = record(inc)
+    assert rec["client_process"] == {"pid": 4242, "comm": "curl\x1b[31m"}
+    assert "(curl\x1b[31m, pid 4242)" in rec["explanation"]
+
+
+def test_client_process_from_the_host_context():
+    """Synthetic: the tracepoint backend finds it by the socket's inode (context)."""
+    col = Collision()
+    _, [inc] = correlate(col.client_sequence())
+    rec = collision_record(inc, CLOCK, "tracepoint", context={"client_process": {"pid": 7, "comm": "wget"}})
+    assert rec["client_process"] == {"pid": 7, "comm": "wget"} and "(wget, pid 7)" in rec["explanation"]
+
+
+def test_verbose_events_name_hook_backend_and_states():
+    """Synthetic: -v attaches the raw events, with what research needs."""
+    col = Collision()
+    _, [inc] = correlate(col.both_sequence())
+    rec = collision_record(inc, CLOCK, "tracepoint", verbose=True, states=STATES)
+    assert len(rec["events"]) == len(col.both_sequence())
+    ev = next(e for e in rec["events"] if e["type"] == "client_challenged")
+    assert ev["hook"] == "tp_send_reset" and ev["backend"] == "tracepoint"
+    assert ev["oldstate_name"] == "SYN_SENT" and ev["skaddr"] == f"{col.client_sk:#x}"
+    assert (ev["seq"], ev["ack"]) == (col.snd_nxt, col.rcv_nxt) and ev["flag_names"] == ["syn_stamp"]
+    assert {"cpu", "ts_ns", "t_ms", "netns", "local", "remote"} <= set(ev)
+
+
+def test_text_report_of_the_client_view_is_inert():
+    """Synthetic: the readable report of a client-view incident (no lingering
+    state, a hostile process name) draws and stays inert; event lines too."""
+    import io
+
+    from tracer.render import TextWriter
+    from tracer.report import event_stream_record
+
+    col = Collision()
+    seq = col.client_sequence()
+    seq[0] = col.client_challenged(seq[0].ts_ns, syn_ts=T0, conn_pid=9, conn_comm="evil\x1b]0;x\x07")
+    _, [inc] = correlate(seq)
+    out = io.StringIO()
+    w = TextWriter(out, color=False, width=120)
+    w.write(collision_record(inc, CLOCK, "tracepoint", verbose=True, states=STATES))
+    w.write(event_stream_record(seq[0], CLOCK, STATES))
+    text = out.getvalue()
+    assert "\x1b" not in text and "\x07" not in text
+    assert "client view" in text and "connecting process: evil\\x1b]0;x\\x07 (pid 9)" in text
+    assert "old connection held by the remote server 127.0.0.1:12345" in text
+    assert "client_challenged" in text and "SYN_SENT" in text

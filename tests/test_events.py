@@ -103,11 +103,11 @@ def test_every_header_field_is_an_event_attribute():
 
 def test_enums_from_header():
     assert set(EVENT_TYPES.values()) == {"syn_challenged", "rst_sent", "rst_received", "state", "retransmit", "queued",
-                                        "challenge_ack"}
+                                        "challenge_ack", "client_challenged"}
     assert EVENT_TYPES[ENUMS["tc_event_type"]["TC_EV_SYN_CHALLENGED"]] == "syn_challenged"
     assert set(HOOKS.values()) >= {"tp_kfree_skb", "tp_set_state", "tp_send_reset", "tp_receive_reset"}
     assert FLAGS == {"TC_F_AGE_OBSERVED": 1, "TC_F_CHALLENGE_PASSED": 2, "TC_F_AGE_JIFFIES": 4,
-                     "TC_F_CHALLENGE_SEEN": 8}
+                     "TC_F_CHALLENGE_SEEN": 8, "TC_F_SYN_STAMP": 16}
 
 
 def test_correlator_handles_every_event_type():
@@ -220,7 +220,7 @@ def test_decode_rejects_short_records():
             decode(raw[:n])
 
 
-@pytest.mark.parametrize("value", [0, 8, 99, 0xFFFFFFFF])
+@pytest.mark.parametrize("value", [0, 9, 99, 0xFFFFFFFF])
 def test_decode_rejects_unknown_type(value):
     assert value not in EVENT_TYPES
     with pytest.raises(DecodeError, match="type"):

@@ -34,13 +34,26 @@ enum {
 
 def test_btf_defines_every_macro():
     d = offsets.btf_defines(BTF.load())
-    assert {f.macro for f in offsets.FIELDS} | {m for m, _, _ in offsets.ENUMS} | {offsets.SOCKET_INODE[0]} == set(d)
+    required = {f.macro for f in offsets.FIELDS} | {m for m, _, _ in offsets.ENUMS} | {offsets.SOCKET_INODE[0]}
+    assert required <= set(d) and set(d) - required <= set(offsets.OPTIONAL_MACROS)
     assert d["K_TCP_CLOSE_WAIT"] == 8 and d["OFF_SKC_FAMILY"] > 0
+
+
+def test_usec_ts_bitfield_byte_and_mask():
+    """tp->tcp_usec_ts is a one-bit bitfield: the byte that holds it and the bit's mask."""
+    btf = BTF.load()
+    if not btf.has_member("tcp_sock", "tcp_usec_ts"):
+        assert offsets.usec_ts_defines(btf) == {}
+        return
+    bit = btf.member_bit_offset("tcp_sock", "tcp_usec_ts")
+    d = offsets.usec_ts_defines(btf)
+    assert d["OFF_TP_USEC_TS"] * 8 + d["TC_TP_USEC_TS_MASK"].bit_length() - 1 == bit
+    assert btf.member_type("tcp_sock", "tcp_usec_ts")
 
 
 def test_header_defines_are_expressions_for_the_same_macros():
     h = offsets.header_defines()
-    assert set(h) == set(offsets.btf_defines(BTF.load()))
+    assert set(h) == set(offsets.btf_defines(BTF.load())) - set(offsets.OPTIONAL_MACROS)
     assert h["OFF_TP_SND_NXT"] == "__builtin_offsetof(struct tcp_sock, snd_nxt)"
     assert h["K_TCP_CLOSE_WAIT"] == "TCP_CLOSE_WAIT"
 

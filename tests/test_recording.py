@@ -147,3 +147,21 @@ def test_a_recording_cut_inside_an_event_still_reports_the_first_incident(tmp_pa
     got, _, err = run(path)
     assert err is not None and "truncated event frame" in err
     assert got[0] == printed[0]
+
+
+def test_replay_of_client_and_both_views_with_all_events(tmp_path):
+    """Synthetic: recordings carry the client's event type; a replay with
+    --all-events streams every event, then the same collisions."""
+    a = Collision(server_ip="10.0.0.1", client_ip="10.0.0.2")
+    b = Collision(client_port=40000, closewait_sk=a.closewait_sk + 0x1000, client_sk=a.client_sk + 0x1000)
+    events = a.client_sequence() + b.both_sequence(t0=T0 + 2 * S)
+    path = tmp_path / "r.rec"
+    printed = make(path, events)
+    assert [r["view"] for r in printed] == ["client", "both"]
+    out: list[dict] = []
+    replay(str(path), out.append, all_events=True)
+    streamed = [r for r in out if r["type"] == "event"]
+    assert [r["ts_ns"] for r in streamed] == [e.ts_ns for e in events]
+    assert streamed[0]["event"] == "client_challenged" and streamed[0]["backend"] == "tracepoint"
+    assert streamed[0]["oldstate_name"] == "SYN_SENT" and streamed[0]["local"] == a.client
+    assert [r for r in out if r["type"] == "collision"] == printed

@@ -537,6 +537,10 @@ class BTF:
         """
         return self._byte_member(struct_name, path)[0]
 
+    def member_bit_offset(self, struct_name: str, path: str) -> int:
+        """Bit offset of member *path* in *struct_name* (bitfields allowed)."""
+        return self._resolve_path(struct_name, path)[0]
+
     def member_size(self, struct_name: str, path: str) -> int:
         """Size in bytes of the type of member *path* in *struct_name*."""
         return self.type_size(self._byte_member(struct_name, path)[1])

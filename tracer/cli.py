@@ -108,7 +108,11 @@ def _run(options: Options, sink, on_ready=None, on_idle=None) -> dict | None:
 @click.option("--duration", type=float, callback=_positive, metavar="SECONDS", help="Stop after this long.")
 @click.option("-c", "--count", type=int, callback=_positive, metavar="N", help="Stop after N collisions.")
 @click.option("--json", "as_json", is_flag=True, help="JSON lines on stdout (schema: docs/json-schema.md).")
-@click.option("-v", "--verbose", is_flag=True, help="Attach the raw kernel events to each collision.")
+@click.option("-v", "--verbose", is_flag=True,
+              help="Attach the raw kernel events (hook, backend, CPU, kernel time, socket, states, seq/ack) to each "
+                   "collision.")
+@click.option("--all-events", is_flag=True,
+              help="Also stream every event the kernel side emits (after the filters), as `event` records.")
 @click.option("--backend", type=click.Choice(["auto", "fentry", "kprobe", "tracepoint"]), default="auto",
               show_default=True, help="Force one backend for the hooks it can serve (auto: the best per hook).")
 @click.option("--no-selftest", is_flag=True,
@@ -126,7 +130,7 @@ def _run(options: Options, sink, on_ready=None, on_idle=None) -> dict | None:
               help="Serve Prometheus metrics on HOST:PORT (e.g. 0.0.0.0:9465, [::]:9465).")
 @click.version_option(__version__, prog_name="tcpcollide-trace")
 @click.pass_context
-def main(ctx, port, netns, ipv4, ipv6, duration, count, as_json, verbose, backend, no_selftest, btf,
+def main(ctx, port, netns, ipv4, ipv6, duration, count, as_json, verbose, all_events, backend, no_selftest, btf,
          kernel_types, incident_timeout, no_color, record, metrics):
     """Trace TCP connections whose SYN hits a socket left in CLOSE_WAIT.
 
@@ -134,7 +138,7 @@ def main(ctx, port, netns, ipv4, ipv6, duration, count, as_json, verbose, backen
     IPv6) and report each collision as it completes."""
     options = Options(
         filters=program.Filters(port=port, netns=netns, family=_family(ipv4, ipv6)),
-        backend=backend, btf=btf, duration=duration, count=count, verbose=verbose,
+        backend=backend, btf=btf, duration=duration, count=count, verbose=verbose, all_events=all_events,
         incident_timeout=incident_timeout, selftest=not no_selftest, kernel_types=kernel_types, record=record,
         metrics=metrics,
     )
@@ -167,7 +171,7 @@ def demo(ctx, ipv4, ipv6, timeout):
         _fail(str(e))
     base = ctx.obj["options"]
     options = Options(filters=program.Filters(port=base.filters.port, netns=ns.inode, family=family),
-                      backend=base.backend, btf=base.btf, verbose=base.verbose,
+                      backend=base.backend, btf=base.btf, verbose=base.verbose, all_events=base.all_events,
                       incident_timeout=base.incident_timeout, selftest=base.selftest,
                       kernel_types=base.kernel_types, record=base.record, metrics=base.metrics)
     state: dict = {"collisions": 0, "connected": False}
@@ -322,7 +326,7 @@ def replay_cmd(ctx, recording):
     names its byte offset (exit status 1)."""
     writer = _writer(ctx.obj["as_json"], ctx.obj["no_color"])
     try:
-        replay(recording, writer.write, ctx.obj["options"].verbose)
+        replay(recording, writer.write, ctx.obj["options"].verbose, ctx.obj["options"].all_events)
     except ReplayError as e:
         _fail(str(e))
 

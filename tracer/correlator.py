@@ -8,6 +8,12 @@ A collision is keyed by its connection tuple, oriented server/client: the
 server end owns the lingering socket and the listener, the client end reuses
 the port. Events from both ends (loopback, or two namespaces of one host) land
 on the same incident.
+
+Either end can start it: the server's kernel sees the SYN challenged by its
+lingering socket (`syn_challenged`), the client's kernel sees its SYN-SENT
+socket reset the challenge ACK (`client_challenged`). An incident's `view`
+says which ends were seen: "server", "client", or "both" (one incident, never
+two reports, whichever end's event comes first).
 """
 
 from __future__ import annotations
@@ -72,6 +78,24 @@ class Incident:
     stuck_reason: str | None = None  # why the client kept hitting the socket (also when it then gave up)
     repeat_of: dict | None = None  # {"id": N, "same": "socket" | "port"}: an earlier incident on the same socket or tuple
     last_ns: int = 0
+    seen_server: bool = True  # the server end's evidence: its lingering socket challenged the SYN
+    seen_client: bool = False  # the client end's evidence: its SYN-SENT socket reset a challenge ACK
+    client_sk: int | None = None  # the connecting socket (kernel address), when the client end is traced
+    client_inode: int | None = None  # its struct socket's inode, to find the connecting process
+    challenges_received: int = 0  # challenge ACKs the client received (and answered with RST)
+    client_syn_ns: int | None = None  # when the client sent its first SYN (tp->retrans_stamp)
+
+    @property
+    def view(self) -> str:
+        """Which ends of the collision were traced: "server", "client" or "both"."""
+        if self.seen_server and self.seen_client:
+            return "both"
+        return "client" if self.seen_client else "server"
+
+    @property
+    def home_netns(self) -> int | None:
+        """The namespace the incident was seen in: the server's, else the client's."""
+        return self.netns if self.seen_server else self.client_netns
 
     def step(self, name: str) -> Step | None:
         return next((s for s in self.steps if s.name == name), None)
@@ -143,6 +167,9 @@ class Correlator:
         if ev.type == "syn_challenged":
             done += self._on_syn_challenged(ev)
             return done
+        if ev.type == "client_challenged":
+            done += self._on_client_challenged(ev)
+            return done
         found = self._find(ev)
         if found is None:
             self.ignored_events += 1
@@ -204,6 +231,10 @@ class Correlator:
         key = _key(ev, True)
         done = []
         inc = self.open.get(key)
+        if inc is not None and not inc.seen_server:
+            # the client's end started it (its event came first): the same collision
+            self._adopt_server(inc, ev)
+            return done
         if inc is not None and inc.closewait["skaddr"] != ev.skaddr:
             # a new lingering socket on the same tuple: the port collides again
             done.append(self._close(inc, "superseded"))
@@ -267,10 +298,10 @@ class Correlator:
     def _earlier(self, inc: Incident) -> dict | None:
         """An earlier incident on the same lingering socket, or on the same
         connection tuple (a new lingering socket, the same port again)."""
-        same_socket = self.recent_sockets.get((inc.netns, inc.closewait["skaddr"]))
+        same_socket = self.recent_sockets.get((inc.netns, inc.closewait["skaddr"])) if inc.seen_server else None
         if same_socket is not None:
             return {"id": same_socket, "same": "socket"}
-        same_tuple = self.recent_tuples.get((inc.netns, inc.key))
+        same_tuple = self.recent_tuples.get((inc.home_netns, inc.key))
         if same_tuple is not None:
             return {"id": same_tuple, "same": "port"}
         return None
@@ -285,6 +316,8 @@ class Correlator:
         if local_is_server or self._state(ev.oldstate) != "SYN_SENT":
             return  # only the client's answer to the challenge ACK matters
         inc.client_netns = ev.netns
+        inc.seen_client = True
+        inc.client_sk = inc.client_sk or ev.skaddr
         if not inc.has("rst"):
             inc.add("rst", ev.ts_ns, seq=ev.seq, in_window=ev.seq == inc.closewait["rcv_nxt"], seen_at="client")
 
@@ -346,6 +379,11 @@ class Correlator:
             inc.add("established", ev.ts_ns, end=end)
         else:
             est.detail[f"{end}_ms"] = round((ev.ts_ns - inc.first_ns) / 1e6, 3)
+        if not local_is_server and not inc.seen_server:
+            # a SYN-ACK answered the client: its last SYN reached a listener
+            retry = self._last_unresolved_retry(inc)
+            if retry is not None:
+                retry.detail["reached"] = "listener"
         if local_is_server:
             self._retry_reached_listener(inc, ev)
             if not inc.has("queued"):
@@ -360,6 +398,128 @@ class Correlator:
         if retry is not None:
             retry.detail["reached"] = "listener"
 
+    # -- the client's end ------------------------------------------------------
+
+    def _on_client_challenged(self, ev: Event) -> list[Incident]:
+        """The client's SYN-SENT socket reset a bare ACK that did not
+        acknowledge its SYN: a challenge ACK from a remote socket that still
+        holds the tuple (the client's view of a collision)."""
+        key = _key(ev, False)
+        done: list[Incident] = []
+        inc = self.open.get(key)
+        if inc is not None and inc.seen_client and inc.client_sk not in (None, ev.skaddr):
+            # a new connecting socket on the same tuple: a new attempt, a new incident
+            done.append(self._close(inc, "superseded"))
+            inc = None
+        if inc is not None:
+            if len(inc.events) < MAX_RAW_EVENTS:
+                inc.events.append(ev)
+            inc.last_ns = ev.ts_ns
+            again = inc.seen_client and inc.challenges_received > 0
+            self._client_evidence(inc, ev)
+            if again and not inc.seen_server:
+                # the client's retried SYN met the old connection again
+                inc.syn_hits += 1
+                retry = self._last_unresolved_retry(inc)
+                if retry is None:
+                    retry = inc.add("retry_syn", ev.ts_ns, attempt=inc.syn_hits - 1, seen_at="client")
+                retry.detail["reached"] = "lingering socket"
+                inc.add("challenge_ack", ev.ts_ns, seq=ev.seq, ack=ev.ack, seen_at="client")
+            return done
+        if len(self.open) >= self.max_open:
+            oldest = min(self.open.values(), key=lambda i: i.first_ns)
+            done.append(self._close(oldest, "evicted"))
+        syn_ns = ev.ts_ns - ev.age_ns if ev.has("TC_F_SYN_STAMP") else None
+        first = syn_ns if syn_ns is not None else ev.ts_ns
+        inc = Incident(
+            id=self.next_id,
+            key=key,
+            family=ev.family,
+            server=format_addr(ev.family, ev.raddr, ev.rport),
+            client=format_addr(ev.family, ev.laddr, ev.lport),
+            netns=None,
+            first_ns=first,
+            last_ns=ev.ts_ns,
+            lingering_state=None,
+            closewait={
+                "skaddr": None,
+                "inode": None,
+                "snd_nxt": ev.seq,  # as the challenge ACK carried them
+                "rcv_nxt": ev.ack,
+                "age_s": None,
+                "age_source": "unknown",
+                "unread_bytes": None,
+            },
+            events=[ev],
+            seen_server=False,
+        )
+        self.next_id += 1
+        self._client_evidence(inc, ev)
+        inc.repeat_of = self._earlier(inc)
+        if syn_ns is not None:
+            inc.add("syn", syn_ns, seen_at="client", sent=True)
+        inc.add("challenge_ack", ev.ts_ns, seq=ev.seq, ack=ev.ack, seen_at="client")
+        self.open[key] = inc
+        return done
+
+    def _client_evidence(self, inc: Incident, ev: Event) -> None:
+        """What the client's challenged SYN tells, on any incident."""
+        inc.seen_client = True
+        inc.client_netns = ev.netns
+        inc.client_sk = ev.skaddr
+        inc.client_inode = inc.client_inode or ev.sk_ino or None
+        inc.challenges_received += 1
+        if ev.conn_pid and inc.client_process is None:
+            inc.client_process = {"pid": ev.conn_pid, "comm": ev.conn_comm}
+        if ev.has("TC_F_SYN_STAMP") and inc.client_syn_ns is None:
+            inc.client_syn_ns = ev.ts_ns - ev.age_ns
+        ack = {"received_seq": ev.seq, "received_ack": ev.ack}
+        if inc.seen_server:
+            # the numbers the server sent, as the client got them: equal unless a middlebox rewrote them
+            ack["matches_server"] = ev.seq == inc.closewait["snd_nxt"] and ev.ack == inc.closewait["rcv_nxt"]
+            for s in inc.steps:
+                if s.name == "challenge_ack" and "received_seq" not in s.detail:
+                    s.detail.update(ack, received_ms=round((ev.ts_ns - inc.first_ns) / 1e6, 3))
+                    break
+            else:  # the server's side did not see it go out (tracepoint: the limiter's stamp missed it)
+                inc.add("challenge_ack", ev.ts_ns, seq=ev.seq, ack=ev.ack, seen_at="client")
+        rst = inc.step("rst")
+        if rst is None:
+            in_window = ev.ack == inc.closewait["rcv_nxt"] if inc.seen_server else None
+            inc.add("rst", ev.ts_ns, seq=ev.ack, in_window=in_window, seen_at="client")
+        elif rst.detail.get("seen_at") == "server":
+            rst.detail.update(seq=ev.ack, seen_at="client", sent_ms=round((ev.ts_ns - inc.first_ns) / 1e6, 3))
+
+    def _adopt_server(self, inc: Incident, ev: Event) -> None:
+        """The server end's SYN_CHALLENGED for an incident the client's end
+        started: the lingering socket is known now."""
+        age_s, age_source = self._age(ev)
+        inc.seen_server = True
+        inc.netns = ev.netns
+        inc.lingering_state = self._state(ev.oldstate)
+        inc.closewait.update(skaddr=ev.skaddr, inode=ev.sk_ino or None, snd_nxt=ev.seq, rcv_nxt=ev.ack,
+                             age_s=age_s, age_source=age_source, unread_bytes=ev.unread)
+        inc.last_ns = ev.ts_ns
+        if len(inc.events) < MAX_RAW_EVENTS:
+            inc.events.append(ev)
+        received = [st for st in inc.steps if st.name == "challenge_ack" and st.detail.get("seen_at") == "client"]
+        inc.steps = [st for st in inc.steps if st not in received]
+        self._challenge_from_syn(inc, ev, None)
+        if received:  # the client's first challenge ACK: the one the server's side reports now, as received
+            first = received[0]
+            got = {"received_seq": first.detail["seq"], "received_ack": first.detail["ack"],
+                   "matches_server": (first.detail["seq"], first.detail["ack"]) == (ev.seq, ev.ack),
+                   "received_ms": round((first.ts_ns - inc.first_ns) / 1e6, 3)}
+            sent = inc.step("challenge_ack")
+            if sent is not None:
+                sent.detail.update(got)
+            else:
+                first.detail.update(got)
+                inc.steps.append(first)
+        rst = inc.step("rst")
+        if rst is not None and rst.detail.get("in_window") is None:
+            rst.detail["in_window"] = rst.detail.get("seq") == ev.ack
+
     # -- completion ----------------------------------------------------------
 
     def _complete(self, inc: Incident) -> bool:
@@ -368,6 +528,8 @@ class Correlator:
         whose other end is not seen."""
         if inc.has("client_closed") and not inc.has("established"):
             return True
+        if not inc.seen_server:  # only the client's end is traced
+            return "client" in inc.established_ends
         return (
             inc.has("queued")
             and "server" in inc.established_ends
@@ -403,8 +565,10 @@ class Correlator:
         return "pending", "pending"
 
     def _remember(self, inc: Incident) -> None:
-        for table, key in ((self.recent_sockets, (inc.netns, inc.closewait["skaddr"])),
-                           (self.recent_tuples, (inc.netns, inc.key))):
+        tables = [(self.recent_tuples, (inc.home_netns, inc.key))]
+        if inc.seen_server:
+            tables.append((self.recent_sockets, (inc.netns, inc.closewait["skaddr"])))
+        for table, key in tables:
             table[key] = inc.id
             table.move_to_end(key)
             while len(table) > RECENT:

@@ -29,7 +29,8 @@ def plain_line(rec: dict) -> str | None:
     kind = rec.get("type")
     if kind == "collision":
         pen = "-" if rec["penalty_ms"] is None else f"{rec['penalty_ms']:.1f}ms"
-        return (f"collision #{rec['id']} {rec['client']} -> {rec['server']} {rec['lingering_state']} "
+        return (f"collision #{rec['id']} {rec['client']} -> {rec['server']} "
+                f"{rec['lingering_state'] or 'remote'} ({rec.get('view', 'server')} view) "
                 f"{rec.get('outcome_detail') or rec['outcome']} penalty={pen} culprit={culprit_of(rec)}")
     if kind == "queue":
         return f"queue {rec['event']} {rec['listener']} recv_q={rec['recv_q']}/{rec['limit']} ghosts={rec['ghosts']}"

@@ -101,13 +101,21 @@ class Diagnoser:
     def prefetch(self, ev: Event) -> None:
         """Find the owner as soon as the collision starts: by the time the
         incident is reported, its process may be gone."""
-        if ev.type == "syn_challenged" and ev.sk_ino:
+        if ev.type in ("syn_challenged", "client_challenged") and ev.sk_ino:
             self.owners.lookup(ev.sk_ino)
 
     def context(self, inc: Incident) -> dict:
         inode = inc.closewait.get("inode")
         owners = [o.as_dict() for o in self.owners.lookup(inode)] if inode else []
-        return {"owners": owners, "listener": self.listener(inc)}
+        ctx = {"owners": owners, "listener": self.listener(inc)}
+        if inc.client_inode and inc.client_process is None:
+            # the connecting process: the one holding the client socket (the
+            # tracepoint backend has no connect hook; at the RST the current
+            # task is softirq context, not the connector)
+            found = self.owners.lookup(inc.client_inode)
+            if found:
+                ctx["client_process"] = {"pid": found[0].pid, "comm": found[0].comm}
+        return ctx
 
     def _ns_path(self, netns: int) -> str | None:
         if netns not in self._ns_paths and time.monotonic() - self._ns_scanned >= 1.0:
@@ -116,6 +124,8 @@ class Diagnoser:
         return self._ns_paths.get(netns)
 
     def listener(self, inc: Incident) -> dict | None:
+        if not inc.seen_server:  # the server is elsewhere: its listener is not here to see
+            return None
         return self._queue(inc.netns, inc.server)
 
     def _queue(self, netns: int, server: str) -> dict | None:

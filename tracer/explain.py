@@ -151,13 +151,53 @@ def _fix(inc: Incident, owners: list[dict]) -> str:
             "source ports quickly (a wider net.ipv4.ip_local_port_range, no fixed bind() ports).")
 
 
+def _process(proc: dict | None) -> str:
+    return f" ({proc['comm']}, pid {proc['pid']})" if proc else ""
+
+
+def _explain_client(inc: Incident, proc: dict | None) -> str:
+    """Only the client's end was traced: the culprit is on the remote server."""
+    ack = inc.step("challenge_ack")
+    numbers = f" (seq {ack.detail['seq']}, ack {ack.detail['ack']})" if ack is not None else ""
+    parts = [
+        f"The client {inc.client}{_process(proc)} connected to {inc.server} from a port that the server still "
+        f"ties to an old connection: its SYN was answered not with a SYN-ACK but with a bare ACK carrying the old "
+        f"connection's numbers{numbers}, an RFC 5961 challenge ACK.",
+        f"The server at {inc.server} still holds an old connection from this port in CLOSE_WAIT: its application "
+        "is not closing sockets. (From the client alone this cannot be told apart from an old socket in LAST_ACK, "
+        "FIN_WAIT2 or TIME_WAIT; run tcpcollide-trace on the server's host to name the process holding it.)",
+    ]
+    rst = inc.step("rst")
+    if rst is not None:
+        parts.append(f"The client's kernel, still in SYN-SENT, answered with RST (seq {rst.detail.get('seq')}), "
+                     "which kills the old connection on the server when it gets there.")
+    if inc.repeat_of:
+        parts.append(f"This client port collided with that server before: incident #{inc.repeat_of['id']}.")
+    parts += _outcome(inc)
+    if inc.outcome in ("stuck", "gave_up") and inc.challenges_received > 1:
+        parts.append(f"The client answered {inc.challenges_received} challenge ACKs with RST, yet the server kept "
+                     "answering its SYNs with the old numbers: the RSTs do not reach the server or do not kill the "
+                     "old socket there (a firewall or NAT on the path dropping them?).")
+    if inc.incomplete:
+        parts.append("Some kernel events were lost while this incident was open: the timeline may miss steps.")
+    parts.append(
+        f"Fix: on the server {inc.server}, make its application close its sockets when the peer hangs up "
+        "(read() returning 0, EPOLLRDHUP). Until then every client reusing such a port pays this delay (about "
+        "13 ms on Linux >= 5.6 clients, 1 s or more elsewhere); this client can avoid it by not reusing source "
+        "ports quickly (a wider net.ipv4.ip_local_port_range, no fixed bind() ports).")
+    return " ".join(parts)
+
+
 def explain(inc: Incident, context: dict | None = None) -> str:
     context = context or {}
+    proc = inc.client_process or context.get("client_process")
+    if inc.view == "client":
+        return _explain_client(inc, proc)
     owners = context.get("owners", [])
     lingering = inc.lingering_state
     parts = [
-        f"The client {inc.client} opened a new connection to {inc.server} from a port that an old connection "
-        f"still holds on the server side: that socket has been in {lingering}{_age(inc)}."
+        f"The client {inc.client}{_process(proc)} opened a new connection to {inc.server} from a port that an old "
+        f"connection still holds on the server side: that socket has been in {lingering}{_age(inc)}."
     ]
     if lingering in WHY_LINGERING:
         parts.append(WHY_LINGERING[lingering])
@@ -181,6 +221,9 @@ def explain(inc: Incident, context: dict | None = None) -> str:
             f"The socket answered with a challenge ACK carrying the old connection's numbers "
             f"(seq {ack.detail['seq']}, ack {ack.detail['ack']})."
         )
+        if ack.detail.get("matches_server") is False:
+            parts.append(f"The client received it as seq {ack.detail['received_seq']}, ack "
+                         f"{ack.detail['received_ack']}: something on the path rewrites sequence numbers.")
     else:
         parts.append("No challenge ACK was let through at that moment (rate limited, or not seen).")
     rst = inc.step("rst")

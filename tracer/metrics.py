@@ -106,7 +106,7 @@ class Metrics:
     def collision(self, rec: dict) -> None:
         port = rec["server"].rpartition(":")[2]
         self.collisions.labels(port, rec["outcome"], rec.get("outcome_detail") or "",
-                               rec["lingering_state"]).inc()
+                               rec["lingering_state"] or "unknown").inc()
         if rec["penalty_ms"] is not None:
             self.penalty.observe(rec["penalty_ms"] / 1000)
         self.sockets.invalidate()

@@ -55,6 +55,9 @@ FIELDS = [
     Field("OFF_TP_COPIED_SEQ", "tcp_sock", "copied_seq", 4),
     Field("OFF_TP_RCV_TSTAMP", "tcp_sock", "rcv_tstamp", 4),
     Field("OFF_TP_LAST_OOW_ACK_TIME", "tcp_sock", "last_oow_ack_time", 4),
+    # tcp_connect() stamps the SYN's send time here (tcp_time_stamp_ts(): ms, or
+    # us with tp->tcp_usec_ts); the client's view measures its penalty from it
+    Field("OFF_TP_RETRANS_STAMP", "tcp_sock", "retrans_stamp", 4),
     Field("OFF_SKB_HEAD", "sk_buff", "head", 8),
     Field("OFF_SKB_TRANSPORT_HEADER", "sk_buff", "transport_header", 2),
 ]
@@ -108,7 +111,24 @@ def btf_defines(btf: BTF) -> dict[str, int]:
             out[macro] = btf.enum_value(name, enum)
     except BTFError as e:
         raise OffsetError(str(e)) from e
+    out.update(usec_ts_defines(btf))
     return out
+
+
+# Macros btf_defines() adds only where the kernel has the field (the BPF side
+# has a fallback); header builds never define them.
+OPTIONAL_MACROS = ("OFF_TP_USEC_TS", "TC_TP_USEC_TS_MASK")
+
+
+def usec_ts_defines(btf: BTF) -> dict[str, int]:
+    """tp->tcp_usec_ts (Linux >= 6.7: tp->retrans_stamp counts microseconds
+    instead of milliseconds), a one-bit bitfield: the byte holding it and its
+    mask (little endian: BTF bit offsets count from the byte's low bit). None
+    on older kernels, and without BTF: milliseconds are assumed."""
+    if not btf.has_member("tcp_sock", "tcp_usec_ts"):
+        return {}
+    bit = btf.member_bit_offset("tcp_sock", "tcp_usec_ts")
+    return {"OFF_TP_USEC_TS": bit // 8, "TC_TP_USEC_TS_MASK": 1 << (bit % 8)}
 
 
 def header_defines() -> dict[str, str]:

@@ -22,6 +22,9 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 STEP_LABELS = {
     "syn": "SYN from the reused port hits the lingering socket",
+    "syn_sent": "client sends its SYN from the reused port",
+    "client_closed": "client closes its connecting socket",
+    "server_closed": "server application closes the lingering socket",
     "challenge_ack": "challenge ACK with the old connection's numbers",
     "rst": "client answers with RST",
     "closewait_closed": "the RST kills the lingering socket",
@@ -44,6 +47,16 @@ class JsonWriter:
         # json.dumps escapes every control character: the line is inert
         self.out.write(json.dumps(rec, separators=(",", ":")) + "\n")
         self.out.flush()
+
+
+def event_line(rec: dict) -> str:
+    """One kernel event (an `event` record, --all-events) on one line."""
+    states = rec.get("oldstate_name", rec["oldstate"])
+    if rec["newstate"] != rec["oldstate"]:
+        states = f"{states}->{rec.get('newstate_name', rec['newstate'])}"
+    return (f"event {rec['ts_ns']} cpu{rec['cpu']} {rec['backend']}:{rec['hook']} {rec['event']} netns {rec['netns']} "
+            f"{rec['local']} -> {rec['remote']} sk {rec['skaddr']} {states} seq {rec['seq']} ack {rec['ack']}"
+            + (f" flags {','.join(rec['flag_names'])}" if rec.get("flag_names") else ""))
 
 
 def _step_detail(step: dict) -> str:
@@ -77,7 +90,7 @@ class TextWriter:
             self.console.print(Text(inert(f"queue {rec['event']} (netns {rec['netns']}): {rec['explanation']}"),
                                     style=style))
         elif kind == "event":
-            self.console.print(Text(inert(json.dumps(rec))))
+            self.console.print(Text(inert(event_line(rec)), style="dim"))
 
     def _ready(self, rec: dict) -> None:
         hooks = ", ".join(f"{h['logical']}={h['target']}" for h in rec["hooks"] if h["available"])
@@ -92,14 +105,19 @@ class TextWriter:
 
     def _collision(self, rec: dict) -> None:
         style = {"recovered": "yellow", "stuck": "red", "pending": "magenta"}.get(rec["outcome"], "white")
-        head = Text(inert(f"collision #{rec['id']}: {rec['client']} -> {rec['server']}"), style="bold")
-        where = Text(inert(f"{rec['time']}  {rec['family']}  server netns {rec['netns']}"), style="dim")
+        view = rec.get("view", "server")
+        head = Text(inert(f"collision #{rec['id']}: {rec['client']} -> {rec['server']}  ({view} view)"), style="bold")
+        netns = [f"server netns {rec['netns']}"] if rec["netns"] is not None else []
+        if rec.get("client_netns") is not None:
+            netns.append(f"client netns {rec['client_netns']}")
+        where = Text(inert(f"{rec['time']}  {rec['family']}  {', '.join(netns)}"), style="dim")
         table = Table(box=None, show_header=True, header_style="bold", pad_edge=False)
         table.add_column("t (ms)", justify="right")
         table.add_column("step")
         table.add_column("detail", overflow="fold")
         for s in rec["steps"]:
-            table.add_row(f"{s['t_ms']:.3f}", inert(STEP_LABELS.get(s["step"], s["step"])), inert(_step_detail(s)))
+            label = "syn_sent" if s["step"] == "syn" and s.get("sent") else s["step"]
+            table.add_row(f"{s['t_ms']:.3f}", inert(STEP_LABELS.get(label, label)), inert(_step_detail(s)))
         age = rec["closewait_age_s"]
         age_text = "unknown" if age is None else (
             f"{age:.3f} s" + ("" if rec["closewait_age_source"] == "observed" else " (estimated)"))
@@ -109,7 +127,14 @@ class TextWriter:
         facts.append(f"outcome: {rec['outcome']}" + (f" ({detail})" if detail and detail != rec["outcome"] else ""),
                      style=style + " bold")
         facts.append(f"   penalty: {'-' if penalty is None else f'{penalty:.1f} ms'}")
-        facts.append(inert(f"   {rec['lingering_state']} socket age: {age_text}"))
+        if rec["lingering_state"] is not None:
+            facts.append(inert(f"   {rec['lingering_state']} socket age: {age_text}"))
+        else:
+            facts.append(inert(f"   old connection held by the remote server {rec['server']}"))
+        proc = rec.get("client_process")
+        if proc:
+            facts.append("\n")
+            facts.append(inert(f"connecting process: {proc['comm']} (pid {proc['pid']})"))
         sock = rec["closewait_socket"]
         if sock["inode"]:
             facts.append(f"   socket inode: {sock['inode']}")

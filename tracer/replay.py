@@ -14,14 +14,14 @@ from collections.abc import Callable
 from tracer import recording
 from tracer.correlator import Correlator, Incident
 from tracer.events import decode
-from tracer.report import Clock, Summary, collision_record
+from tracer.report import Clock, Summary, collision_record, event_stream_record
 
 
 class ReplayError(Exception):
     pass
 
 
-def replay(path: str, sink: Callable[[dict], None], verbose: bool = False) -> dict:
+def replay(path: str, sink: Callable[[dict], None], verbose: bool = False, all_events: bool = False) -> dict:
     """Write the recording's records to sink; returns (and writes) the summary."""
     try:
         f = open(path, "rb")  # noqa: SIM115 - closed below
@@ -44,7 +44,7 @@ def replay(path: str, sink: Callable[[dict], None], verbose: bool = False) -> di
         def emit(ctx: dict | None = None) -> None:
             while pending:
                 inc = pending.pop(0)
-                rec = collision_record(inc, clock, backend, verbose, ctx)
+                rec = collision_record(inc, clock, backend, verbose, ctx, states)
                 summary.add(rec)
                 sink(rec)
                 ctx = None
@@ -61,7 +61,10 @@ def replay(path: str, sink: Callable[[dict], None], verbose: bool = False) -> di
                     continue
                 emit()
                 if fr.kind == recording.EVENT:
-                    pending += correlator.feed(decode(fr.payload))
+                    ev = decode(fr.payload)
+                    if all_events:
+                        sink(event_stream_record(ev, clock, states))
+                    pending += correlator.feed(ev)
                 elif fr.kind == recording.LOST:
                     correlator.lost(fr.u64())
                 elif fr.kind == recording.TICK:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from tracer import __version__
 from tracer.correlator import Incident
-from tracer.events import AF_INET6, Event
+from tracer.events import AF_INET6, FLAGS, Event
 from tracer.explain import explain
 
 SCHEMA_VERSION = 1
@@ -40,11 +40,21 @@ def _rel_ms(inc: Incident, ns: int) -> float:
     return round((ns - inc.first_ns) / 1e6, 3)
 
 
-def event_record(ev: Event, first_ns: int | None = None) -> dict:
-    """A raw kernel event, for --verbose and research."""
+# the backend each hook belongs to, by the prefix of its name (enum tc_hook)
+_HOOK_BACKENDS = {"tp": "tracepoint", "kp": "kprobe", "fe": "fentry"}
+
+
+def hook_backend(hook: str) -> str:
+    return _HOOK_BACKENDS.get(hook.split("_", 1)[0], "unknown")
+
+
+def event_record(ev: Event, first_ns: int | None = None, states: dict[int, str] | None = None) -> dict:
+    """A raw kernel event, for --verbose and research. states: the kernel's
+    TCP state numbering, to name the states as well."""
     rec = {
         "type": ev.type,
         "hook": ev.hook,
+        "backend": hook_backend(ev.hook),
         "cpu": ev.cpu,
         "ts_ns": ev.ts_ns,
         "netns": ev.netns,
@@ -53,24 +63,45 @@ def event_record(ev: Event, first_ns: int | None = None) -> dict:
         "oldstate": ev.oldstate,
         "newstate": ev.newstate,
         "skaddr": f"{ev.skaddr:#x}",
+        "sk_ino": ev.sk_ino or None,
         "seq": ev.seq,
         "ack": ev.ack,
         "flags": ev.flags,
+        "flag_names": [name.removeprefix("TC_F_").lower() for name, bit in FLAGS.items() if ev.flags & bit],
+        "age_ns": ev.age_ns,
+        "pid": ev.pid,
+        "comm": ev.comm,
     }
+    if states is not None:
+        rec["oldstate_name"] = states.get(ev.oldstate, str(ev.oldstate))
+        rec["newstate_name"] = states.get(ev.newstate, str(ev.newstate))
+    if ev.conn_pid:
+        rec["conn_pid"], rec["conn_comm"] = ev.conn_pid, ev.conn_comm
+    if ev.type == "queued":
+        rec["backlog"], rec["max_backlog"] = ev.backlog, ev.max_backlog
     if first_ns is not None:
         rec["t_ms"] = round((ev.ts_ns - first_ns) / 1e6, 3)
     return rec
 
 
+def event_stream_record(ev: Event, clock: Clock, states: dict[int, str] | None = None) -> dict:
+    """One kernel event as the BPF side emitted it (--all-events): an `event`
+    record; `event` is the kernel event's type."""
+    raw = event_record(ev, None, states)
+    return {"type": "event", "event": raw.pop("type"), "time": clock.iso(ev.ts_ns), **raw}
+
+
 def collision_record(inc: Incident, clock: Clock, backend: str, verbose: bool = False,
-                     context: dict | None = None) -> dict:
+                     context: dict | None = None, states: dict[int, str] | None = None) -> dict:
     """context: what tracer/diagnosis.py found out on the host (the process
-    holding the lingering socket, the listener's queue); None in replays."""
+    holding the lingering socket, the listener's queue, the connecting
+    process); None in replays without it."""
     context = context or {}
     penalty = inc.penalty_ns
     rec = {
         "type": "collision",
         "id": inc.id,
+        "view": inc.view,
         "time": clock.iso(inc.first_ns),
         "netns": inc.netns,
         "family": "ipv6" if inc.family == AF_INET6 else "ipv4",
@@ -94,8 +125,9 @@ def collision_record(inc: Incident, clock: Clock, backend: str, verbose: bool = 
         "listener": context.get("listener"),
         "repeat_of": inc.repeat_of,
         "client_netns": inc.client_netns,
-        "client_process": inc.client_process,
+        "client_process": inc.client_process or context.get("client_process"),
         "challenge_acks_sent": inc.challenges_sent,
+        "challenge_acks_received": inc.challenges_received,
         "challenge_acks_limited": inc.challenges_limited,
         "retransmissions": sum(1 for s in inc.steps if s.name == "retry_syn"),
         "syn_hits": inc.syn_hits,
@@ -106,7 +138,7 @@ def collision_record(inc: Incident, clock: Clock, backend: str, verbose: bool = 
         "ended_by": inc.ended_by,
     }
     if verbose:
-        rec["events"] = [event_record(ev, inc.first_ns) for ev in inc.events]
+        rec["events"] = [event_record(ev, inc.first_ns, states) for ev in inc.events]
     return rec
 
 
@@ -128,6 +160,8 @@ def ready_record(backend: str, hooks: list[dict], types_source: str, filters: di
 def culprit_of(rec: dict) -> str:
     """Who a collision record blames, in a few words: the process holding the
     lingering socket, or the listener's application when it never accepted."""
+    if rec.get("view") == "client":
+        return f"remote server {rec['server']}"
     sock = rec["closewait_socket"]
     if sock.get("owners"):
         return f"{sock['owners'][0]['comm']} (pid {sock['owners'][0]['pid']})"

@@ -19,7 +19,7 @@ from tracer.diagnosis import Diagnoser
 from tracer.correlator import Correlator, Incident
 from tracer.events import ENUMS, DecodeError, decode, encode
 from tracer.reorder import Reorderer
-from tracer.report import Clock, Summary, collision_record, ready_record
+from tracer.report import Clock, Summary, collision_record, event_stream_record, ready_record
 
 POLL_MS = 100
 PERF_PAGES = 64  # per CPU
@@ -34,6 +34,7 @@ class Options:
     duration: float | None = None
     count: int | None = None
     verbose: bool = False
+    all_events: bool = False  # stream every kernel event as an `event` record
     selftest: bool = True
     incident_timeout: float = 15.0
     reorder_delay: float = 0.1
@@ -137,7 +138,8 @@ class Session:
             context = self.diagnoser.context(inc)
             if self.recorder is not None:
                 self.recorder.context(inc.id, context)
-            rec = collision_record(inc, self.clock, self.backend, self.options.verbose, context)
+            rec = collision_record(inc, self.clock, self.backend, self.options.verbose, context,
+                                   self.types.tcp_states)
             self.summary.add(rec)
             if self.metrics is not None:
                 self.metrics.collision(rec)
@@ -155,7 +157,9 @@ class Session:
         key.saddr = (ctypes.c_ubyte * 16)(*saddr.ljust(16, b"\0"))
         key.caddr = (ctypes.c_ubyte * 16)(*caddr.ljust(16, b"\0"))
         try:
-            if table[key].skaddr == inc.closewait["skaddr"]:  # not a newer collision on the same tuple
+            # not a newer collision on the same tuple: the entry is this incident's
+            # lingering socket (server end) or connecting socket (client end)
+            if table[key].skaddr in (inc.closewait["skaddr"], inc.client_sk):
                 del table[key]
         except KeyError:
             pass
@@ -185,6 +189,8 @@ class Session:
         self.diagnoser.prefetch(ev)
         if self.recorder is not None:
             self.recorder.event(ev.raw or encode(ev))
+        if self.options.all_events:
+            self.sink(event_stream_record(ev, self.clock, self.types.tcp_states))
         self._emit(self.correlator.feed(ev))
 
     def run(self, on_idle: Callable[[Session], str | None] | None = None) -> dict:
