@@ -37,7 +37,7 @@ struct tc_tuple {
 };
 
 struct tc_track {
-	__u64 first_ns; /* when the first challenged SYN was seen */
+	__u64 first_ns; /* when the tuple was registered or taken over (user space keeps a newer one) */
 	__u64 skaddr;   /* the lingering socket */
 };
 

@@ -157,9 +157,12 @@ class Session:
         key.saddr = (ctypes.c_ubyte * 16)(*saddr.ljust(16, b"\0"))
         key.caddr = (ctypes.c_ubyte * 16)(*caddr.ljust(16, b"\0"))
         try:
-            # not a newer collision on the same tuple: the entry is this incident's
-            # lingering socket (server end) or connecting socket (client end)
-            if table[key].skaddr in (inc.closewait["skaddr"], inc.client_sk):
+            # not a newer collision on the same tuple: the entry was registered
+            # (bpf_ktime_get_ns) before this incident's last event. (Its socket
+            # may be one this incident never saw: the kernel side also tracks
+            # collisions the user's filters leave out, such as the server's end
+            # of a collision traced from the client's namespace.)
+            if table[key].first_ns <= max(inc.last_ns, inc.first_ns):
                 del table[key]
         except KeyError:
             pass
