@@ -154,7 +154,8 @@ def clients(args: argparse.Namespace, server_pid: int, nofile: int) -> int:
         slot.sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 1)
         slot.sock.close()
         slot.sock, slot.phase = None, "idle"
-        idle.append(slot)
+        if not stopping:
+            idle.append(slot)
         return True
 
     t_start = time.monotonic()
@@ -168,7 +169,7 @@ def clients(args: argparse.Namespace, server_pid: int, nofile: int) -> int:
         if not stopping and (now >= deadline or (args.count and total >= args.count)):
             stopping = True
             t_end = now
-        if stopping and not any(s.phase == "connecting" for s in slots):
+        if stopping and not closing and not any(s.phase == "connecting" for s in slots):
             break
         if stopping and now > t_end + args.drain:
             break
@@ -195,7 +196,7 @@ def clients(args: argparse.Namespace, server_pid: int, nofile: int) -> int:
                 made[slot.port] = made.get(slot.port, 0) + 1
                 latencies.append((time.monotonic() - slot.t0) * 1e3)
             slot.round += 1
-            if stopping:
+            if stopping and not args.hang_up_last:
                 slot.phase = "held"  # the last connection stays open
                 continue
             slot.sock.shutdown(socket.SHUT_WR)
@@ -231,6 +232,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, default=0, help="stop after this many collisions (0: no limit)")
     p.add_argument("--backlog", type=int, default=4096)
     p.add_argument("--server-comm", default="stormsrv")
+    p.add_argument("--hang-up-last", action="store_true",
+                   help="at the end, hang up the last connections too (leaving them in CLOSE_WAIT) instead of "
+                        "holding them open")
     p.add_argument("--keep-dead", type=float, default=1.0,
                    help="seconds the server keeps the descriptor of a socket the collision killed")
     p.add_argument("--drain", type=float, default=5.0, help="seconds to wait for connects still in flight")
