@@ -68,7 +68,7 @@ class Incident:
     client_netns: int | None = None
     outcome: str | None = None
     ended_by: str = ""  # "complete", "timeout", "flush", "evicted", "superseded" (the tuple collided again)
-    incomplete: bool = False  # events were lost while it was open
+    incomplete: bool = False  # events were lost (or proved missed) while it was open
     syn_hits: int = 1  # SYNs of this connection that hit the lingering socket
     established_ends: set[str] = field(default_factory=set)  # "client", "server"
     client_process: dict | None = None  # who called connect() (connect hook)
@@ -142,6 +142,7 @@ class Correlator:
         grace_ns: int = 200_000_000,
         timeout_ns: int = 15_000_000_000,
         max_open: int = 4096,
+        loss_window_ns: int = 500_000_000,
     ):
         self.states = states
         self.state_nums = {v: k for k, v in states.items()}
@@ -149,6 +150,13 @@ class Correlator:
         self.grace_ns = grace_ns
         self.timeout_ns = timeout_ns
         self.max_open = max_open
+        self.loss_window_ns = loss_window_ns
+        # A loss is reported after events that preceded it may still wait in
+        # the caller's reorder buffer: incidents starting up to `_lost_until`
+        # (kernel time) may miss events too. `_loss_unplaced`: a loss came with
+        # no time; the next tick() places it.
+        self._lost_until = -1
+        self._loss_unplaced = False
         self.open: dict[Key, Incident] = {}
         # finished incidents, by lingering socket and by tuple (bounded, oldest first out)
         self.recent_sockets: OrderedDict[tuple[int, int], int] = OrderedDict()
@@ -163,7 +171,7 @@ class Correlator:
     def feed(self, ev: Event) -> list[Incident]:
         """One event (in timestamp order). Returns incidents this completed."""
         self.events_seen += 1
-        done = self.tick(ev.ts_ns)
+        done = self._expire(ev.ts_ns)
         if ev.type == "syn_challenged":
             done += self._on_syn_challenged(ev)
             return done
@@ -189,6 +197,15 @@ class Correlator:
 
     def tick(self, now_ns: int) -> list[Incident]:
         """Time passed (kernel clock): end incidents whose wait is over."""
+        if self._loss_unplaced:
+            # the events fed so far reach about now_ns; the ones the loss may
+            # have cut short are older than the loss report, which the caller's
+            # reorder delay (< loss_window_ns) puts at most that far ahead
+            self._loss_unplaced = False
+            self._lost_until = max(self._lost_until, now_ns + self.loss_window_ns)
+        return self._expire(now_ns)
+
+    def _expire(self, now_ns: int) -> list[Incident]:
         done = []
         for inc in list(self.open.values()):
             est = inc.step("established")
@@ -198,11 +215,24 @@ class Correlator:
                 done.append(self._close(inc, "timeout"))
         return done
 
-    def lost(self, count: int) -> None:
-        """The kernel dropped `count` events: every open incident may miss some."""
+    def lost(self, count: int, at_ns: int | None = None) -> None:
+        """The kernel dropped `count` events: every open incident may miss
+        some, and so may the incidents whose first events were still on their
+        way here when the loss was reported (a caller reordering events feeds
+        them later). at_ns: when the loss was reported (kernel clock):
+        incidents starting up to then are marked; without it, the ones
+        starting before the next tick() plus loss_window_ns (conservative:
+        a few complete incidents may be marked too)."""
         self.lost_events += count
         for inc in self.open.values():
             inc.incomplete = True
+        if at_ns is None:
+            self._loss_unplaced = True
+        else:
+            self._lost_until = max(self._lost_until, at_ns)
+
+    def _touched_by_loss(self, ts_ns: int) -> bool:
+        return self._loss_unplaced or ts_ns <= self._lost_until
 
     def flush(self) -> list[Incident]:
         """The stream ended: close every open incident with what is known."""
@@ -275,6 +305,7 @@ class Correlator:
             events=[ev],
         )
         inc.closewait["unread_bytes"] = ev.unread
+        inc.incomplete = self._touched_by_loss(ev.ts_ns)
         self.next_id += 1
         inc.repeat_of = self._earlier(inc)
         inc.add("syn", ev.ts_ns)
@@ -368,9 +399,16 @@ class Correlator:
         if local_is_server and old == "LISTEN" and new == "SYN_RECV":
             self._retry_reached_listener(inc, ev)
             return
+        end = "server" if local_is_server else "client"
+        if old == "ESTABLISHED" and end not in inc.established_ends:
+            # this end left ESTABLISHED without its arrival there being seen:
+            # events were missed that the perf buffer never counted (the kernel
+            # skips a BPF program that fires while another runs on the CPU,
+            # e.g. in a softirq that interrupted it: bpftool's recursion_misses)
+            inc.incomplete = True
+            return
         if new != "ESTABLISHED" or old not in ("SYN_SENT", "SYN_RECV"):
             return
-        end = "server" if local_is_server else "client"
         if not local_is_server:
             inc.client_netns = ev.netns
         inc.established_ends.add(end)

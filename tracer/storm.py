@@ -1,0 +1,246 @@
+"""A storm of CLOSE_WAIT port collisions, with real sockets, for benchmarks and tests.
+
+A leaking server (a child process, named by --server-comm) accepts every
+connection and never closes one while it is alive: the peer's FIN leaves it in
+CLOSE_WAIT. (It closes a descriptor only once the socket is dead, killed by
+the collision that followed, and --keep-dead seconds later, so that the
+tracer can still find the owner of each CLOSE_WAIT socket in /proc: its
+descriptors stay bounded by --ports plus --keep-dead seconds of collisions.)
+
+Clients, one per fixed source port (--ports of them from --client-port-base),
+connect, hang up (FIN, then the socket is dropped silently in TCP_REPAIR mode
+so the port is free at once: see tracer/scenario.py --fast) and reconnect
+from the same port: every reconnect's SYN hits the CLOSE_WAIT socket the
+previous round left, which is one collision per port per round. All clients
+run in one non-blocking loop (epoll); reconnects are paced to --rate per
+second (0: as fast as the loop goes), for --duration seconds or until
+--count collisions were made.
+
+The generator knows each collision it made (client port, round, and the
+connect() latency the client paid: a collision costs the client a retried
+SYN, >= a few ms). Output: JSON lines on stdout, `start` (server pid) and
+`done` (totals, per-port counts, latencies, the rate reached).
+
+    python -m tracer.storm --ports 256 --rate 1000 --duration 5 [--ns NAME]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import errno
+import json
+import os
+import resource
+import selectors
+import signal
+import socket
+import statistics
+import struct
+import sys
+import time
+from collections import deque
+
+from tracer import netns
+
+TCP_REPAIR = 19  # linux/tcp.h
+PR_SET_NAME, PR_SET_PDEATHSIG = 15, 1
+TCP_FIN_WAIT2 = 5  # tcp_info.tcpi_state (include/net/tcp_states.h: ABI)
+
+
+def say(kind: str, **kw) -> None:
+    sys.stdout.write(json.dumps({"type": kind, **kw}) + "\n")
+    sys.stdout.flush()
+
+
+def raise_nofile(want: int) -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = max(soft, min(want, hard if hard != resource.RLIM_INFINITY else want))
+    if target > hard:
+        target = hard
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError):
+        pass
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def serve(listener: socket.socket, comm: str, keep_dead: float) -> None:
+    """The leaking server: accept everything, never read, never close a live
+    connection. A new connection from a client port means the previous one
+    from that port was killed by the collision's RST: its descriptor is
+    closed keep_dead seconds later (closing a dead socket sends nothing)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    libc.prctl(PR_SET_NAME, comm.encode()[:15])
+    held: dict[int, socket.socket] = {}
+    dead: deque[tuple[float, socket.socket]] = deque()
+    while True:
+        conn, peer = listener.accept()
+        now = time.monotonic()
+        old = held.pop(peer[1], None)
+        if old is not None:
+            dead.append((now, old))
+        held[peer[1]] = conn
+        while dead and now - dead[0][0] >= keep_dead:
+            dead.popleft()[1].close()
+
+
+def tcp_state(s: socket.socket) -> int:
+    return struct.unpack("B", s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1))[0]
+
+
+class Slot:
+    __slots__ = ("port", "sock", "round", "t0", "phase")
+
+    def __init__(self, port: int):
+        self.port = port
+        self.sock: socket.socket | None = None
+        self.round = 0  # connections made from this port so far
+        self.t0 = 0.0
+        self.phase = "idle"  # idle | connecting | closing
+
+
+def run(args: argparse.Namespace) -> int:
+    nofile = raise_nofile(max(4 * args.ports + 256, 65536))
+    if args.ns:
+        netns.enter(args.ns)
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((args.server_ip, args.server_port))
+    listener.listen(args.backlog)
+    server_pid = os.fork()
+    if server_pid == 0:
+        try:
+            serve(listener, args.server_comm, args.keep_dead)
+        finally:
+            os._exit(0)
+    listener.close()
+    try:
+        return clients(args, server_pid, nofile)
+    finally:
+        os.kill(server_pid, signal.SIGKILL)
+        os.waitpid(server_pid, 0)
+
+
+def clients(args: argparse.Namespace, server_pid: int, nofile: int) -> int:
+    sel = selectors.DefaultSelector()
+    slots = [Slot(args.client_port_base + i) for i in range(args.ports)]
+    idle: deque[Slot] = deque(slots)
+    closing: list[Slot] = []
+    made: dict[int, int] = {}  # client port -> collisions made
+    latencies: list[float] = []  # ms, connect() of each collision
+    failed = 0
+    dst = (args.server_ip, args.server_port)
+    say("start", server_pid=server_pid, server=f"{args.server_ip}:{args.server_port}", ports=args.ports,
+        rate=args.rate, nofile=nofile, client_ip=args.client_ip)
+
+    def connect(slot: Slot) -> None:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((args.client_ip, slot.port))
+        s.setblocking(False)
+        err = s.connect_ex(dst)
+        if err not in (0, errno.EINPROGRESS):
+            raise OSError(err, f"connect from port {slot.port}: {os.strerror(err)}")
+        slot.sock, slot.t0, slot.phase = s, time.monotonic(), "connecting"
+        sel.register(s, selectors.EVENT_WRITE, slot)
+
+    def hang_up(slot: Slot) -> bool:
+        """Drop the client end silently once the server acknowledged its FIN
+        (FIN_WAIT2: the server end is in CLOSE_WAIT). False: not yet."""
+        if tcp_state(slot.sock) != TCP_FIN_WAIT2:
+            return False
+        slot.sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 1)
+        slot.sock.close()
+        slot.sock, slot.phase = None, "idle"
+        if not stopping:
+            idle.append(slot)
+        return True
+
+    t_start = time.monotonic()
+    deadline = t_start + args.duration if args.duration else float("inf")
+    interval = 1.0 / args.rate if args.rate else 0.0
+    next_at = t_start
+    total = 0
+    stopping = False
+    while True:
+        now = time.monotonic()
+        if not stopping and (now >= deadline or (args.count and total >= args.count)):
+            stopping = True
+            t_end = now
+        if stopping and not closing and not any(s.phase == "connecting" for s in slots):
+            break
+        if stopping and now > t_end + args.drain:
+            break
+        # reconnect idle ports, paced
+        while not stopping and idle and (now >= next_at or idle[0].round == 0) \
+                and not (args.count and total >= args.count):
+            slot = idle.popleft()
+            connect(slot)
+            if slot.round > 0:  # a reconnect: a collision (the first connects are not paced)
+                total += 1
+                next_at = max(next_at + interval, now - 0.05) if interval else now
+        timeout = 0.001 if closing else (max(0.0, min(next_at - now, 0.05)) if idle and not stopping else 0.05)
+        for key, _mask in sel.select(timeout):
+            slot: Slot = key.data
+            sel.unregister(slot.sock)
+            err = slot.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                failed += 1
+                slot.sock.close()
+                slot.sock, slot.phase = None, "idle"
+                idle.append(slot)
+                continue
+            if slot.round > 0:
+                made[slot.port] = made.get(slot.port, 0) + 1
+                latencies.append((time.monotonic() - slot.t0) * 1e3)
+            slot.round += 1
+            if stopping and not args.hang_up_last:
+                slot.phase = "held"  # the last connection stays open
+                continue
+            slot.sock.shutdown(socket.SHUT_WR)
+            slot.phase = "closing"
+            if not hang_up(slot):
+                closing.append(slot)
+        if closing:
+            closing = [s for s in closing if not hang_up(s)]
+    elapsed = (t_end if stopping else time.monotonic()) - t_start
+    n = sum(made.values())
+    lat = sorted(latencies)
+    say("done", collisions=n, attempted=total, failed=failed, unfinished=total - n - failed,
+        seconds=round(elapsed, 3), rate=round(n / elapsed, 1) if elapsed else 0.0,
+        per_port={str(p): c for p, c in sorted(made.items())},
+        connect_ms={"median": round(statistics.median(lat), 3) if lat else None,
+                    "p99": round(lat[int(0.99 * (len(lat) - 1))], 3) if lat else None,
+                    "min": round(lat[0], 3) if lat else None, "max": round(lat[-1], 3) if lat else None})
+    if args.hold:
+        time.sleep(args.hold)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m tracer.storm", description=__doc__.split("\n")[0])
+    p.add_argument("--ns", default="", help="run in this named network namespace (ip netns)")
+    p.add_argument("--server-ip", default="127.0.0.1")
+    p.add_argument("--client-ip", default="127.0.0.1")
+    p.add_argument("--server-port", type=int, default=12345)
+    p.add_argument("--client-port-base", type=int, default=20000)
+    p.add_argument("--ports", type=int, default=256, help="client ports (each collides once per round)")
+    p.add_argument("--rate", type=float, default=0, help="collisions per second to aim at (0: as fast as possible)")
+    p.add_argument("--duration", type=float, default=5.0, help="seconds of storm (0: until --count)")
+    p.add_argument("--count", type=int, default=0, help="stop after this many collisions (0: no limit)")
+    p.add_argument("--backlog", type=int, default=4096)
+    p.add_argument("--server-comm", default="stormsrv")
+    p.add_argument("--hang-up-last", action="store_true",
+                   help="at the end, hang up the last connections too (leaving them in CLOSE_WAIT) instead of "
+                        "holding them open")
+    p.add_argument("--keep-dead", type=float, default=1.0,
+                   help="seconds the server keeps the descriptor of a socket the collision killed")
+    p.add_argument("--drain", type=float, default=5.0, help="seconds to wait for connects still in flight")
+    p.add_argument("--hold", type=float, default=0.0, help="seconds to keep everything open at the end")
+    return p
+
+
+if __name__ == "__main__":
+    sys.exit(run(parser().parse_args()))
