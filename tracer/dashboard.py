@@ -30,8 +30,8 @@ def plain_line(rec: dict) -> str | None:
     if kind == "collision":
         pen = "-" if rec["penalty_ms"] is None else f"{rec['penalty_ms']:.1f}ms"
         return (f"collision #{rec['id']} {rec['client']} -> {rec['server']} "
-                f"{rec['lingering_state'] or 'remote'} ({rec.get('view', 'server')} view) "
-                f"{rec.get('outcome_detail') or rec['outcome']} penalty={pen} culprit={culprit_of(rec)}")
+                f"{rec['lingering_state'] or 'remote'} {rec.get('outcome_detail') or rec['outcome']} penalty={pen} "
+                f"culprit={culprit_of(rec)} view={rec.get('view', 'server')}")
     if kind == "queue":
         return f"queue {rec['event']} {rec['listener']} recv_q={rec['recv_q']}/{rec['limit']} ghosts={rec['ghosts']}"
     if kind == "ready":
