@@ -280,9 +280,7 @@ class Correlator:
             retry.detail["reached"] = "lingering socket"
             self._challenge_from_syn(inc, ev, retry)
             return done
-        if len(self.open) >= self.max_open:  # bounded memory: the oldest gives way
-            oldest = min(self.open.values(), key=lambda i: i.first_ns)
-            done.append(self._close(oldest, "evicted"))
+        self._make_room(done)
         age_s, age_source = self._age(ev)
         inc = Incident(
             id=self.next_id,
@@ -464,9 +462,7 @@ class Correlator:
                 retry.detail["reached"] = "lingering socket"
                 inc.add("challenge_ack", ev.ts_ns, seq=ev.seq, ack=ev.ack, seen_at="client")
             return done
-        if len(self.open) >= self.max_open:
-            oldest = min(self.open.values(), key=lambda i: i.first_ns)
-            done.append(self._close(oldest, "evicted"))
+        self._make_room(done)
         syn_ns = ev.ts_ns - ev.age_ns if ev.has("TC_F_SYN_STAMP") else None
         first = syn_ns if syn_ns is not None else ev.ts_ns
         inc = Incident(
@@ -601,6 +597,12 @@ class Correlator:
         if inc.stuck_reason:
             return "stuck", inc.stuck_reason
         return "pending", "pending"
+
+    def _make_room(self, done: list[Incident]) -> None:
+        """Bounded memory: at max_open, the oldest open incident gives way."""
+        if len(self.open) >= self.max_open:
+            oldest = min(self.open.values(), key=lambda i: i.first_ns)
+            done.append(self._close(oldest, "evicted"))
 
     def _remember(self, inc: Incident) -> None:
         tables = [(self.recent_tuples, (inc.home_netns, inc.key))]
