@@ -88,6 +88,7 @@ def check_events(rec: dict, netns_inodes: set[int]) -> None:
     assert ts == sorted(ts)
 
 
+@pytest.mark.matrix
 def test_client_server_and_both_views(two_hosts):
     srv, cli = two_hosts
     client_pid, steps, out = run_three(srv, cli)
