@@ -86,6 +86,8 @@ def test_perf_buffer_overflow_is_counted_reported_and_marked(ns):
     assert "Traceback" not in stderr, stderr
 
     cols = [r for r in records if r["type"] == "collision"]
+    print(f"overflow: {summary['events']} events, {summary['lost_events']} lost; "
+          f"{sum(1 for r in cols if r['incomplete'])} of {len(cols)} reports incomplete")
     storm_cols = [r for r in cols if r["server"] == "127.0.0.1:12345"]
     after_cols = [r for r in cols if r["server"] == "127.0.0.1:12346"]
     made_ports = {int(p) for p in big["per_port"]}
