@@ -98,7 +98,11 @@ def test_client_server_and_both_views(two_hosts):
     [sv] = ours(out["server"])
     assert sv["view"] == "server" and sv["netns"] == srv.inode and sv["client_netns"] is None
     assert sv["lingering_state"] == "CLOSE_WAIT" and sv["outcome"] == "recovered"
-    assert [s["step"] for s in sv["steps"]] == SERVER_STEPS
+    # kprobe/fentry see the child queued on the listener itself, before it is
+    # established; the tracepoint backend deduces the queueing from the child established
+    server_only = SERVER_STEPS if sv["backend"] == "tracepoint" else [
+        "syn", "challenge_ack", "rst", "closewait_closed", "retry_syn", "queued", "established"]
+    assert [s["step"] for s in sv["steps"]] == server_only, sv["steps"]
     assert sv["challenge_acks_received"] == 0
     assert sv["penalty_ms"] == pytest.approx(connect_ms, abs=5 * SLOW)
     check_events(sv, {srv.inode})

@@ -378,6 +378,9 @@ class Correlator:
 
     def _on_queued(self, inc: Incident, ev: Event, local_is_server: bool) -> None:
         if not inc.has("queued"):
+            # the queued child is the retried SYN's connection: when no end saw
+            # the retry itself (a server-only view), it reached the listener by now
+            self._retry_reached_listener(inc, ev)
             inc.add("queued", ev.ts_ns, backlog=ev.backlog, max_backlog=ev.max_backlog)
 
     def _on_state(self, inc: Incident, ev: Event, local_is_server: bool) -> None:
