@@ -270,3 +270,14 @@ def test_help_documents_exit_codes_and_completion():
     out = invoke(["--help"]).output
     assert "Exit status: 0" in out and "2 bad usage" in out
     assert "_TCPCOLLIDE_TRACE_COMPLETE=bash_source" in out
+
+
+@pytest.mark.parametrize("skipped, warned", [(0, False), (None, False), (3, True)])
+def test_text_summary_warns_of_skipped_bpf_runs(skipped, warned):
+    """A summary record (synthetic) with skipped BPF runs ends with a warning
+    naming them; none when the kernel counted none or does not count them."""
+    from tracer.report import Summary
+
+    buf = io.StringIO()
+    TextWriter(buf, color=False, width=400).write(Summary().record(10, 0, "SIGINT", 0, skipped))
+    assert ("the kernel skipped 3 run(s)" in buf.getvalue()) is warned, buf.getvalue()

@@ -97,6 +97,7 @@ def test_seed_experiment_loopback_ipv4(ns):
     summary = records[-1]
     assert summary["collisions"] == 1 and summary["by_outcome"] == {"recovered": 1}
     assert summary["lost_events"] == 0
+    assert isinstance(summary["skipped_runs"], int) and summary["skipped_runs"] >= 0  # every kernel here is >= 5.12
     assert summary["stopped_by"] == "SIGTERM"
 
 
@@ -375,6 +376,55 @@ def test_event_layout_matches_what_bcc_compiled():
         b.cleanup()
 
 
+@pytest.mark.matrix
+def test_prog_info_reads_the_kernels_counters():
+    """tracer/bpfsys.py reads struct bpf_prog_info at fixed UAPI offsets: with
+    kernel.bpf_stats_enabled, a program on every state change must show the
+    runs a loopback connection caused, and a run time; recursion_misses (the
+    summary's skipped_runs) sits right after them."""
+    import socket
+
+    import bcc
+
+    from pathlib import Path
+
+    from tracer import bpfsys, program
+    from tracer.resources import compat_dir
+
+    stats = Path("/proc/sys/kernel/bpf_stats_enabled")
+    with program._kernel_source(compat_dir()):
+        b = bcc.BPF(text=b"RAW_TRACEPOINT_PROBE(inet_sock_set_state) { return 0; }\n",
+                    cflags=[f for d in program.UAPI_DIRS for f in ("-idirafter", d)])
+    old = stats.read_text()
+    try:
+        fd = b.funcs[b"raw_tracepoint__inet_sock_set_state"].fd
+        assert bpfsys.prog_info(fd) == {"run_time_ns": 0, "run_cnt": 0, "recursion_misses": 0} or old.strip() == "1"
+        stats.write_text("1")
+        before = bpfsys.prog_info(fd)
+        with socket.socket() as srv:
+            srv.bind(("127.0.0.1", 0))
+            srv.listen()
+            with socket.create_connection(srv.getsockname()):
+                srv.accept()[0].close()
+        after = bpfsys.prog_info(fd)
+    finally:
+        stats.write_text(old)
+        b.cleanup()
+    assert after["run_cnt"] - before["run_cnt"] >= 4, (before, after)  # SYN_SENT, ESTABLISHED x2, FIN_WAIT1...
+    assert after["run_time_ns"] > before["run_time_ns"]
+    assert 0 <= after["recursion_misses"] < 1_000_000
+    assert bpfsys.prog_info(-1) is None
+
+
+def test_fentry_probe_names_why_it_fails():
+    """The bpf(2) fentry probe says why a load fails: here a BTF id that is
+    not a function (every kernel refuses it, whether it offers fentry or not)."""
+    from tracer import bpfsys
+
+    ok, why = bpfsys.fentry_loads(1)
+    assert not ok and why.startswith("the kernel refuses to load an fentry program (")
+
+
 def test_doctor_selftest():
     r = subprocess.run([str(BIN), "--json", "--backend", BACKEND, "doctor", "--selftest"],
                        capture_output=True, text=True, timeout=120 * SLOW)
@@ -396,7 +446,7 @@ def test_forced_backend_works_or_says_why(backend):
 
     r = subprocess.run([str(BIN), "--json", "--backend", backend, "--duration", "0.5"],
                        capture_output=True, text=True, timeout=120 * SLOW)
-    offered = kernel.kprobes_available(kernel.tracefs()) if backend == "kprobe" else program.fentry_probe()[0]
+    offered = kernel.kprobes_available(kernel.tracefs()) if backend == "kprobe" else program.fentry_probe(program.kernel_types())[0]
     if offered:
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout.splitlines()[0])["backend"] == backend

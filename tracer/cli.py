@@ -245,7 +245,7 @@ def diagnose(backend: str, run_selftest: bool, btf_path: str | None, types_sourc
         problems.append(str(e))
     probe = None
     if types is not None and types.btf is not None and rep["root"] and rep["bcc"]:
-        probe = program.fentry_probe
+        probe = lambda: program.fentry_probe(types)  # noqa: E731
     offer = hooks.gather(types.btf if types else None, probe)
     rep["fentry"] = offer.fentry if probe else None
     rep["fentry_note"] = offer.fentry_note if probe else "not probed (needs root, bcc and BTF)"

@@ -85,6 +85,8 @@ class Metrics:
                                  "established", buckets=PENALTY_BUCKETS, registry=r)
         self.events = Counter("tcpcollide_events", "Kernel events received", registry=r)
         self.lost = Counter("tcpcollide_lost_events", "Kernel events lost (perf buffer full)", registry=r)
+        self.skipped = Counter("tcpcollide_skipped_runs", "Runs of the tracer's BPF programs the kernel skipped "
+                               "(recursion_misses: each may have been an event)", registry=r)
         self.hook_up = Gauge("tcpcollide_hook_up", "1 when a logical hook has a kernel hook attached",
                              ["logical", "backend", "target"], registry=r)
         self.hook_verified = Gauge("tcpcollide_hook_verified", "1 when the self-test saw the hook fire",

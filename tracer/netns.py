@@ -1,4 +1,5 @@
-"""Private network namespaces for the demo and the live tests (iproute2)."""
+"""Private network namespaces for the demo, the self-test and the live tests
+(named ones through iproute2; anonymous ones with unshare(2))."""
 
 from __future__ import annotations
 
@@ -79,3 +80,25 @@ def enter(name: str) -> None:
             raise NetnsError(f"setns({name}): {os.strerror(err)}")
     finally:
         os.close(fd)
+
+
+def unshare() -> None:
+    """Move the calling process into a new, anonymous network namespace (it
+    goes away with the last process and socket in it)."""
+    if _libc.unshare(CLONE_NEWNET) != 0:
+        raise NetnsError(f"unshare(CLONE_NEWNET): {os.strerror(ctypes.get_errno())}")
+
+
+SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1  # linux/sockios.h, linux/if.h
+
+
+def loopback_up() -> None:
+    """ip link set lo up, in the calling thread's namespace, without iproute2."""
+    import fcntl  # noqa: PLC0415
+    import socket  # noqa: PLC0415
+    import struct  # noqa: PLC0415
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        ifreq = struct.pack("16sh22x", b"lo", 0)
+        flags = struct.unpack_from("16sh", fcntl.ioctl(s, SIOCGIFFLAGS, ifreq))[1]
+        fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sh22x", b"lo", flags | IFF_UP))

@@ -237,3 +237,7 @@ class TextWriter:
             self.console.print(Text(inert(f"  {c['collisions']:>5}  {c['culprit']}")))
         if rec["lost_events"]:
             self.console.print(Text(f"warning: {rec['lost_events']} kernel events were lost", style="red"))
+        if rec.get("skipped_runs"):
+            self.console.print(Text(
+                f"warning: the kernel skipped {rec['skipped_runs']} run(s) of the tracer's BPF programs (a hook "
+                "fired while another BPF program ran on that CPU); any of them may have been an event", style="red"))

@@ -188,7 +188,7 @@ class Summary:
         if p is not None and (self.worst_penalty_ms is None or p > self.worst_penalty_ms):
             self.worst_penalty_ms = p
 
-    def record(self, events: int, lost: int, reason: str, undecodable: int = 0) -> dict:
+    def record(self, events: int, lost: int, reason: str, undecodable: int = 0, skipped: int | None = None) -> dict:
         return {
             "type": "summary",
             "collisions": self.collisions,
@@ -198,6 +198,7 @@ class Summary:
             "events": events,
             "lost_events": lost,
             "undecodable_events": undecodable,
+            "skipped_runs": skipped,
             "duration_s": round((time.monotonic_ns() - self.started_ns) / 1e9, 3),
             "stopped_by": reason,
         }

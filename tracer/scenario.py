@@ -87,7 +87,7 @@ def hang_up(args, s: socket.socket) -> None:
         # sends nothing (tcp_disconnect), so the port is free at once while the
         # server's end stays in CLOSE_WAIT (the seed waits for FIN-WAIT-2 instead)
         s.shutdown(socket.SHUT_WR)
-        time.sleep(0.05)
+        time.sleep(args.settle)
         s.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 1)
     s.close()
 
@@ -172,6 +172,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--unread", type=int, default=0, help="bytes the client sends and the server never reads")
     p.add_argument("--rounds", type=int, default=1, help="collide this many times on the same port pair")
     p.add_argument("--before-close", type=float, default=0.05, help="seconds between connecting and closing")
+    p.add_argument("--settle", type=float, default=0.05,
+                   help="with --fast: seconds between the client's FIN and dropping its socket")
     return p
 
 

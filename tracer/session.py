@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from tracer import hooks, kernel, program, recording, selftest
+from tracer import bpfsys, hooks, kernel, program, recording, selftest
 from tracer.diagnosis import Diagnoser
 from tracer.correlator import Correlator, Incident
 from tracer.events import ENUMS, DecodeError, decode, encode
@@ -22,6 +22,7 @@ from tracer.reorder import Reorderer
 from tracer.report import Clock, Summary, collision_record, event_stream_record, ready_record
 
 POLL_MS = 100
+SKIPPED_CHECK_S = 1.0  # how often the kernel's count of skipped BPF runs is read
 PERF_PAGES = 64  # per CPU
 
 
@@ -67,6 +68,10 @@ class Session:
         self.metrics = None
         self._record_file = None
         self._tracking_kept = False
+        self._prog_fds: list[int] = []
+        self._skipped_base: int | None = None  # None: the kernel does not count them (before 5.12)
+        self.skipped_runs: int | None = None
+        self._skipped_checked = 0.0
 
     # -- start ---------------------------------------------------------------
 
@@ -81,6 +86,9 @@ class Session:
                 raise kernel.KernelError(f"cannot write the recording {self.options.record}: {e.strerror}") from None
         self.plan, self.types, self.bpf = attach(self.options)
         self.bpf["events"].open_perf_buffer(self._on_raw, page_cnt=PERF_PAGES, lost_cb=self._on_lost)
+        self._prog_fds = [f.fd for f in self.bpf.funcs.values()]
+        self._skipped_base = self._kernel_skipped()
+        self.skipped_runs = None if self._skipped_base is None else 0
         self.backend = self.plan.backend
         self.correlator = Correlator(
             states=self.types.tcp_states,
@@ -131,6 +139,30 @@ class Session:
         if self.metrics is not None:
             self.metrics.lost.inc(count)
         self.correlator.lost(count)
+
+    def _kernel_skipped(self) -> int | None:
+        """Runs of the tracer's programs the kernel skipped so far (the sum
+        of their recursion_misses), or None when the kernel does not say."""
+        infos = [bpfsys.prog_info(fd) for fd in self._prog_fds]
+        if not infos or any(i is None for i in infos):
+            return None
+        return sum(i["recursion_misses"] for i in infos)
+
+    def _check_skipped(self, force: bool = False) -> None:
+        """Skipped runs are events nobody will ever see, and no perf buffer
+        counts them: read the kernel's count now and then, and say it."""
+        now = time.monotonic()
+        if self._skipped_base is None or (not force and now - self._skipped_checked < SKIPPED_CHECK_S):
+            return
+        self._skipped_checked = now
+        total = self._kernel_skipped()
+        if total is None:
+            return
+        new = total - self._skipped_base - self.skipped_runs
+        if new > 0:
+            self.skipped_runs += new
+            if self.metrics is not None:
+                self.metrics.skipped.inc(new)
 
     def _emit(self, incidents: list[Incident]) -> None:
         for inc in incidents:
@@ -204,6 +236,7 @@ class Session:
             while self._stop_reason is None:
                 self.bpf.perf_buffer_poll(POLL_MS)
                 self._pump()
+                self._check_skipped()
                 for rec in self.diagnoser.poll():
                     if self.recorder is not None:
                         self.recorder.queue(rec)
@@ -226,13 +259,14 @@ class Session:
             self._stop_reason = reason
         self._stopping = True  # a second signal must not cut the flush short
         self.bpf.perf_buffer_poll(0)
+        self._check_skipped(force=True)
         for ev in self.reorder.drain():
             self._feed(ev)
         if self.recorder is not None:
             self.recorder.flush()
         self._emit(self.correlator.flush())
         rec = self.summary.record(self.correlator.events_seen, self.correlator.lost_events,
-                                  self._stop_reason or "end", self.decode_errors)
+                                  self._stop_reason or "end", self.decode_errors, self.skipped_runs)
         if self.recorder is not None:
             self.recorder.end(rec)
         self.sink(rec)
@@ -277,7 +311,9 @@ def attach(options: Options):
     The perf buffer is not open yet: the self-test's own events are dropped
     in the kernel (perf_submit has no reader); only the counters move."""
     types = program.kernel_types(options.btf, options.kernel_types)
-    probe = program.fentry_probe if types.btf is not None and options.backend in ("auto", "fentry") else None
+    probe = None
+    if types.btf is not None and options.backend in ("auto", "fentry"):
+        probe = lambda: program.fentry_probe(types)  # noqa: E731
     offer = hooks.gather(types.btf, probe)
     exclude: set[str] = set()
     while True:
