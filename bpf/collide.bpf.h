@@ -80,7 +80,7 @@ static __always_inline int tc_tracking(void)
 	if (k && *k)
 		return 1;
 	u = tracking.lookup(&until);
-	return u && *u > bpf_jiffies64();
+	return u && *u && *u > bpf_jiffies64(); /* 0: no collision since the tracer started */
 }
 
 #define tc_read(dst, base, off) bpf_probe_read_kernel(&(dst), sizeof(dst), (const char *)(base) + (off))
@@ -366,25 +366,29 @@ static __always_inline __u32 tc_rst_seq(const void *skb)
 static __always_inline int tc_on_tracked(void *ctx, const void *sk, __u32 type, __u32 hook,
 					 int oldstate, int newstate, const void *skb)
 {
-	struct tc_event ev = {};
-
 	if (!tc_sock_tracked(sk))
 		return 0;
-	/* counted on tracked tuples only, to keep the untracked path to one
-	 * lookup: the self-test's collision exercises every such hook */
-	tc_fired(hook);
-	if (tc_fill_sock(sk, &ev))
+	{
+		/* declared here: clang zeroes a local where it is declared, and the
+		 * untracked path must not pay for a few hundred bytes of stores */
+		struct tc_event ev = {};
+
+		/* counted on tracked tuples only, to keep the untracked path to one
+		 * lookup: the self-test's collision exercises every such hook */
+		tc_fired(hook);
+		if (tc_fill_sock(sk, &ev))
+			return 0;
+		ev.type = type;
+		ev.hook = hook;
+		if (type == TC_EV_RST_SENT)
+			ev.seq = tc_rst_seq(skb);
+		if (oldstate >= 0)
+			ev.oldstate = oldstate;
+		if (newstate >= 0)
+			ev.newstate = newstate;
+		events.perf_submit(ctx, &ev, sizeof(ev));
 		return 0;
-	ev.type = type;
-	ev.hook = hook;
-	if (type == TC_EV_RST_SENT)
-		ev.seq = tc_rst_seq(skb);
-	if (oldstate >= 0)
-		ev.oldstate = oldstate;
-	if (newstate >= 0)
-		ev.newstate = newstate;
-	events.perf_submit(ctx, &ev, sizeof(ev));
-	return 0;
+	}
 }
 
 /* tcp_set_state(): report transitions of tracked tuples. Every state change
@@ -405,51 +409,55 @@ static __always_inline int tc_on_set_state(void *ctx, const void *sk, int oldsta
 	return tc_on_tracked(ctx, sk, TC_EV_STATE, hook, oldstate, newstate, 0);
 }
 
+/* TCP header flags (struct tcphdr byte 13) */
+#define TC_TH_SYN 0x02
+#define TC_TH_RST 0x04
+#define TC_TH_ACK 0x10
+#define TC_STATE_BIT(s) (1U << (s))
+
+/* The flags byte of the segment `skb` when socket `sk` is in one of the
+ * states of the mask `states` (TC_STATE_BIT), else -1: the first question of
+ * every hook on received or answered segments, asked with the fewest reads
+ * (the state first: most calls stop there). */
+static __always_inline int tc_segment_flags(const void *sk, const void *skb, __u32 states)
+{
+	const unsigned char *th;
+	__u8 state = 0, flags = 0;
+
+	if (!sk)
+		return -1;
+	tc_read(state, sk, OFF_SKC_STATE);
+	if (state >= 32 || !(TC_STATE_BIT(state) & states))
+		return -1;
+	th = tc_tcp_header(skb);
+	if (!th)
+		return -1;
+	bpf_probe_read_kernel(&flags, 1, th + 13);
+	return flags;
+}
+
 /* tcp_rcv_state_process() entry: a SYN (without RST) reaching a socket in a
  * lingering state is always challenged (tcp_validate_incoming, RFC 5961 4.2;
  * before 6.4 a SYN failing PAWS gets a dupack instead, with the same numbers). */
 static __always_inline int tc_on_rcv_state(void *ctx, const void *sk, const void *skb, __u32 hook)
 {
-	__u8 state = 0, flags = 0;
-	const unsigned char *th;
+	int flags = tc_segment_flags(sk, skb, TC_STATE_BIT(K_TCP_CLOSE_WAIT) | TC_STATE_BIT(K_TCP_LAST_ACK) |
+					       TC_STATE_BIT(K_TCP_FIN_WAIT1) | TC_STATE_BIT(K_TCP_FIN_WAIT2) |
+					       TC_STATE_BIT(K_TCP_CLOSING));
 
-	tc_read(state, sk, OFF_SKC_STATE);
-	if (state != K_TCP_CLOSE_WAIT && state != K_TCP_LAST_ACK && state != K_TCP_FIN_WAIT1 &&
-	    state != K_TCP_FIN_WAIT2 && state != K_TCP_CLOSING)
-		return 0;
-	th = tc_tcp_header(skb);
-	if (!th)
-		return 0;
-	/* struct tcphdr: the flags byte is byte 13 (FIN 1, SYN 2, RST 4, ACK 16) */
-	bpf_probe_read_kernel(&flags, 1, th + 13);
-	if (!(flags & 0x02) || (flags & 0x04))
+	if (flags < 0 || (flags & (TC_TH_SYN | TC_TH_RST)) != TC_TH_SYN)
 		return 0;
 	return tc_on_syn_challenged(ctx, sk, hook);
 }
 
-/* A SYN freed with a TIME_WAIT socket as its receiver (skb:kfree_skb,
- * rx_sk): tcp_timewait_state_process() did not take it as a new connection
- * (its sequence number is not above the old connection's, and it has no newer
- * timestamp), so the socket answered with an ACK carrying the old numbers
- * (TCP_TW_ACK), unless its rate limiter held that back. A SYN it accepts goes
- * on to the listener and is never freed here. */
-static __always_inline int tc_on_tw_syn(void *ctx, const void *tw, const void *skb, __u32 hook)
+/* (tc_on_tw_syn) the event, set up only for a SYN on a TIME_WAIT socket:
+ * clang zeroes a local where it is declared */
+static __always_inline int tc_tw_syn_challenged(void *ctx, const void *tw, __u32 hook)
 {
 	struct tc_event ev = {};
 	struct tc_tuple t = {};
-	const unsigned char *th;
-	__u8 state = 0, flags = 0;
 	__u32 last_oow = 0;
 
-	tc_read(state, tw, OFF_SKC_STATE);
-	if (state != K_TCP_TIME_WAIT)
-		return 0;
-	th = tc_tcp_header(skb);
-	if (!th)
-		return 0;
-	bpf_probe_read_kernel(&flags, 1, th + 13);
-	if ((flags & 0x16) != 0x02) /* SYN without ACK or RST */
-		return 0;
 	tc_fired(hook);
 	if (tc_fill_sock_tw(tw, &ev, 1))
 		return 0;
@@ -464,6 +472,21 @@ static __always_inline int tc_on_tw_syn(void *ctx, const void *tw, const void *s
 	tc_track(&t, ev.skaddr);
 	events.perf_submit(ctx, &ev, sizeof(ev));
 	return 0;
+}
+
+/* A SYN freed with a TIME_WAIT socket as its receiver (skb:kfree_skb,
+ * rx_sk): tcp_timewait_state_process() did not take it as a new connection
+ * (its sequence number is not above the old connection's, and it has no newer
+ * timestamp), so the socket answered with an ACK carrying the old numbers
+ * (TCP_TW_ACK), unless its rate limiter held that back. A SYN it accepts goes
+ * on to the listener and is never freed here. */
+static __always_inline int tc_on_tw_syn(void *ctx, const void *tw, const void *skb, __u32 hook)
+{
+	int flags = tc_segment_flags(tw, skb, TC_STATE_BIT(K_TCP_TIME_WAIT));
+
+	if (flags < 0 || (flags & (TC_TH_SYN | TC_TH_RST | TC_TH_ACK)) != TC_TH_SYN)
+		return 0;
+	return tc_tw_syn_challenged(ctx, tw, hook);
 }
 
 /* tcp_send_challenge_ack() returned: report whether the ACK went out. */
@@ -520,47 +543,18 @@ static __always_inline int tc_on_queued(void *ctx, const void *listener, const v
 	return 0;
 }
 
-/* The client's side of a collision, seen from the client's own kernel.
- *
- * A SYN-SENT socket that receives an ACK not acknowledging its SYN (the
- * challenge ACK of a remote socket that still holds the tuple) makes
- * tcp_rcv_synsent_state_process() return 1, and tcp_v4/v6_do_rcv() answer
- * with a RST from this socket (tcp_v4/v6_send_reset(sk, skb): `sk` is the
- * connecting socket, `skb` the ACK). Nothing else makes a SYN-SENT socket
- * reset a bare ACK, so only this narrow case streams anything.
- *
- * The event carries the ACK's numbers as received (its seq is the remote
- * socket's snd_nxt, its ack the RST's seq) and the time since the first SYN:
- * tcp_connect() sets tp->retrans_stamp to tcp_time_stamp_ts() when it sends
- * the SYN, milliseconds of tcp_clock_ns() (ktime_get_ns(), the clock of
- * bpf_ktime_get_ns()) truncated to 32 bits, or microseconds when the route
- * negotiated usec timestamps (tp->tcp_usec_ts, Linux >= 6.7); a retransmission
- * keeps it. The tuple is registered in `tracked` (server = the remote end) so
- * the client's retransmissions and state changes reach user space.
- *
- * Returns 1 when it handled the reset (submitted, or filtered out), 0 when
- * the reset is something else. */
-static __always_inline int tc_on_client_reset(void *ctx, const void *sk, const void *skb, __u32 hook)
+/* (tc_on_client_reset) the event, set up only for the narrow case: clang
+ * zeroes a local where it is declared. Returns 1. */
+static __always_inline int tc_client_challenged(void *ctx, const void *sk, const void *skb, __u32 hook)
 {
 	struct tc_event ev = {};
 	struct tc_tuple t = {};
 	struct tc_track tr = {};
-	const unsigned char *th;
-	__u8 state = 0, flags = 0;
+	const unsigned char *th = tc_tcp_header(skb);
 	__u32 seq_be = 0, ack_be = 0, stamp = 0;
 
-	if (!sk)
-		return 0;
-	tc_read(state, sk, OFF_SKC_STATE);
-	if (state != K_TCP_SYN_SENT)
-		return 0;
-	th = tc_tcp_header(skb);
 	if (!th)
-		return 0;
-	/* struct tcphdr: the flags byte is byte 13 (FIN 1, SYN 2, RST 4, ACK 16) */
-	bpf_probe_read_kernel(&flags, 1, th + 13);
-	if ((flags & 0x16) != 0x10) /* ACK without SYN or RST */
-		return 0;
+		return 1;
 	if (tc_fill_sock(sk, &ev))
 		return 1;
 	ev.type = TC_EV_CLIENT_CHALLENGED;
@@ -601,4 +595,33 @@ static __always_inline int tc_on_client_reset(void *ctx, const void *sk, const v
 	tc_open_window();
 	events.perf_submit(ctx, &ev, sizeof(ev));
 	return 1;
+}
+
+/* The client's side of a collision, seen from the client's own kernel.
+ *
+ * A SYN-SENT socket that receives an ACK not acknowledging its SYN (the
+ * challenge ACK of a remote socket that still holds the tuple) makes
+ * tcp_rcv_synsent_state_process() return 1, and tcp_v4/v6_do_rcv() answer
+ * with a RST from this socket (tcp_v4/v6_send_reset(sk, skb): `sk` is the
+ * connecting socket, `skb` the ACK). Nothing else makes a SYN-SENT socket
+ * reset a bare ACK, so only this narrow case streams anything.
+ *
+ * The event carries the ACK's numbers as received (its seq is the remote
+ * socket's snd_nxt, its ack the RST's seq) and the time since the first SYN:
+ * tcp_connect() sets tp->retrans_stamp to tcp_time_stamp_ts() when it sends
+ * the SYN, milliseconds of tcp_clock_ns() (ktime_get_ns(), the clock of
+ * bpf_ktime_get_ns()) truncated to 32 bits, or microseconds when the route
+ * negotiated usec timestamps (tp->tcp_usec_ts, Linux >= 6.7); a retransmission
+ * keeps it. The tuple is registered in `tracked` (server = the remote end) so
+ * the client's retransmissions and state changes reach user space.
+ *
+ * Returns 1 when it handled the reset (submitted, or filtered out), 0 when
+ * the reset is something else. */
+static __always_inline int tc_on_client_reset(void *ctx, const void *sk, const void *skb, __u32 hook)
+{
+	int flags = tc_segment_flags(sk, skb, TC_STATE_BIT(K_TCP_SYN_SENT));
+
+	if (flags < 0 || (flags & (TC_TH_SYN | TC_TH_RST | TC_TH_ACK)) != TC_TH_ACK)
+		return 0;
+	return tc_client_challenged(ctx, sk, skb, hook);
 }

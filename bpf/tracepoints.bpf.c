@@ -25,7 +25,7 @@ RAW_TRACEPOINT_PROBE(inet_sock_set_state)
 	const void *sk = (const void *)TC_RAW_ARG(INET_SOCK_SET_STATE, SK);
 	__u16 protocol = 0;
 
-	if (!tc_sock_tracked(sk)) /* the protocol is worth a read only then */
+	if (!sk || !tc_tracking()) /* the protocol is worth a read only in a collision window */
 		return 0;
 	tc_read(protocol, sk, OFF_SK_PROTOCOL);
 	if (protocol != K_IPPROTO_TCP)
