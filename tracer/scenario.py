@@ -30,7 +30,8 @@ import time
 
 from tracer import netns
 
-TCP_REPAIR = 19  # linux/tcp.h
+TCP_INFO, TCP_REPAIR = 11, 19  # linux/tcp.h
+TCP_FIN_WAIT2 = 5  # include/net/tcp_states.h (struct tcp_info's first byte)
 PR_SET_NAME, PR_SET_PDEATHSIG = 15, 1  # linux/prctl.h
 
 
@@ -78,6 +79,16 @@ def connect_once(args, fam: int, first: bool) -> socket.socket | None:
             time.sleep(0.05)
 
 
+def wait_fin_acked(s: socket.socket, limit: float) -> None:
+    """Until the server has acknowledged our FIN (we are in FIN-WAIT-2: its
+    end is in CLOSE_WAIT), at most `limit` seconds. On loopback that is at
+    once, unless softirqs are deferred on a loaded host; dropping the socket
+    before would have the server's ACK answered with a RST, and no collision."""
+    deadline = time.monotonic() + limit
+    while s.getsockopt(socket.IPPROTO_TCP, TCP_INFO, 1)[0] != TCP_FIN_WAIT2 and time.monotonic() < deadline:
+        time.sleep(0.001)
+
+
 def hang_up(args, s: socket.socket) -> None:
     """Close our end: the server's end goes to CLOSE_WAIT."""
     if args.unread:
@@ -87,7 +98,8 @@ def hang_up(args, s: socket.socket) -> None:
         # sends nothing (tcp_disconnect), so the port is free at once while the
         # server's end stays in CLOSE_WAIT (the seed waits for FIN-WAIT-2 instead)
         s.shutdown(socket.SHUT_WR)
-        time.sleep(args.settle)
+        wait_fin_acked(s, args.settle)
+        time.sleep(args.age)
         s.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 1)
     s.close()
 
@@ -172,8 +184,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--unread", type=int, default=0, help="bytes the client sends and the server never reads")
     p.add_argument("--rounds", type=int, default=1, help="collide this many times on the same port pair")
     p.add_argument("--before-close", type=float, default=0.05, help="seconds between connecting and closing")
-    p.add_argument("--settle", type=float, default=0.05,
-                   help="with --fast: seconds between the client's FIN and dropping its socket")
+    p.add_argument("--settle", type=float, default=2.0,
+                   help="with --fast: the longest wait, in seconds, for the server to acknowledge the client's FIN")
+    p.add_argument("--age", type=float, default=0.05,
+                   help="with --fast: seconds the server's end stays in CLOSE_WAIT before the port is reused")
     return p
 
 

@@ -45,8 +45,8 @@ def collide(timeout: float = 10.0) -> None:
             netns.unshare()
             netns.loopback_up()
             args = scenario.parser().parse_args(
-                ["--fast", "--server-port", "9", "--client-port", "9999", "--before-close", "0.005",
-                 "--settle", "0.005", "--hold", "0.01", "--connect-timeout", str(timeout), "--port-wait", "1"])
+                ["--fast", "--server-port", "9", "--client-port", "9999", "--before-close", "0",
+                 "--age", "0", "--hold", "0", "--connect-timeout", str(timeout), "--port-wait", "1"])
             code = scenario.run(args)
             if code:
                 os.write(w, f"the scenario exited with {code}".encode())
@@ -73,9 +73,17 @@ def silent(plan: Plan, before: dict[int, int], after: dict[int, int]) -> list[Ca
             and after.get(HOOK_IDS[c.hook], 0) <= before.get(HOOK_IDS[c.hook], 0)]
 
 
-def run(plan: Plan, bpf) -> list[Candidate]:
-    """Make the collision; return the selected candidates that stayed silent."""
+def run(plan: Plan, bpf, settle: float = 0.5) -> list[Candidate]:
+    """Make the collision; return the selected candidates that stayed silent.
+    Hooks that run in softirq (the server's side) may still be on their way
+    when the child exits, on a loaded host: the counters are read until every
+    hook has moved, for at most `settle` seconds (the price of a truly silent
+    hook, once, at start-up)."""
     before = counters(bpf)
     collide()
-    time.sleep(0.02)  # the last hooks (the child's ESTABLISHED) run in softirq
-    return silent(plan, before, counters(bpf))
+    deadline = time.monotonic() + settle
+    while True:
+        quiet = silent(plan, before, counters(bpf))
+        if not quiet or time.monotonic() >= deadline:
+            return quiet
+        time.sleep(0.005)
