@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import os
+import socket
+import struct
 import subprocess
 from pathlib import Path
 
@@ -94,10 +97,6 @@ SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1  # linux/sockios.h, lin
 
 def loopback_up() -> None:
     """ip link set lo up, in the calling thread's namespace, without iproute2."""
-    import fcntl  # noqa: PLC0415
-    import socket  # noqa: PLC0415
-    import struct  # noqa: PLC0415
-
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         ifreq = struct.pack("16sh22x", b"lo", 0)
         flags = struct.unpack_from("16sh", fcntl.ioctl(s, SIOCGIFFLAGS, ifreq))[1]
