@@ -20,6 +20,7 @@ the new connection's connect() latency as the client measured it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import json
 import os
@@ -61,6 +62,32 @@ def serve(listener: socket.socket, comm: str, close_on_eof: bool) -> None:
                 pass
             conn.close()
             say("server_closed", note="closed after the peer's FIN")
+
+
+def listen(addr: str, port: int, backlog: int) -> socket.socket:
+    """A listening TCP socket on addr:port (IPv6 when addr has a colon)."""
+    listener = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((addr, port))
+    listener.listen(backlog)
+    return listener
+
+
+@contextlib.contextmanager
+def forked(fn, *args):
+    """fn(*args) in a child process (a leaking server); yields its pid, and
+    kills and reaps it on the way out."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            fn(*args)
+        finally:
+            os._exit(0)
+    try:
+        yield pid
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
 
 
 def connect_once(args, fam: int, first: bool) -> socket.socket | None:
@@ -108,28 +135,15 @@ def run(args: argparse.Namespace) -> int:
     fam = socket.AF_INET6 if ":" in args.server_ip else socket.AF_INET
     if args.server_ns:
         netns.enter(args.server_ns)
-    listener = socket.socket(socket.AF_INET6 if ":" in (args.listen_ip or args.server_ip) else fam)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind((args.listen_ip or args.server_ip, args.server_port))
-    listener.listen(args.backlog)
-    server_pid = 0
-    if args.accept:
-        server_pid = os.fork()
-        if server_pid == 0:
-            try:
-                serve(listener, args.server_comm, args.close_on_eof)
-            finally:
-                os._exit(0)
-        say("listen", addr=f"{args.server_ip}:{args.server_port}", server_pid=server_pid,
-            note="a server process accepts and never closes")
-    else:
-        say("listen", addr=f"{args.server_ip}:{args.server_port}", note="never calls accept()")
-    try:
+    listener = listen(args.listen_ip or args.server_ip, args.server_port, args.backlog)
+    with contextlib.ExitStack() as stack:
+        if args.accept:
+            server_pid = stack.enter_context(forked(serve, listener, args.server_comm, args.close_on_eof))
+            say("listen", addr=f"{args.server_ip}:{args.server_port}", server_pid=server_pid,
+                note="a server process accepts and never closes")
+        else:
+            say("listen", addr=f"{args.server_ip}:{args.server_port}", note="never calls accept()")
         return clients(args, fam)
-    finally:
-        if server_pid:
-            os.kill(server_pid, signal.SIGKILL)
-            os.waitpid(server_pid, 0)
 
 
 def clients(args: argparse.Namespace, fam: int) -> int:

@@ -41,7 +41,7 @@ import sys
 import time
 from collections import deque
 
-from tracer import netns
+from tracer import netns, scenario
 
 TCP_REPAIR = 19  # linux/tcp.h
 PR_SET_NAME, PR_SET_PDEATHSIG = 15, 1
@@ -105,22 +105,10 @@ def run(args: argparse.Namespace) -> int:
     nofile = raise_nofile(max(4 * args.ports + 256, 65536))
     if args.ns:
         netns.enter(args.ns)
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind((args.server_ip, args.server_port))
-    listener.listen(args.backlog)
-    server_pid = os.fork()
-    if server_pid == 0:
-        try:
-            serve(listener, args.server_comm, args.keep_dead)
-        finally:
-            os._exit(0)
-    listener.close()
-    try:
+    listener = scenario.listen(args.server_ip, args.server_port, args.backlog)
+    with scenario.forked(serve, listener, args.server_comm, args.keep_dead) as server_pid:
+        listener.close()
         return clients(args, server_pid, nofile)
-    finally:
-        os.kill(server_pid, signal.SIGKILL)
-        os.waitpid(server_pid, 0)
 
 
 def clients(args: argparse.Namespace, server_pid: int, nofile: int) -> int:
