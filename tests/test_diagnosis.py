@@ -275,6 +275,17 @@ def test_owner_cache_rescans_on_a_miss_at_most_so_often():
     assert cache.lookup(0) == []
 
 
+def test_owner_cache_stays_bounded_by_a_scan_bigger_than_itself():
+    """A leaking host's scan finds more sockets than the cache may hold
+    (synthetic scan): it keeps max_entries of them, the one asked for among them."""
+    found = {ino: [Owner(1, "leaky", ino)] for ino in range(1, 1001)}
+    cache = OwnerCache(min_interval_s=0, max_entries=100, scan=lambda: dict(found))
+    assert cache.lookup(1000) == [Owner(1, "leaky", 1000)]
+    assert len(cache._known) == 100
+    assert cache.lookup(500) == [Owner(1, "leaky", 500)]  # a miss: a new scan, still bounded
+    assert len(cache._known) == 100
+
+
 def test_socket_owners_finds_our_own_socket():
     with socket.socket() as s:
         ino, fd = os.fstat(s.fileno()).st_ino, s.fileno()

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import textwrap
@@ -16,7 +18,8 @@ import time
 import pytest
 
 from tests.live import BIN, REPO, SLOW, Tracer, ns_name, read_steps, require_live, scenario
-from tracer import netns
+from tracer import inventory, netns, sockdiag
+from tracer.diagnosis import QUEUE_STATES
 
 pytestmark = pytest.mark.live
 
@@ -364,3 +367,46 @@ def test_time_wait_collision(ns):
     assert rec["closewait_socket"]["inode"] is None and rec["closewait_socket"]["ghost"] is False
     assert abs(rec["penalty_ms"] - connect_ms) < 5 * SLOW + 0.2 * connect_ms
     assert "TIME_WAIT" in rec["explanation"] and "tcp_timestamps" in rec["explanation"]
+
+
+def test_queue_sockets_lists_only_what_a_listeners_queue_is_made_of(ns):
+    """The per-collision queue query (in-kernel port filter, accepted sockets
+    skipped unparsed) against the full dump on real sockets: the same queue
+    for the port asked about, and nothing of another port or of an accepted
+    socket."""
+    def make():
+        lst, other = socket.socket(), socket.socket()
+        lst.bind(("127.0.0.1", 8080))
+        lst.listen(8)
+        other.bind(("127.0.0.1", 9090))
+        other.listen(8)
+        clients = [socket.create_connection(("127.0.0.1", 8080)) for _ in range(4)]
+        clients.append(socket.create_connection(("127.0.0.1", 9090)))
+        accepted = lst.accept()[0]  # clients[0]'s server end: held by a process now
+        clients[0].close()  # -> the accepted end goes to CLOSE_WAIT (not queued)
+        clients[1].close()  # -> a queued child in CLOSE_WAIT
+        clients[2].setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        clients[2].close()  # RST -> a ghost: dead, still counted in the queue
+        return [lst, other, accepted] + clients
+
+    held = sockdiag.in_netns(str(ns.path), make)
+    try:
+        time.sleep(0.1)
+        everything = sockdiag.list_sockets(QUEUE_STATES, ns.inode, ns_paths={ns.inode: str(ns.path)})
+        fast = sockdiag.queue_sockets(ns.inode, str(ns.path), 8080, QUEUE_STATES)
+    finally:
+        for s in held:
+            s.close()
+    assert {(s.state, s.lport, bool(s.inode)) for s in everything} >= {("CLOSE_WAIT", 8080, True),
+                                                                       ("LISTEN", 9090, True)}
+    assert sorted((s.state, s.local, bool(s.inode)) for s in fast) == [
+        ("CLOSE_WAIT", "127.0.0.1:8080", False), ("ESTABLISHED", "127.0.0.1:8080", False),
+        ("LISTEN", "127.0.0.1:8080", True)]
+    assert all(s.last_ack_recv_ms is None for s in fast)  # no tcp_info asked for
+
+    def queue(socks):
+        (q,) = [q for q in inventory.listener_queues(socks) if q["listener"] == "127.0.0.1:8080"]
+        return q
+
+    assert queue(fast) == queue(everything)
+    assert (queue(fast)["recv_q"], queue(fast)["alive"], queue(fast)["ghosts"]) == (3, 2, 1)

@@ -133,7 +133,7 @@ class Diagnoser:
         if path is None:
             return None
         try:
-            socks = sockdiag.list_sockets(QUEUE_STATES, netns, ns_paths={netns: path})
+            socks = sockdiag.queue_sockets(netns, path, _addr_port(server)[1], QUEUE_STATES)
         except (OSError, sockdiag.SockDiagError):
             return None
         q = queue_for(inventory.listener_queues(socks), server)

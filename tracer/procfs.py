@@ -8,6 +8,7 @@ process's descriptor table, so one entry per process (tgid) is enough.
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Owner:
+    __slots__ = ("pid", "comm", "fd")  # a scan of a leaking host makes 100,000 of them
     pid: int
     comm: str  # untrusted text: a process names itself
     fd: int
@@ -61,7 +63,8 @@ def socket_owners(wanted: set[int] | None = None) -> dict[int, list[Owner]]:
 class OwnerCache:
     """Owners of sockets, looked up as collisions arrive. A miss rescans
     /proc, at most once per `min_interval_s`, so a storm of collisions costs
-    a bounded number of scans; entries are kept for the inodes asked about."""
+    a bounded number of scans; a scan's findings are kept (a later collision
+    on a socket that existed then needs no scan), at most `max_entries`."""
 
     def __init__(self, min_interval_s: float = 0.5, max_entries: int = 65536, scan=socket_owners):
         self.min_interval_s = min_interval_s
@@ -76,6 +79,11 @@ class OwnerCache:
         if inode not in self._known and time.monotonic() - self._last_scan >= self.min_interval_s:
             self._last_scan = time.monotonic()
             found = self._scan()
+            if len(found) > self.max_entries:  # more sockets than the cache holds: the one asked for, and some
+                asked = found.pop(inode, None)
+                found = dict(itertools.islice(found.items(), self.max_entries - 1))
+                if asked:
+                    found[inode] = asked
             if len(self._known) + len(found) > self.max_entries:
                 self._known.clear()
             self._known.update(found)

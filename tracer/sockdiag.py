@@ -27,6 +27,8 @@ SOCK_DIAG_BY_FAMILY = 20
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
 INET_DIAG_INFO = 2
+INET_DIAG_REQ_BYTECODE = 1  # request attribute: a filter program the kernel runs on each socket
+INET_DIAG_BC_S_GE, INET_DIAG_BC_S_LE = 2, 3  # filter ops (ABI, linux/inet_diag.h): local port >= / <= the next op's `no`
 CLONE_NEWNET = 0x40000000
 
 # The TCP state numbers of the inet_diag ABI (include/net/tcp_states.h; the
@@ -36,6 +38,7 @@ TCP_STATES = {
     7: "CLOSE", 8: "CLOSE_WAIT", 9: "LAST_ACK", 10: "LISTEN", 11: "CLOSING", 12: "NEW_SYN_RECV",
 }
 STATE_BITS = {name: 1 << num for num, name in TCP_STATES.items()}
+_LISTEN = next(num for num, name in TCP_STATES.items() if name == "LISTEN")
 ALL_STATES = 0xFFFFFFFF
 
 _NLMSG = struct.Struct("=IHHII")
@@ -43,6 +46,9 @@ _REQ = struct.Struct("=BBBxI48s")  # struct inet_diag_req_v2
 _MSG = struct.Struct("=BBBB48sIIIII")  # struct inet_diag_msg
 _SOCKID = struct.Struct(">HH16s16sIQ")  # struct inet_diag_sockid (ports and addresses in network order)
 _TCPI_LAST_ACK_RECV = 56  # struct tcp_info: tcpi_last_ack_recv (ms since the last ACK received)
+_BC_OP = struct.Struct("=BBH")  # struct inet_diag_bc_op: code, yes (bytes to skip if true), no (if false)
+_NLATTR = struct.Struct("=HH")
+_MSG_STATE, _MSG_INODE = 1, 68  # offsets in struct inet_diag_msg
 
 
 class SockDiagError(Exception):
@@ -84,8 +90,19 @@ def _endpoint(family: str, addr: str, port: int) -> str:
     return f"[{addr}]:{port}" if family == "ipv6" else f"{addr}:{port}"
 
 
-def _request(family: int, states: int, seq: int) -> bytes:
-    req = _REQ.pack(family, socket.IPPROTO_TCP, 1 << (INET_DIAG_INFO - 1), states, bytes(48))
+def _port_filter(port: int) -> bytes:
+    """inet_diag bytecode keeping the sockets whose local port is `port`
+    (S_GE and S_LE: on every kernel since 2.6; a failed test jumps past the
+    end, which rejects the socket)."""
+    return (_BC_OP.pack(INET_DIAG_BC_S_GE, 8, 20) + _BC_OP.pack(0, 0, port)
+            + _BC_OP.pack(INET_DIAG_BC_S_LE, 8, 12) + _BC_OP.pack(0, 0, port))
+
+
+def _request(family: int, states: int, seq: int, info: bool = True, port: int | None = None) -> bytes:
+    req = _REQ.pack(family, socket.IPPROTO_TCP, 1 << (INET_DIAG_INFO - 1) if info else 0, states, bytes(48))
+    if port is not None:
+        bc = _port_filter(port)
+        req += _NLATTR.pack(_NLATTR.size + len(bc), INET_DIAG_REQ_BYTECODE) + bc
     return _NLMSG.pack(_NLMSG.size + len(req), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + req
 
 
@@ -110,8 +127,13 @@ def parse_message(netns: int, payload: bytes) -> Sock:
                 last_ack)
 
 
-def _dump(sock: socket.socket, netns: int, family: int, states: int) -> list[Sock]:
-    sock.send(_request(family, states, 1))
+def _dump(sock: socket.socket, netns: int, family: int, states: int, info: bool = True, port: int | None = None,
+          unaccepted: bool = False) -> list[Sock]:
+    """One sock_diag dump. `port`: only sockets with that local port (filtered
+    by the kernel); `unaccepted`: of the non-listening ones, only those no
+    process holds yet (no inode: queued on their listener), skipped before
+    they are parsed (a leaking server may hold 100,000 accepted ones)."""
+    sock.send(_request(family, states, 1, info, port))
     out: list[Sock] = []
     while True:
         data = sock.recv(65536)
@@ -120,16 +142,18 @@ def _dump(sock: socket.socket, netns: int, family: int, states: int) -> list[Soc
             length, mtype, _flags, _seq, _pid = _NLMSG.unpack_from(data, off)
             if length < _NLMSG.size:
                 return out
-            body = data[off + _NLMSG.size:off + length]
+            body = off + _NLMSG.size
             if mtype == NLMSG_DONE:
                 return out
             if mtype == NLMSG_ERROR:
-                (err,) = struct.unpack_from("=i", body)
+                (err,) = struct.unpack_from("=i", data, body)
                 if err == -errno.ENOENT or err == -errno.EAFNOSUPPORT:  # no IPv6 in this namespace
                     return out
                 raise SockDiagError(f"sock_diag: {os.strerror(-err)}")
-            if mtype == SOCK_DIAG_BY_FAMILY:
-                out.append(parse_message(netns, body))
+            if mtype == SOCK_DIAG_BY_FAMILY and not (
+                    unaccepted and length >= _NLMSG.size + _MSG.size
+                    and data[body + _MSG_STATE] != _LISTEN and struct.unpack_from("=I", data, body + _MSG_INODE)[0]):
+                out.append(parse_message(netns, data[body:off + length]))
             off += (length + 3) & ~3
 
 
@@ -223,3 +247,13 @@ def list_sockets(states: int = ALL_STATES, netns: int | None = None, families: t
             for fam in families:
                 out += _dump(sock, ino, socket.AF_INET if fam == "ipv4" else socket.AF_INET6, states)
     return out
+
+
+def queue_sockets(netns: int, ns_path: str, port: int, states: int) -> list[Sock]:
+    """What a listener's accept queue is made of, cheaply: the sockets in
+    `states` with local port `port` (filtered in the kernel, without
+    tcp_info), listeners and the children no process has accepted yet only.
+    The work does not grow with the accepted sockets a leaking server holds."""
+    with _diag_socket_in(ns_path) as sock:
+        return [s for fam in (socket.AF_INET, socket.AF_INET6)
+                for s in _dump(sock, netns, fam, states, info=False, port=port, unaccepted=True)]
