@@ -280,10 +280,47 @@ def test_owner_cache_stays_bounded_by_a_scan_bigger_than_itself():
     (synthetic scan): it keeps max_entries of them, the one asked for among them."""
     found = {ino: [Owner(1, "leaky", ino)] for ino in range(1, 1001)}
     cache = OwnerCache(min_interval_s=0, max_entries=100, scan=lambda: dict(found))
+    cache.SCAN_SHARE = 0
     assert cache.lookup(1000) == [Owner(1, "leaky", 1000)]
     assert len(cache._known) == 100
     assert cache.lookup(500) == [Owner(1, "leaky", 500)]  # a miss: a new scan, still bounded
     assert len(cache._known) == 100
+
+
+def test_owner_cache_serves_a_batch_of_events_with_one_scan():
+    scans = []
+
+    def scan():
+        scans.append(1)
+        return {5: [Owner(1, "server", 3)], 6: [Owner(2, "client", 4)]}
+
+    cache = OwnerCache(min_interval_s=60, scan=scan)
+    cache.want(5)
+    cache.want(6)  # the client's socket, from the same batch of events
+    assert scans == []
+    cache.resolve()
+    assert cache.lookup(5) == [Owner(1, "server", 3)] and cache.lookup(6) == [Owner(2, "client", 4)]
+    assert len(scans) == 1
+
+
+def test_owner_cache_spaces_slow_scans_by_their_duration(monkeypatch):
+    """A scan that takes 1 s (a host with 100,000 sockets; synthetic clock)
+    is not repeated before 4 s more, whatever min_interval_s allows."""
+    clock = [100.0]
+    monkeypatch.setattr("tracer.procfs.time.monotonic", lambda: clock[0])
+    scans = []
+
+    def scan():
+        scans.append(clock[0])
+        clock[0] += 1.0
+        return {}
+
+    cache = OwnerCache(min_interval_s=0.5, scan=scan)
+    assert cache.lookup(5) == [] and len(scans) == 1
+    clock[0] += 3.9
+    assert cache.lookup(6) == [] and len(scans) == 1  # 0.5 s has passed, 4 x 1 s has not
+    clock[0] += 0.2
+    assert cache.lookup(6) == [] and len(scans) == 2
 
 
 def test_socket_owners_finds_our_own_socket():

@@ -100,9 +100,14 @@ class Diagnoser:
 
     def prefetch(self, ev: Event) -> None:
         """Find the owner as soon as the collision starts: by the time the
-        incident is reported, its process may be gone."""
+        incident is reported, its process may be gone. The inodes of a batch
+        of events are looked up together by resolve()."""
         if ev.type in ("syn_challenged", "client_challenged") and ev.sk_ino:
-            self.owners.lookup(ev.sk_ino)
+            self.owners.want(ev.sk_ino)
+
+    def resolve(self) -> None:
+        """After a batch of events: one /proc scan for the owners they asked for."""
+        self.owners.resolve()
 
     def context(self, inc: Incident) -> dict:
         inode = inc.closewait.get("inode")

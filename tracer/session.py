@@ -214,6 +214,7 @@ class Session:
         now = time.monotonic_ns()
         for ev in self.reorder.pop_ready(now):
             self._feed(ev)
+        self.diagnoser.resolve()
         done = self.correlator.tick(now - self.reorder.delay_ns)
         if done and self.recorder is not None:
             self.recorder.tick(now - self.reorder.delay_ns)
