@@ -860,3 +860,69 @@ def test_text_report_of_the_client_view_is_inert():
     assert "client view" in text and "connecting process: evil\\x1b]0;x\\x07 (pid 9)" in text
     assert "old connection held by the remote server 127.0.0.1:12345" in text
     assert "client_challenged" in text and "SYN_SENT" in text
+
+
+# -- the lazy state hook (synthetic streams) -------------------------------------
+
+
+def _lazy_stream(a: Collision, attach_after: int, state_events_before_attach: bool = False):
+    """The seed sequence as a lazily attached state hook sees it: detached
+    until `attach_after` ns past the SYN, so the state changes before then are
+    not in the stream (unless `state_events_before_attach`)."""
+    c = Correlator(STATES, HZ)
+    c.state_hook(False, T0 - S)  # detached once ready, a second before
+    done = []
+    attached = False
+    for ev in a.seed_sequence():
+        if not attached and ev.ts_ns >= T0 + attach_after:
+            c.state_hook(True, T0 + attach_after)
+            attached = True
+        if ev.type == "state" and ev.ts_ns < T0 + attach_after and not state_events_before_attach:
+            continue
+        done += c.feed(ev)
+    if not attached:
+        c.state_hook(True, T0 + attach_after)
+    done += c.tick(T0 + 20 * S)
+    return done
+
+
+def test_state_hook_attached_before_the_retry_loses_nothing():
+    """Attached 1 ms after the SYN (the retry comes 11 ms after): the kill is
+    known from the RST received, the retry's state changes are all seen."""
+    [inc] = _lazy_stream(Collision(), attach_after=1 * MS)
+    assert inc.outcome == "recovered" and inc.incomplete is False
+    assert [s.name for s in inc.steps] == ["syn", "challenge_ack", "rst", "closewait_closed", "retry_syn",
+                                           "established", "queued"]
+    assert inc.step("closewait_closed").detail == {"from_state": "CLOSE_WAIT"}
+
+
+def test_state_hook_attached_after_the_retry_marks_the_incident_incomplete():
+    """Attached 20 ms after the SYN: the retry's establishment went unseen.
+    The incident times out without an established connection, and is
+    incomplete, not a claim that the client is still waiting."""
+    [inc] = _lazy_stream(Collision(), attach_after=20 * MS)
+    assert not inc.has("established") and inc.incomplete is True
+
+
+def test_an_incident_without_a_gap_is_not_marked():
+    """The same timed-out incident with the hook attached all along: pending,
+    and complete as far as the hook goes."""
+    a = Collision()
+    c = Correlator(STATES, HZ)
+    c.state_hook(False, T0 - 2 * S)
+    c.state_hook(True, T0 - S)  # a gap that ended before this collision
+    done = []
+    for ev in a.seed_sequence()[:5]:  # no establishment ever
+        done += c.feed(ev)
+    done += c.tick(T0 + 20 * S)
+    [inc] = done
+    assert inc.outcome == "pending" and inc.incomplete is False
+
+
+def test_rst_received_closes_the_lingering_socket_once():
+    """With the state hook attached, the CLOSE_WAIT -> CLOSE event that follows
+    the RST adds nothing: one closewait_closed step, at the RST."""
+    a = Collision()
+    _, [inc] = correlate(a.seed_sequence())
+    [closed] = [s for s in inc.steps if s.name == "closewait_closed"]
+    assert closed.ts_ns == a.seed_sequence()[2].ts_ns and closed.detail == {"from_state": "CLOSE_WAIT"}

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -476,3 +477,69 @@ def test_kprobe_programs_pass_the_verifier_here():
             b.load_func(fn.encode(), 2)  # BPF_PROG_TYPE_KPROBE: raises if the verifier refuses it
     finally:
         b.cleanup()
+
+
+def _raw_tracepoints(pid: int) -> set[str]:
+    """The raw tracepoints a process has programs attached to (its link fds)."""
+    names = set()
+    for info in Path(f"/proc/{pid}/fdinfo").iterdir():
+        try:
+            text = info.read_text()
+        except OSError:
+            continue
+        if "link_type:\traw_tracepoint" in text:
+            names.update(line.split("\t", 1)[1] for line in text.splitlines() if line.startswith("tp_name:"))
+    return names
+
+
+def _wait_until(predicate, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+def test_state_hook_is_attached_only_while_a_collision_is_in_progress(ns):
+    """Where the state-change hook is a raw tracepoint, the host's ordinary
+    state changes do not run it: it is off at rest, comes on when a collision
+    starts, soon enough to see the retry established (a complete report),
+    and goes off again once the incident is over."""
+    tracer = Tracer("--netns", str(ns.inode))
+    try:
+        ready = tracer.wait_ready()
+        hook = next(h for h in ready["hooks"] if h["logical"] == "set_state")
+        if hook["attach"] != "raw_tracepoint":
+            pytest.skip(f"the state hook is attached as {hook['attach']} here: always on")
+        assert hook["lazy"] is True
+        pid = tracer.proc.pid
+        at_rest = _raw_tracepoints(pid)
+        assert "tcp_receive_reset" in at_rest and "inet_sock_set_state" not in at_rest, at_rest
+        proc = scenario("--server-ns", ns.name, "--fast", "--hold", "0.5")
+        steps = read_steps(proc)
+        assert proc.wait(timeout=30 * SLOW) == 0, steps
+        rec = tracer.wait_for("collision", 10 * SLOW)
+        assert rec is not None and rec["outcome"] == "recovered" and rec["incomplete"] is False, rec
+        assert [s["step"] for s in rec["steps"]] == SEED_STEPS
+        assert _wait_until(lambda: "inet_sock_set_state" not in _raw_tracepoints(pid), 5 * SLOW)
+        rc, records, stderr = tracer.stop(signal.SIGTERM)
+    finally:
+        tracer.kill()
+    assert rc == 0, stderr
+    assert records[-1]["state_hook_attaches"] == 1, records[-1]
+
+
+def test_state_hook_always_stays_attached(ns):
+    tracer = Tracer("--netns", str(ns.inode), "--state-hook", "always")
+    try:
+        ready = tracer.wait_ready()
+        hook = next(h for h in ready["hooks"] if h["logical"] == "set_state")
+        assert hook["lazy"] is False
+        if hook["attach"] == "raw_tracepoint":
+            assert "inet_sock_set_state" in _raw_tracepoints(tracer.proc.pid)
+        rc, records, stderr = tracer.stop(signal.SIGTERM)
+    finally:
+        tracer.kill()
+    assert rc == 0, stderr
+    assert records[-1]["state_hook_attaches"] is None

@@ -165,3 +165,31 @@ def test_replay_of_client_and_both_views_with_all_events(tmp_path):
     assert streamed[0]["event"] == "client_challenged" and streamed[0]["backend"] == "tracepoint"
     assert streamed[0]["oldstate_name"] == "SYN_SENT" and streamed[0]["local"] == a.client
     assert [r for r in out if r["type"] == "collision"] == printed
+
+
+def test_state_hook_gaps_replay_like_the_live_run(tmp_path):
+    """Synthetic stream: the state hook came on 20 ms after the SYN (the
+    retry's establishment went unseen). The recording keeps when it came on
+    and off, so the replay marks the incident incomplete as the live run did;
+    a damaged state_hook frame is named."""
+    a = Collision()
+    buf = io.BytesIO()
+    w = recording.Writer(buf, {"kernel": "test", "backend": "tracepoint", "tcp_states": {str(k): v for k, v in
+                               STATES.items()}, "hz": HZ, "clock_offset_ns": 0})
+    w.state_hook(False, T0 - S)
+    for ev in a.seed_sequence():
+        if ev.type == "state" and ev.ts_ns < T0 + 20 * MS:
+            continue
+        w.event(encode(ev))
+    w.state_hook(True, T0 + 20 * MS)
+    w.flush()
+    w.end({"stopped_by": "SIGINT", "state_hook_attaches": 1})
+    path = tmp_path / "gap.rec"
+    path.write_bytes(buf.getvalue())
+    [inc], summary, err = run(path)
+    assert err is None and inc["incomplete"] is True and inc["outcome"] == "pending"
+    assert summary["state_hook_attaches"] == 1
+    bad = buf.getvalue().replace(b'"attached":false', b'"attached":0')
+    path.write_bytes(bad)
+    _, _, err = run(path)
+    assert err is not None and "corrupt state_hook frame" in err

@@ -123,6 +123,9 @@ def _run(options: Options, sink, on_ready=None, on_idle=None) -> dict | None:
               help="Where kernel struct offsets and enum values come from (auto: BTF, else headers).")
 @click.option("--incident-timeout", type=float, default=15.0, show_default=True, callback=_positive,
               metavar="SECONDS", help="End an incident that never completes after this long.")
+@click.option("--state-hook", type=click.Choice(["lazy", "always"]), default="lazy", show_default=True,
+              help="Attach the state-change hook only while collisions are in progress (lazy: where it is a raw "
+                   "tracepoint, which attaches in microseconds), or keep it attached.")
 @click.option("--no-color", is_flag=True, help="No colors in the readable output.")
 @click.option("--record", type=click.Path(dir_okay=False, writable=True), metavar="FILE",
               help="Also write what the kernel reported to FILE, for `tcpcollide-trace replay FILE`.")
@@ -131,7 +134,7 @@ def _run(options: Options, sink, on_ready=None, on_idle=None) -> dict | None:
 @click.version_option(__version__, prog_name="tcpcollide-trace")
 @click.pass_context
 def main(ctx, port, netns, ipv4, ipv6, duration, count, as_json, verbose, all_events, backend, no_selftest, btf,
-         kernel_types, incident_timeout, no_color, record, metrics):
+         kernel_types, incident_timeout, state_hook, no_color, record, metrics):
     """Trace TCP connections whose SYN hits a socket left in CLOSE_WAIT.
 
     With no command: trace the whole host (all network namespaces, IPv4 and
@@ -140,7 +143,7 @@ def main(ctx, port, netns, ipv4, ipv6, duration, count, as_json, verbose, all_ev
         filters=program.Filters(port=port, netns=netns, family=_family(ipv4, ipv6)),
         backend=backend, btf=btf, duration=duration, count=count, verbose=verbose, all_events=all_events,
         incident_timeout=incident_timeout, selftest=not no_selftest, kernel_types=kernel_types, record=record,
-        metrics=metrics,
+        metrics=metrics, state_hook=state_hook,
     )
     ctx.obj = {"options": options, "as_json": as_json, "no_color": no_color}
     if ctx.invoked_subcommand is None:
@@ -173,7 +176,8 @@ def demo(ctx, ipv4, ipv6, timeout):
     options = Options(filters=program.Filters(port=base.filters.port, netns=ns.inode, family=family),
                       backend=base.backend, btf=base.btf, verbose=base.verbose, all_events=base.all_events,
                       incident_timeout=base.incident_timeout, selftest=base.selftest,
-                      kernel_types=base.kernel_types, record=base.record, metrics=base.metrics)
+                      kernel_types=base.kernel_types, record=base.record, metrics=base.metrics,
+                      state_hook=base.state_hook)
     state: dict = {"collisions": 0, "connected": False}
 
     def sink(rec: dict) -> None:

@@ -18,7 +18,7 @@ two reports, whichever end's event comes first).
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 from tracer.events import Event, format_addr
@@ -43,6 +43,7 @@ RECENT = 1024  # finished incidents remembered to recognise repeats
 Key = tuple[int, bytes, int, bytes, int]  # family, server addr, server port, client addr, client port
 
 MAX_RAW_EVENTS = 64  # raw events kept per incident (for --verbose and research)
+MAX_STATE_GAPS = 4096  # the state hook's gaps remembered (an incident older than them all counts as in one)
 
 
 @dataclass
@@ -157,6 +158,11 @@ class Correlator:
         # no time; the next tick() places it.
         self._lost_until = -1
         self._loss_unplaced = False
+        # When the state-change hook was not attached (a live session attaches
+        # it only while collisions are in progress): the start of the current
+        # gap (None: attached), and the gaps that ended, latest last.
+        self._state_off_since: int | None = None
+        self._state_gaps: deque[tuple[int, int]] = deque(maxlen=MAX_STATE_GAPS)
         self.open: dict[Key, Incident] = {}
         # finished incidents, by lingering socket and by tuple (bounded, oldest first out)
         self.recent_sockets: OrderedDict[tuple[int, int], int] = OrderedDict()
@@ -230,6 +236,27 @@ class Correlator:
             self._loss_unplaced = True
         else:
             self._lost_until = max(self._lost_until, at_ns)
+
+    def state_hook(self, attached: bool, at_ns: int) -> None:
+        """The state-change hook was attached (detached) at `at_ns` (kernel
+        clock). An incident that started while it was not attached may have
+        missed the state changes that came before it was: its kill is also
+        known from the RST it received, but an establishment missed there
+        would leave it unfinished, so one that ends without an established
+        connection is marked incomplete rather than reported stuck or pending."""
+        if not attached:
+            if self._state_off_since is None:
+                self._state_off_since = at_ns
+        elif self._state_off_since is not None:
+            self._state_gaps.append((self._state_off_since, at_ns))
+            self._state_off_since = None
+
+    def _state_blind(self, ts_ns: int) -> bool:
+        if self._state_off_since is not None and ts_ns >= self._state_off_since:
+            return True
+        if len(self._state_gaps) == self._state_gaps.maxlen and ts_ns < self._state_gaps[0][0]:
+            return True  # older than every gap remembered: assume the worst
+        return any(start <= ts_ns < end for start, end in self._state_gaps)
 
     def _touched_by_loss(self, ts_ns: int) -> bool:
         return self._loss_unplaced or ts_ns <= self._lost_until
@@ -358,6 +385,11 @@ class Correlator:
             inc.add("rst", ev.ts_ns, seen_at="server")
         else:
             rst.detail["received_ms"] = round((ev.ts_ns - inc.first_ns) / 1e6, 3)
+        old = self._state(ev.oldstate)  # the state when the RST came
+        if old != "CLOSE" and not inc.has("closewait_closed"):
+            # tcp_reset() ends in tcp_done(): the socket is closed now, whether
+            # or not the state hook sees it (it may not be attached yet)
+            inc.add("closewait_closed", ev.ts_ns, from_state=old)
 
     def _on_retransmit(self, inc: Incident, ev: Event, local_is_server: bool) -> None:
         if local_is_server or inc.has("established"):
@@ -576,6 +608,8 @@ class Correlator:
     def _close(self, inc: Incident, why: str) -> Incident:
         self.open.pop(inc.key, None)
         inc.ended_by = why
+        if not inc.has("established") and self._state_blind(inc.first_ns):
+            inc.incomplete = True  # its establishment may have come before the state hook was attached
         inc.steps.sort(key=lambda s: (s.ts_ns, STEPS.index(s.name)))
         inc.outcome, inc.outcome_detail = self._outcome(inc)
         self._remember(inc)

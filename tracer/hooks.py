@@ -205,6 +205,7 @@ class Choice:
     verified: bool | None = None  # the self-test saw it fire (None: not tested)
 
     raw: bool = False  # a tracepoint attached as a raw tracepoint
+    lazy: bool = False  # attached only while collisions are in progress (tracer/session.py)
 
     @property
     def available(self) -> bool:
@@ -221,6 +222,7 @@ class Choice:
             "backend": c.backend if c else None,
             "target": "+".join(c.targets) if c else None,
             "attach": attach,
+            "lazy": self.lazy,
             "available": c is not None,
             "verified": self.verified,
             "selftested": self.logical not in NOT_SELFTESTED,

@@ -4,6 +4,7 @@ later without root or BPF and get exactly the same incidents.
 A recording is the correlator's input log, in the order it was fed: kernel
 events as released by the reorder buffer (the `struct tc_event` bytes of
 bpf/tcpcollide.h), lost-event counts, the clock ticks that ended incidents,
+when the state-change hook was attached and detached (tracer/session.py),
 and what the host added to each incident (tracer/diagnosis.py: the process
 holding the socket, the listener's queue) and the queue records. Replaying
 it through the same pure correlator reproduces the live run's output.
@@ -30,8 +31,9 @@ FORMAT = 1
 MAX_HEADER = 1 << 20
 MAX_FRAME = 1 << 24
 
-EVENT, LOST, TICK, CONTEXT, QUEUE, END, FLUSH = 1, 2, 3, 4, 5, 6, 7
-KINDS = {EVENT: "event", LOST: "lost", TICK: "tick", CONTEXT: "context", QUEUE: "queue", END: "end", FLUSH: "flush"}
+EVENT, LOST, TICK, CONTEXT, QUEUE, END, FLUSH, STATE_HOOK = 1, 2, 3, 4, 5, 6, 7, 8
+KINDS = {EVENT: "event", LOST: "lost", TICK: "tick", CONTEXT: "context", QUEUE: "queue", END: "end", FLUSH: "flush",
+         STATE_HOOK: "state_hook"}
 _FRAME = struct.Struct("<BI")
 _U64 = struct.Struct("<Q")
 
@@ -86,6 +88,9 @@ class Writer:
     def queue(self, rec: dict) -> None:
         self._frame(QUEUE, json.dumps(rec, separators=(",", ":")).encode())
         self.f.flush()
+
+    def state_hook(self, attached: bool, at_ns: int) -> None:
+        self._frame(STATE_HOOK, json.dumps({"attached": attached, "at_ns": at_ns}, separators=(",", ":")).encode())
 
     def flush(self) -> None:
         self._frame(FLUSH, b"")
@@ -152,10 +157,13 @@ def frames(f: BinaryIO, start: int) -> Iterator[Frame]:
             raise RecordingError(offset, f"flush frame of {length} bytes, expected 0")
         if kind in (LOST, TICK) and length != _U64.size:
             raise RecordingError(offset, f"{KINDS[kind]} frame of {length} bytes, expected 8")
-        if kind in (CONTEXT, QUEUE, END):
+        if kind in (CONTEXT, QUEUE, END, STATE_HOOK):
             try:
-                json.loads(payload)
+                doc = json.loads(payload)
             except ValueError:
                 raise RecordingError(offset, f"corrupt {KINDS[kind]} frame (not JSON)") from None
+            if kind == STATE_HOOK and not (isinstance(doc, dict) and isinstance(doc.get("attached"), bool)
+                                           and type(doc.get("at_ns")) is int):
+                raise RecordingError(offset, "corrupt state_hook frame (attached, at_ns)")
         yield Frame(kind, offset, payload)
         offset += _FRAME.size + length

@@ -188,7 +188,8 @@ class Summary:
         if p is not None and (self.worst_penalty_ms is None or p > self.worst_penalty_ms):
             self.worst_penalty_ms = p
 
-    def record(self, events: int, lost: int, reason: str, undecodable: int = 0, skipped: int | None = None) -> dict:
+    def record(self, events: int, lost: int, reason: str, undecodable: int = 0, skipped: int | None = None,
+               state_hook_attaches: int | None = None) -> dict:
         return {
             "type": "summary",
             "collisions": self.collisions,
@@ -199,6 +200,7 @@ class Summary:
             "lost_events": lost,
             "undecodable_events": undecodable,
             "skipped_runs": skipped,
+            "state_hook_attaches": state_hook_attaches,
             "duration_s": round((time.monotonic_ns() - self.started_ns) / 1e9, 3),
             "stopped_by": reason,
         }

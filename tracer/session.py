@@ -22,6 +22,9 @@ from tracer.reorder import Reorderer
 from tracer.report import Clock, Summary, collision_record, event_stream_record, ready_record
 
 POLL_MS = 100
+# The lazy state hook (tracepoint backend, raw tracepoint): detached this long
+# after the last kernel event once no incident is open.
+STATE_HOOK_LINGER_S = 1.0
 SKIPPED_CHECK_S = 1.0  # how often the kernel's count of skipped BPF runs is read
 PERF_PAGES = 64  # per CPU
 
@@ -41,6 +44,9 @@ class Options:
     reorder_delay: float = 0.1
     record: str | None = None  # write a recording here (tracer/recording.py)
     metrics: str | None = None  # serve Prometheus metrics on HOST:PORT (tracer/metrics.py)
+    # lazy: where the state-change hook is a raw tracepoint, attach it only while collisions are in progress
+    # (every state change of every socket of the host otherwise runs it); always: keep it attached
+    state_hook: str = "lazy"
 
 
 class Stop(Exception):
@@ -72,6 +78,10 @@ class Session:
         self._skipped_base: int | None = None  # None: the kernel does not count them (before 5.12)
         self.skipped_runs: int | None = None
         self._skipped_checked = 0.0
+        self._state_tp: bytes | None = None  # the lazy state hook's raw tracepoint (None: not lazy)
+        self._state_attached = True
+        self._last_event = float("-inf")
+        self.state_hook_attaches = 0
 
     # -- start ---------------------------------------------------------------
 
@@ -90,6 +100,10 @@ class Session:
         self._skipped_base = self._kernel_skipped()
         self.skipped_runs = None if self._skipped_base is None else 0
         self.backend = self.plan.backend
+        state_choice = self.plan.choice("set_state")
+        if self.options.state_hook == "lazy" and state_choice.raw:
+            state_choice.lazy = True
+            self._state_tp = state_choice.candidate.targets[0].split(":", 1)[1].encode()
         self.correlator = Correlator(
             states=self.types.tcp_states,
             hz=kernel.jiffies_hz(),
@@ -118,8 +132,42 @@ class Session:
                 "clock_offset_ns": self.clock.offset_ns, "incident_timeout_ns": self.correlator.timeout_ns,
                 "grace_ns": self.correlator.grace_ns,
             })
+        if self._state_tp is not None:
+            self._detach_state_hook()  # proven by the self-test; back when a collision starts
+            kernel.wait_rcu_grace_period()  # so that the first collision's attach is quick
         self.sink(ready)
         return ready
+
+    # -- the lazy state hook ---------------------------------------------------
+
+    def _attach_state_hook(self) -> None:
+        """A collision started: the state changes that follow (the retry
+        reaching the listener, both ends established) need the state hook.
+        A raw tracepoint attaches in well under a millisecond; the client's
+        retry comes 2 jiffies after its RST at the soonest (Linux >= 5.6)."""
+        try:
+            self.bpf.attach_raw_tracepoint(tp=self._state_tp, fn_name=b"raw_tracepoint__" + self._state_tp)
+        except Exception as e:  # noqa: BLE001 - bcc raises bare Exception
+            raise kernel.KernelError(f"re-attaching the state hook ({self._state_tp.decode()}) failed: {e}") from None
+        self._state_attached = True
+        self.state_hook_attaches += 1
+        self._note_state_hook(True)
+
+    def _detach_state_hook(self) -> None:
+        self._note_state_hook(False)  # before: a state change from now on may go unseen
+        self.bpf.detach_raw_tracepoint(tp=self._state_tp)
+        self._state_attached = False
+
+    def _note_state_hook(self, attached: bool) -> None:
+        at = time.monotonic_ns()  # CLOCK_MONOTONIC, the clock of bpf_ktime_get_ns()
+        self.correlator.state_hook(attached, at)
+        if self.recorder is not None:
+            self.recorder.state_hook(attached, at)
+
+    def _idle_state_hook(self, keep: bool) -> None:
+        if self._state_tp is not None and self._state_attached and not keep \
+                and time.monotonic() - self._last_event >= STATE_HOOK_LINGER_S:
+            self._detach_state_hook()
 
     # -- stream ----------------------------------------------------------------
 
@@ -131,6 +179,9 @@ class Session:
             return
         if self.metrics is not None:
             self.metrics.events.inc()
+        self._last_event = time.monotonic()
+        if not self._state_attached:
+            self._attach_state_hook()
         self.reorder.push(ev)
 
     def _on_lost(self, count) -> None:
@@ -204,6 +255,7 @@ class Session:
         hold the kernel side's tracking window open (map `tracking`: outside
         it the hooks skip the `tracked` lookup); let it close after."""
         keep = bool(self.correlator.open) or len(self.reorder) > 0
+        self._idle_state_hook(keep)
         if keep == self._tracking_kept:
             return
         table = self.bpf["tracking"]
@@ -267,7 +319,8 @@ class Session:
             self.recorder.flush()
         self._emit(self.correlator.flush())
         rec = self.summary.record(self.correlator.events_seen, self.correlator.lost_events,
-                                  self._stop_reason or "end", self.decode_errors, self.skipped_runs)
+                                  self._stop_reason or "end", self.decode_errors, self.skipped_runs,
+                                  self.state_hook_attaches if self._state_tp is not None else None)
         if self.recorder is not None:
             self.recorder.end(rec)
         self.sink(rec)
