@@ -81,6 +81,7 @@ class Session:
         self._state_tp: bytes | None = None  # the lazy state hook's raw tracepoint (None: not lazy)
         self._state_attached = True
         self._last_event = float("-inf")
+        self._state_hook_error: kernel.KernelError | None = None
         self.state_hook_attaches = 0
 
     # -- start ---------------------------------------------------------------
@@ -180,8 +181,11 @@ class Session:
         if self.metrics is not None:
             self.metrics.events.inc()
         self._last_event = time.monotonic()
-        if not self._state_attached:
-            self._attach_state_hook()
+        if not self._state_attached and self._state_hook_error is None:
+            try:
+                self._attach_state_hook()
+            except kernel.KernelError as e:  # raised by run(): ctypes would swallow it here
+                self._state_hook_error = e
         self.reorder.push(ev)
 
     def _on_lost(self, count) -> None:
@@ -288,6 +292,8 @@ class Session:
         try:
             while self._stop_reason is None:
                 self.bpf.perf_buffer_poll(POLL_MS)
+                if self._state_hook_error is not None:
+                    raise self._state_hook_error
                 self._pump()
                 self._check_skipped()
                 for rec in self.diagnoser.poll():
