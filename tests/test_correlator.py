@@ -24,6 +24,7 @@ import pytest
 from tests import synthetic
 from tests.synthetic import HZ, MS, S, STATES, T0, Collision, churn, correlate
 from tracer.correlator import MAX_RAW_EVENTS, STEPS, Correlator, Incident
+from tracer.explain import explain
 from tracer.reorder import Reorderer
 from tracer.report import Clock, collision_record
 
@@ -335,7 +336,7 @@ def test_lost_marks_open_incidents_incomplete():
     [inc_a] = done
     c.feed(b.syn_challenged(T0 + MS + c.loss_window_ns + MS))  # opened well after the loss
     [inc_b] = c.flush()
-    assert inc_a.client == a.client and inc_a.incomplete is True
+    assert inc_a.client == a.client and inc_a.incomplete is True and inc_a.incomplete_reasons == ["events_lost"]
     assert inc_b.client == b.client and inc_b.incomplete is False
     rec = record(inc_a)
     assert rec["incomplete"] is True
@@ -397,7 +398,7 @@ def test_an_end_leaving_established_unseen_marks_the_incident_incomplete(end):
     else:
         seq.append(a.server_ev("state", t, "ESTABLISHED", "CLOSE_WAIT", sk=a.child_sk))
     _, [inc] = correlate(seq)
-    assert inc.incomplete is True
+    assert inc.incomplete is True and inc.incomplete_reasons == ["runs_skipped"]
     # without that evidence nothing says events are missing
     _, [plain] = correlate(a.seed_sequence()[:4])
     assert plain.incomplete is False
@@ -902,6 +903,8 @@ def test_state_hook_attached_after_the_retry_marks_the_incident_incomplete():
     incomplete, not a claim that the client is still waiting."""
     [inc] = _lazy_stream(Collision(), attach_after=20 * MS)
     assert not inc.has("established") and inc.incomplete is True
+    assert inc.incomplete_reasons == ["state_hook_off"]
+    assert "may well have recovered" in explain(inc, {})
 
 
 def test_an_incident_without_a_gap_is_not_marked():
@@ -926,3 +929,10 @@ def test_rst_received_closes_the_lingering_socket_once():
     _, [inc] = correlate(a.seed_sequence())
     [closed] = [s for s in inc.steps if s.name == "closewait_closed"]
     assert closed.ts_ns == a.seed_sequence()[2].ts_ns and closed.detail == {"from_state": "CLOSE_WAIT"}
+
+
+def test_every_incomplete_reason_is_explained():
+    from tracer.correlator import INCOMPLETE_REASONS
+    from tracer.explain import INCOMPLETE_TEXT
+
+    assert set(INCOMPLETE_TEXT) == set(INCOMPLETE_REASONS)

@@ -37,6 +37,12 @@ OUTCOME_DETAILS = (
     "client_gave_up",  # the connecting socket was closed before it was established
     "pending",  # not established when the trace or the incident's time ran out, nothing more seen
 )
+# Why an incident may miss kernel events (`incomplete_reasons`), each explained by tracer/explain.py.
+INCOMPLETE_REASONS = (
+    "events_lost",  # the perf buffer was full: events lost while it was open or on their way
+    "runs_skipped",  # an end left ESTABLISHED unseen arriving: the kernel skipped a BPF run (recursion_misses)
+    "state_hook_off",  # it began while the lazy state hook was detached and never got established
+)
 FAST_RETRY_NS = 200_000_000  # TCP_RTO_MIN: no retransmission timeout is shorter
 RECENT = 1024  # finished incidents remembered to recognise repeats
 
@@ -69,7 +75,8 @@ class Incident:
     client_netns: int | None = None
     outcome: str | None = None
     ended_by: str = ""  # "complete", "timeout", "flush", "evicted", "superseded" (the tuple collided again)
-    incomplete: bool = False  # events were lost (or proved missed) while it was open
+    # why kernel events may be missing from it (INCOMPLETE_REASONS), in the order found
+    incomplete_reasons: list[str] = field(default_factory=list)
     syn_hits: int = 1  # SYNs of this connection that hit the lingering socket
     established_ends: set[str] = field(default_factory=set)  # "client", "server"
     client_process: dict | None = None  # who called connect() (connect hook)
@@ -109,6 +116,14 @@ class Incident:
         """The lingering socket died without ever being accept()ed (it had no
         struct socket): it still counts in its listener's accept queue."""
         return self.closewait["inode"] is None and self.has("closewait_closed")
+
+    @property
+    def incomplete(self) -> bool:
+        return bool(self.incomplete_reasons)
+
+    def mark_incomplete(self, reason: str) -> None:
+        if reason not in self.incomplete_reasons:
+            self.incomplete_reasons.append(reason)
 
     @property
     def penalty_ns(self) -> int | None:
@@ -231,7 +246,7 @@ class Correlator:
         a few complete incidents may be marked too)."""
         self.lost_events += count
         for inc in self.open.values():
-            inc.incomplete = True
+            inc.mark_incomplete("events_lost")
         if at_ns is None:
             self._loss_unplaced = True
         else:
@@ -330,7 +345,8 @@ class Correlator:
             events=[ev],
         )
         inc.closewait["unread_bytes"] = ev.unread
-        inc.incomplete = self._touched_by_loss(ev.ts_ns)
+        if self._touched_by_loss(ev.ts_ns):
+            inc.mark_incomplete("events_lost")
         self.next_id += 1
         inc.repeat_of = self._earlier(inc)
         inc.add("syn", ev.ts_ns)
@@ -438,7 +454,7 @@ class Correlator:
             # events were missed that the perf buffer never counted (the kernel
             # skips a BPF program that fires while another runs on the CPU,
             # e.g. in a softirq that interrupted it: bpftool's recursion_misses)
-            inc.incomplete = True
+            inc.mark_incomplete("runs_skipped")
             return
         if new != "ESTABLISHED" or old not in ("SYN_SENT", "SYN_RECV"):
             return
@@ -609,7 +625,7 @@ class Correlator:
         self.open.pop(inc.key, None)
         inc.ended_by = why
         if not inc.has("established") and self._state_blind(inc.first_ns):
-            inc.incomplete = True  # its establishment may have come before the state hook was attached
+            inc.mark_incomplete("state_hook_off")  # its establishment may have come before the hook was back
         inc.steps.sort(key=lambda s: (s.ts_ns, STEPS.index(s.name)))
         inc.outcome, inc.outcome_detail = self._outcome(inc)
         self._remember(inc)

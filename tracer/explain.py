@@ -107,6 +107,20 @@ def _outcome(inc: Incident) -> list[str]:
     return out
 
 
+INCOMPLETE_TEXT = {
+    "events_lost": "Some kernel events were lost while this incident was open (the perf buffer was full): the "
+                   "timeline may miss steps.",
+    "runs_skipped": "The kernel skipped some of the tracer's BPF runs on this connection (a hook that fires while "
+                    "another BPF program runs on that CPU is not run): the timeline may miss steps.",
+    "state_hook_off": "The state hook was attached again only after this collision began, so the connection may "
+                      "have been established unseen: it may well have recovered.",
+}
+
+
+def _incomplete(inc: Incident) -> list[str]:
+    return [INCOMPLETE_TEXT[r] for r in inc.incomplete_reasons]
+
+
 def _listener(inc: Incident, listener: dict | None, ghost: bool) -> list[str]:
     out = []
     if ghost:
@@ -178,8 +192,7 @@ def _explain_client(inc: Incident, proc: dict | None) -> str:
         parts.append(f"The client answered {inc.challenges_received} challenge ACKs with RST, yet the server kept "
                      "answering its SYNs with the old numbers: the RSTs do not reach the server or do not kill the "
                      "old socket there (a firewall or NAT on the path dropping them?).")
-    if inc.incomplete:
-        parts.append("Some kernel events were lost while this incident was open: the timeline may miss steps.")
+    parts += _incomplete(inc)
     parts.append(
         f"Fix: on the server {inc.server}, make its application close its sockets when the peer hangs up "
         "(read() returning 0, EPOLLRDHUP). Until then every client reusing such a port pays this delay (about "
@@ -238,8 +251,7 @@ def explain(inc: Incident, context: dict | None = None) -> str:
         parts.append("That RST kills a TIME_WAIT socket (with net.ipv4.tcp_rfc1337 = 0, the default).")
     parts += _outcome(inc)
     parts += _listener(inc, context.get("listener"), inc.ghost)
-    if inc.incomplete:
-        parts.append("Some kernel events were lost while this incident was open: the timeline may miss steps.")
+    parts += _incomplete(inc)
     fix = _fix(inc, owners)
     if fix:
         parts.append(fix)

@@ -153,7 +153,8 @@ class TextWriter:
         if rec.get("repeat_of"):
             facts.append(f"\nrepeat of collision #{rec['repeat_of']['id']} (same {rec['repeat_of']['same']})")
         if rec["incomplete"]:
-            facts.append("   (events lost: incomplete)", style="red")
+            facts.append(inert(f"   (incomplete: {', '.join(rec.get('incomplete_reasons') or ['events lost'])})"),
+                         style="red")
         body = Table.grid()
         body.add_row(where)
         body.add_row(table)

@@ -135,6 +135,7 @@ def collision_record(inc: Incident, clock: Clock, backend: str, verbose: bool = 
         "explanation": explain(inc, context),
         "backend": backend,
         "incomplete": inc.incomplete,
+        "incomplete_reasons": list(inc.incomplete_reasons),
         "ended_by": inc.ended_by,
     }
     if verbose:
