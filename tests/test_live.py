@@ -510,8 +510,8 @@ def test_state_hook_is_attached_only_while_a_collision_is_in_progress(ns):
     try:
         ready = tracer.wait_ready()
         hook = next(h for h in ready["hooks"] if h["logical"] == "set_state")
-        if hook["attach"] != "raw_tracepoint":
-            pytest.skip(f"the state hook is attached as {hook['attach']} here: always on")
+        if hook["attach"] != "raw_tracepoint" or "kept attached" in hook["note"]:
+            pytest.skip(f"the state hook stays attached here ({hook['attach']}; {hook['note']})")
         assert hook["lazy"] is True
         pid = tracer.proc.pid
         at_rest = _raw_tracepoints(pid)
@@ -527,7 +527,9 @@ def test_state_hook_is_attached_only_while_a_collision_is_in_progress(ns):
     finally:
         tracer.kill()
     assert rc == 0, stderr
-    assert records[-1]["state_hook_attaches"] == 1, records[-1]
+    hook_summary = records[-1]["state_hook"]
+    assert hook_summary["attaches"] == 1 and hook_summary["kept_attached"] is None, hook_summary
+    assert hook_summary["slowest_ms"] > 0, hook_summary
 
 
 def test_state_hook_always_stays_attached(ns):
@@ -542,4 +544,4 @@ def test_state_hook_always_stays_attached(ns):
     finally:
         tracer.kill()
     assert rc == 0, stderr
-    assert records[-1]["state_hook_attaches"] is None
+    assert records[-1]["state_hook"] is None

@@ -183,12 +183,12 @@ def test_state_hook_gaps_replay_like_the_live_run(tmp_path):
         w.event(encode(ev))
     w.state_hook(True, T0 + 20 * MS)
     w.flush()
-    w.end({"stopped_by": "SIGINT", "state_hook_attaches": 1})
+    w.end({"stopped_by": "SIGINT", "state_hook": {"attaches": 1, "slowest_ms": 21.0, "kept_attached": None}})
     path = tmp_path / "gap.rec"
     path.write_bytes(buf.getvalue())
     [inc], summary, err = run(path)
     assert err is None and inc["incomplete"] is True and inc["outcome"] == "pending"
-    assert summary["state_hook_attaches"] == 1
+    assert summary["state_hook"]["attaches"] == 1
     bad = buf.getvalue().replace(b'"attached":false', b'"attached":0')
     path.write_bytes(bad)
     _, _, err = run(path)

@@ -88,7 +88,7 @@ def replay(path: str, sink: Callable[[dict], None], verbose: bool = False, all_e
             emit()
         rec = summary.record(correlator.events_seen, correlator.lost_events,
                              end.get("stopped_by", "recording cut short"), end.get("undecodable_events", 0),
-                             end.get("skipped_runs"), end.get("state_hook_attaches"))
+                             end.get("skipped_runs"), end.get("state_hook"))
         rec["replay_of"] = {"path": path, "kernel": head.get("kernel"), "backend": backend,
                             "tracer": head.get("tracer"), "duration_s": end.get("duration_s")}
         sink(rec)

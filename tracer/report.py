@@ -190,7 +190,7 @@ class Summary:
             self.worst_penalty_ms = p
 
     def record(self, events: int, lost: int, reason: str, undecodable: int = 0, skipped: int | None = None,
-               state_hook_attaches: int | None = None) -> dict:
+               state_hook: dict | None = None) -> dict:
         return {
             "type": "summary",
             "collisions": self.collisions,
@@ -201,7 +201,7 @@ class Summary:
             "lost_events": lost,
             "undecodable_events": undecodable,
             "skipped_runs": skipped,
-            "state_hook_attaches": state_hook_attaches,
+            "state_hook": state_hook,
             "duration_s": round((time.monotonic_ns() - self.started_ns) / 1e9, 3),
             "stopped_by": reason,
         }

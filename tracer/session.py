@@ -25,6 +25,11 @@ POLL_MS = 100
 # The lazy state hook (tracepoint backend, raw tracepoint): detached this long
 # after the last kernel event once no incident is open.
 STATE_HOOK_LINGER_S = 1.0
+# It must be back before the client's retry, which comes TCP_TIMEOUT_MIN = 2
+# jiffies after its reset at the soonest (Linux >= 5.6). It is lazy only where
+# a trial attach at start takes at most a quarter of that, and is kept attached
+# from the first collision on whose event it followed by more than half of it.
+RETRY_JIFFIES = 2
 SKIPPED_CHECK_S = 1.0  # how often the kernel's count of skipped BPF runs is read
 PERF_PAGES = 64  # per CPU
 
@@ -82,7 +87,10 @@ class Session:
         self._state_attached = True
         self._last_event = float("-inf")
         self._state_hook_error: kernel.KernelError | None = None
+        self._retry_ns = 0  # the soonest a client retries after its reset
+        self._state_kept: str | None = None  # why the lazy hook stays attached from now on
         self.state_hook_attaches = 0
+        self._state_slowest_ns = 0  # from a collision's first event to the hook back
 
     # -- start ---------------------------------------------------------------
 
@@ -103,8 +111,16 @@ class Session:
         self.backend = self.plan.backend
         state_choice = self.plan.choice("set_state")
         if self.options.state_hook == "lazy" and state_choice.raw:
-            state_choice.lazy = True
             self._state_tp = state_choice.candidate.targets[0].split(":", 1)[1].encode()
+            self._retry_ns = RETRY_JIFFIES * 1_000_000_000 // (kernel.jiffies_hz() or 1000)
+            took = self._trial_attach()
+            if took > self._retry_ns // 4:
+                self._state_tp = None
+                state_choice.note = "; ".join(filter(None, (state_choice.note, (
+                    f"kept attached: attaching it again took {took / 1e6:.2f} ms here, and a client may retry "
+                    f"{self._retry_ns / 1e6:.0f} ms after its reset"))))
+            else:
+                state_choice.lazy = True
         self.correlator = Correlator(
             states=self.types.tcp_states,
             hz=kernel.jiffies_hz(),
@@ -141,18 +157,37 @@ class Session:
 
     # -- the lazy state hook ---------------------------------------------------
 
-    def _attach_state_hook(self) -> None:
-        """A collision started: the state changes that follow (the retry
-        reaching the listener, both ends established) need the state hook.
-        A raw tracepoint attaches in well under a millisecond; the client's
-        retry comes 2 jiffies after its RST at the soonest (Linux >= 5.6)."""
+    def _trial_attach(self) -> int:
+        """Detach the state hook (attached since the load, proven by the
+        self-test), wait out the grace period a re-attach would wait for, and
+        time one; returns the nanoseconds it took. Leaves it attached."""
+        self.bpf.detach_raw_tracepoint(tp=self._state_tp)
+        kernel.wait_rcu_grace_period()
+        t0 = time.monotonic_ns()
+        self._bcc_attach_state_hook()
+        return time.monotonic_ns() - t0
+
+    def _bcc_attach_state_hook(self) -> None:
         try:
             self.bpf.attach_raw_tracepoint(tp=self._state_tp, fn_name=b"raw_tracepoint__" + self._state_tp)
         except Exception as e:  # noqa: BLE001 - bcc raises bare Exception
-            raise kernel.KernelError(f"re-attaching the state hook ({self._state_tp.decode()}) failed: {e}") from None
+            raise kernel.KernelError(f"attaching the state hook ({self._state_tp.decode()}) again failed: {e}") from None
+
+    def _attach_state_hook(self, first_ts_ns: int) -> None:
+        """A collision started (its first event has `first_ts_ns`): the state
+        changes that follow (the retry reaching the listener, both ends
+        established) need the state hook. A raw tracepoint attaches in well
+        under a millisecond; the client's retry comes 2 jiffies after its RST
+        at the soonest. When it came back too late for that, it stays."""
+        self._bcc_attach_state_hook()
         self._state_attached = True
         self.state_hook_attaches += 1
         self._note_state_hook(True)
+        late = time.monotonic_ns() - first_ts_ns
+        self._state_slowest_ns = max(self._state_slowest_ns, late)
+        if late > self._retry_ns // 2 and self._state_kept is None:
+            self._state_kept = (f"kept attached from then on: it was back {late / 1e6:.2f} ms after a collision's "
+                                f"first event, and a client may retry {self._retry_ns / 1e6:.0f} ms after its reset")
 
     def _detach_state_hook(self) -> None:
         self._note_state_hook(False)  # before: a state change from now on may go unseen
@@ -166,9 +201,15 @@ class Session:
             self.recorder.state_hook(attached, at)
 
     def _idle_state_hook(self, keep: bool) -> None:
-        if self._state_tp is not None and self._state_attached and not keep \
+        if self._state_tp is not None and self._state_attached and not keep and self._state_kept is None \
                 and time.monotonic() - self._last_event >= STATE_HOOK_LINGER_S:
             self._detach_state_hook()
+
+    def _state_hook_summary(self) -> dict | None:
+        if self._state_tp is None:
+            return None
+        return {"attaches": self.state_hook_attaches, "slowest_ms": round(self._state_slowest_ns / 1e6, 3),
+                "kept_attached": self._state_kept}
 
     # -- stream ----------------------------------------------------------------
 
@@ -183,7 +224,7 @@ class Session:
         self._last_event = time.monotonic()
         if not self._state_attached and self._state_hook_error is None:
             try:
-                self._attach_state_hook()
+                self._attach_state_hook(ev.ts_ns)
             except kernel.KernelError as e:  # raised by run(): ctypes would swallow it here
                 self._state_hook_error = e
         self.reorder.push(ev)
@@ -326,7 +367,7 @@ class Session:
         self._emit(self.correlator.flush())
         rec = self.summary.record(self.correlator.events_seen, self.correlator.lost_events,
                                   self._stop_reason or "end", self.decode_errors, self.skipped_runs,
-                                  self.state_hook_attaches if self._state_tp is not None else None)
+                                  self._state_hook_summary())
         if self.recorder is not None:
             self.recorder.end(rec)
         self.sink(rec)
