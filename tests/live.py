@@ -20,6 +20,10 @@ REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent / "tcpcollide-trace"
 # the kernel matrix (scripts/kernel-matrix) runs the live suite once per backend
 BACKEND = os.environ.get("TCPCOLLIDE_TEST_BACKEND", "auto")
+# the state hook's mode: under full emulation a lazily re-attached hook comes
+# back after a client's fast retry (the tracer then keeps it, but the first
+# collision is incomplete), so the matrix's guests use "always" (scripts/guest-run)
+STATE_HOOK = os.environ.get("TCPCOLLIDE_TEST_STATE_HOOK", "lazy")
 # under full emulation (the matrix's QEMU guests) everything is ~10x slower:
 # timeouts and timing tolerances scale with this factor (1 on real hardware)
 SLOW = float(os.environ.get("TCPCOLLIDE_TEST_SLOW", "1"))
@@ -56,7 +60,7 @@ class Tracer:
 
     def __init__(self, *args: str):
         self.proc = subprocess.Popen(
-            [str(BIN), "--json", "--backend", BACKEND, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO
+            [str(BIN), "--json", "--backend", BACKEND, "--state-hook", STATE_HOOK, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO
         )
         self.lines: queue.Queue[str | None] = queue.Queue()
         self.records: list[dict] = []
