@@ -13,7 +13,8 @@ from tracer.correlator import Incident
 from tracer.events import Event
 from tracer.procfs import OwnerCache
 
-QUEUE_STATES = sockdiag.STATE_BITS["LISTEN"] | sockdiag.STATE_BITS["ESTABLISHED"] | sockdiag.STATE_BITS["CLOSE_WAIT"]
+LISTEN = sockdiag.STATE_BITS["LISTEN"]
+QUEUE_STATES = LISTEN | sockdiag.STATE_BITS["ESTABLISHED"] | sockdiag.STATE_BITS["CLOSE_WAIT"]
 
 
 def _addr_port(endpoint: str) -> tuple[str, int]:
@@ -134,14 +135,21 @@ class Diagnoser:
         return self._queue(inc.netns, inc.server)
 
     def _queue(self, netns: int, server: str) -> dict | None:
+        """The listener's queue. The listeners alone first: a dump of them
+        does not walk the kernel's table of established sockets (262,144
+        buckets here: 3 ms a dump, 0.4 ms without); the queued children are
+        listed only when the listener has any."""
         path = self._ns_path(netns)
         if path is None:
             return None
+        port = _addr_port(server)[1]
         try:
-            socks = sockdiag.queue_sockets(netns, path, _addr_port(server)[1], QUEUE_STATES)
+            q = queue_for(inventory.listener_queues(sockdiag.queue_sockets(netns, path, port, LISTEN)), server)
+            if q is not None and q["recv_q"]:
+                q = queue_for(inventory.listener_queues(sockdiag.queue_sockets(netns, path, port, QUEUE_STATES)),
+                              server)
         except (OSError, sockdiag.SockDiagError):
             return None
-        q = queue_for(inventory.listener_queues(socks), server)
         if q is None:
             return None
         return {k: q[k] for k in ("listener", "recv_q", "limit", "alive", "ghosts", "full")}
