@@ -143,11 +143,14 @@ class Diagnoser:
         if path is None:
             return None
         port = _addr_port(server)[1]
+
+        def listed(states: int) -> dict | None:
+            return queue_for(inventory.listener_queues(sockdiag.queue_sockets(netns, path, port, states)), server)
+
         try:
-            q = queue_for(inventory.listener_queues(sockdiag.queue_sockets(netns, path, port, LISTEN)), server)
+            q = listed(LISTEN)
             if q is not None and q["recv_q"]:
-                q = queue_for(inventory.listener_queues(sockdiag.queue_sockets(netns, path, port, QUEUE_STATES)),
-                              server)
+                q = listed(QUEUE_STATES)
         except (OSError, sockdiag.SockDiagError):
             return None
         if q is None:

@@ -90,7 +90,6 @@ class OwnerCache:
         self._known: dict[int, list[Owner]] = {}
         self._pending: set[int] = set()
         self._next_scan = float("-inf")
-        self.scans = 0
 
     def want(self, inode: int) -> None:
         """An inode whose owner will be asked for: found by the next scan."""
@@ -103,7 +102,6 @@ class OwnerCache:
             return
         t0 = time.monotonic()
         found = self._scan()
-        self.scans += 1
         if len(found) > self.max_entries:  # more sockets than the cache holds: the ones asked for, and some
             asked = {ino: found.pop(ino) for ino in self._pending if ino in found}
             found = dict(itertools.islice(found.items(), self.max_entries - len(asked)))
