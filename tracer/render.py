@@ -93,7 +93,8 @@ class TextWriter:
             self.console.print(Text(inert(event_line(rec)), style="dim"))
 
     def _ready(self, rec: dict) -> None:
-        hooks = ", ".join(f"{h['logical']}={h['target']}" for h in rec["hooks"] if h["available"])
+        hooks = ", ".join(f"{h['logical']}={h['target']}" + (" (during collisions)" if h.get("lazy") else "")
+                          for h in rec["hooks"] if h["available"])
         missing = [h for h in rec["hooks"] if not h["available"]]
         self.console.print(Text(
             f"tcpcollide-trace {rec['version']} ready in {rec['startup_s']:.2f} s on {inert(rec['kernel'])}: "
