@@ -281,3 +281,18 @@ def test_text_summary_warns_of_skipped_bpf_runs(skipped, warned):
     buf = io.StringIO()
     TextWriter(buf, color=False, width=400).write(Summary().record(10, 0, "SIGINT", 0, skipped))
     assert ("the kernel skipped 3 run(s)" in buf.getvalue()) is warned, buf.getvalue()
+
+
+def test_readable_ready_line_marks_the_lazy_state_hook():
+    """A synthetic ready record, rendered: the hook attached only during
+    collisions says so; the others do not."""
+    hook = {"logical": "set_state", "target": "sock:inet_sock_set_state", "available": True, "lazy": True,
+            "note": ""}
+    other = {"logical": "send_reset", "target": "tcp:tcp_send_reset", "available": True, "lazy": False, "note": ""}
+    out = io.StringIO()
+    TextWriter(out, color=False, width=200).write({
+        "type": "ready", "version": "0.4.0", "startup_s": 0.5, "kernel": "6.18", "backend": "tracepoint",
+        "types": "btf", "hooks": [hook, other]})
+    text = out.getvalue()
+    assert "set_state=sock:inet_sock_set_state (during collisions)" in text
+    assert "send_reset=tcp:tcp_send_reset" in text and text.count("(during collisions)") == 1
