@@ -109,10 +109,11 @@ class Session:
         self._skipped_base = self._kernel_skipped()
         self.skipped_runs = None if self._skipped_base is None else 0
         self.backend = self.plan.backend
+        hz = kernel.jiffies_hz()
         state_choice = self.plan.choice("set_state")
         if self.options.state_hook == "lazy" and state_choice.raw:
             self._state_tp = state_choice.candidate.targets[0].split(":", 1)[1].encode()
-            self._retry_ns = RETRY_JIFFIES * 1_000_000_000 // (kernel.jiffies_hz() or 1000)
+            self._retry_ns = RETRY_JIFFIES * 1_000_000_000 // (hz or 1000)
             took = self._trial_attach()
             if took > self._retry_ns // 4:
                 self._state_tp = None
@@ -123,7 +124,7 @@ class Session:
                 state_choice.lazy = True
         self.correlator = Correlator(
             states=self.types.tcp_states,
-            hz=kernel.jiffies_hz(),
+            hz=hz,
             timeout_ns=int(self.options.incident_timeout * 1e9),
         )
         ready = ready_record(
