@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.live import ns_name
-from tracer import netns
+from tracer.host import netns
 
 
 @pytest.fixture

@@ -117,7 +117,7 @@ class Tracer:
 
 def scenario(*args: str, stdin=None) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "tracer.scenario", *args],
+        [sys.executable, "-m", "tracer.host.scenario", *args],
         stdout=subprocess.PIPE, stdin=stdin, text=True, cwd=REPO,
     )
 

@@ -22,8 +22,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from tracer.correlator import Correlator, Incident
-from tracer.events import AF_INET, AF_INET6, FLAGS, Event, decode
+from tracer.pipeline.correlator import Correlator, Incident
+from tracer.pipeline.events import AF_INET, AF_INET6, FLAGS, Event, decode
 
 DATA = Path(__file__).parent / "data"
 FIXTURES = ("seed-loopback-ipv4.json", "seed-loopback-ipv6.json")

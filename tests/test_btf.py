@@ -1,4 +1,4 @@
-"""Tests for tracer.btf, against the running kernel's BTF and synthetic blobs.
+"""Tests for tracer.kernel.btf, against the running kernel's BTF and synthetic blobs.
 
 Reference values for the kernel these tests were written on (6.18.44, x86_64),
 checked by hand with ``pahole -C <struct> /sys/kernel/btf/vmlinux`` (pahole
@@ -33,7 +33,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tracer.btf import BTF, BTFError  # noqa: E402
+from tracer.kernel.btf import BTF, BTFError  # noqa: E402
 
 VMLINUX = "/sys/kernel/btf/vmlinux"
 

@@ -19,10 +19,11 @@ import pytest
 from click.testing import CliRunner
 
 from tests.synthetic import HZ, STATES, Collision
-from tracer import cli, kernel, session
-from tracer.correlator import Correlator
-from tracer.render import JsonWriter, TextWriter, inert
-from tracer.report import Clock, collision_record
+from tracer import cli, session
+from tracer.kernel import capabilities
+from tracer.pipeline.correlator import Correlator
+from tracer.output.render import JsonWriter, TextWriter, inert
+from tracer.pipeline.records import Clock, collision_record
 
 PROG = "tcpcollide-trace"
 
@@ -133,8 +134,8 @@ def test_bad_usage_exits_2_with_one_error_line(args, mentions):
 
 @pytest.fixture
 def not_root(monkeypatch):
-    """euid 1000 as tracer.kernel sees it."""
-    monkeypatch.setattr(kernel.os, "geteuid", lambda: 1000)
+    """euid 1000 as tracer.kernel.capabilities sees it."""
+    monkeypatch.setattr(capabilities.os, "geteuid", lambda: 1000)
 
 
 @pytest.mark.parametrize("args", [[], ["--json"], ["-p", "8080", "--duration", "1"], ["demo"], ["inventory"],
@@ -154,9 +155,9 @@ def test_not_root_exits_1_with_one_error_line(not_root, args):
 
 def test_runtime_error_text_is_inert(monkeypatch):
     def hostile():
-        raise kernel.KernelError("cannot read /sys/x\x1b[2J\x07: [bold]no[/]")
+        raise capabilities.KernelError("cannot read /sys/x\x1b[2J\x07: [bold]no[/]")
 
-    monkeypatch.setattr(kernel, "require_root", hostile)
+    monkeypatch.setattr(capabilities, "require_root", hostile)
     result = invoke([])
     err = stderr_of(result)
     assert result.exit_code == 1
@@ -255,7 +256,7 @@ def test_owner_name_in_the_collision_panel_is_inert():
 @pytest.mark.parametrize("text, parsed", [("0.0.0.0:9465", ("0.0.0.0", 9465)), ("[::]:9465", ("::", 9465)),
                                           (":9465", ("0.0.0.0", 9465)), ("127.0.0.1:1", ("127.0.0.1", 1))])
 def test_metrics_listen_address(text, parsed):
-    from tracer.metrics import parse_listen
+    from tracer.output.metrics import parse_listen
     assert parse_listen(text) == parsed
 
 
@@ -276,7 +277,7 @@ def test_help_documents_exit_codes_and_completion():
 def test_text_summary_warns_of_skipped_bpf_runs(skipped, warned):
     """A summary record (synthetic) with skipped BPF runs ends with a warning
     naming them; none when the kernel counted none or does not count them."""
-    from tracer.report import Summary
+    from tracer.pipeline.records import Summary
 
     buf = io.StringIO()
     TextWriter(buf, color=False, width=400).write(Summary().record(10, 0, "SIGINT", 0, skipped))

@@ -20,7 +20,7 @@ import pytest
 
 from tests.live import SLOW, Tracer, ns_name, read_steps, require_live, scenario
 from tests.test_diagnosis_live import nft
-from tracer import netns
+from tracer.host import netns
 
 pytestmark = pytest.mark.live
 

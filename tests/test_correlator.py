@@ -1,5 +1,5 @@
-"""Unit tests for tracer.correlator (events -> collision incidents), with the
-records of tracer.report and tracer.explain drawn from its incidents.
+"""Unit tests for tracer.pipeline.correlator (events -> collision incidents), with the
+records of tracer.pipeline.records and tracer.pipeline.explain drawn from its incidents.
 
 Recorded streams (tests/data/seed-loopback-ipv4.json and -ipv6.json: raw
 struct tc_event records captured live on this machine's kernel during the
@@ -23,10 +23,10 @@ import pytest
 
 from tests import synthetic
 from tests.synthetic import HZ, MS, S, STATES, T0, Collision, churn, correlate
-from tracer.correlator import MAX_RAW_EVENTS, STEPS, Correlator, Incident
-from tracer.explain import explain
-from tracer.reorder import Reorderer
-from tracer.report import Clock, collision_record
+from tracer.pipeline.correlator import MAX_RAW_EVENTS, STEPS, Correlator, Incident
+from tracer.pipeline.explain import explain
+from tracer.pipeline.reorder import Reorderer
+from tracer.pipeline.records import Clock, collision_record
 
 SEED_STEPS = ["syn", "challenge_ack", "rst", "closewait_closed", "retry_syn", "established", "queued"]
 CLOCK = Clock(0)
@@ -845,8 +845,8 @@ def test_text_report_of_the_client_view_is_inert():
     state, a hostile process name) draws and stays inert; event lines too."""
     import io
 
-    from tracer.render import TextWriter
-    from tracer.report import event_stream_record
+    from tracer.output.render import TextWriter
+    from tracer.pipeline.records import event_stream_record
 
     col = Collision()
     seq = col.client_sequence()
@@ -932,7 +932,7 @@ def test_rst_received_closes_the_lingering_socket_once():
 
 
 def test_every_incomplete_reason_is_explained():
-    from tracer.correlator import INCOMPLETE_REASONS
-    from tracer.explain import INCOMPLETE_TEXT
+    from tracer.pipeline.correlator import INCOMPLETE_REASONS
+    from tracer.pipeline.explain import INCOMPLETE_TEXT
 
     assert set(INCOMPLETE_TEXT) == set(INCOMPLETE_REASONS)

@@ -13,11 +13,11 @@ import struct
 import pytest
 
 from tests.synthetic import MS, STATES, S, T0, Collision, correlate
-from tracer import inventory, sockdiag
-from tracer.correlator import Correlator
-from tracer.diagnosis import queue_for
-from tracer.procfs import Owner, OwnerCache, socket_owners
-from tracer.report import Clock, collision_record
+from tracer.host import inventory, sockdiag
+from tracer.pipeline.correlator import Correlator
+from tracer.host.diagnosis import queue_for
+from tracer.host.procfs import Owner, OwnerCache, socket_owners
+from tracer.pipeline.records import Clock, collision_record
 
 CLOCK = Clock(0)
 
@@ -115,7 +115,7 @@ def test_a_new_lingering_socket_on_an_open_tuple_supersedes_it():
 
 
 def test_recent_incidents_are_bounded(monkeypatch):
-    monkeypatch.setattr("tracer.correlator.RECENT", 3)
+    monkeypatch.setattr("tracer.pipeline.correlator.RECENT", 3)
     out = []
     c = Correlator(STATES, hz=250)
     for i in range(10):
@@ -307,7 +307,7 @@ def test_owner_cache_spaces_slow_scans_by_their_duration(monkeypatch):
     """A scan that takes 1 s (a host with 100,000 sockets; synthetic clock)
     is not repeated before 4 s more, whatever min_interval_s allows."""
     clock = [100.0]
-    monkeypatch.setattr("tracer.procfs.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("tracer.host.procfs.time.monotonic", lambda: clock[0])
     scans = []
 
     def scan():

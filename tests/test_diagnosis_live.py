@@ -18,8 +18,8 @@ import time
 import pytest
 
 from tests.live import BIN, REPO, SLOW, Tracer, ns_name, read_steps, require_live, scenario
-from tracer import inventory, netns, sockdiag
-from tracer.diagnosis import QUEUE_STATES
+from tracer.host import inventory, netns, sockdiag
+from tracer.host.diagnosis import QUEUE_STATES
 
 pytestmark = pytest.mark.live
 
@@ -207,7 +207,7 @@ def test_last_ack_collision(ns):
 
 LEAKY = textwrap.dedent("""
     import ctypes, json, socket, struct, sys, time
-    from tracer import netns
+    from tracer.host import netns
     netns.enter(sys.argv[1])
     ctypes.CDLL(None).prctl(15, b"leakyinv")
     a = socket.create_server(("127.0.0.1", 8080), backlog=8)
@@ -303,7 +303,7 @@ def test_queue_overflow_because_of_ghosts(ns):
 
 TIME_WAIT_SCENARIO = textwrap.dedent("""
     import json, socket, sys, threading, time
-    from tracer import netns
+    from tracer.host import netns
     netns.enter(sys.argv[1])
     lst = socket.create_server(("127.0.0.1", 12345), backlog=8)
     c = socket.socket()

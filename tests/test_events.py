@@ -1,4 +1,4 @@
-"""Unit tests for tracer.events: the layout parsed from bpf/tcpcollide.h, and
+"""Unit tests for tracer.pipeline.events: the layout parsed from bpf/tcpcollide.h, and
 decoding / encoding of `struct tc_event` records.
 
 Recorded streams: test_fixture_records_decode and test_fixture_records_reencode
@@ -17,8 +17,8 @@ import struct
 import pytest
 
 from tests import synthetic
-from tracer import correlator
-from tracer.events import (
+from tracer.pipeline import correlator
+from tracer.pipeline.events import (
     AF_INET,
     AF_INET6,
     ENUMS,

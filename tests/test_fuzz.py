@@ -11,10 +11,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.synthetic import STATES, T0, Collision, addr
-from tracer import recording
-from tracer.correlator import MAX_RAW_EVENTS, Correlator
-from tracer.events import EVENT_TYPES, HOOKS, Event, encode
-from tracer.replay import ReplayError, replay
+from tracer.pipeline import recording
+from tracer.pipeline.correlator import MAX_RAW_EVENTS, Correlator
+from tracer.pipeline.events import EVENT_TYPES, HOOKS, Event, encode
+from tracer.pipeline.replay import ReplayError, replay
 
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

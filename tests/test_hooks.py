@@ -9,8 +9,8 @@ import re
 
 import pytest
 
-from tracer import hooks, kernel
-from tracer.events import ENUMS
+from tracer.kernel import hooks, capabilities
+from tracer.pipeline.events import ENUMS
 from tracer.resources import bpf_dir
 
 ALL_TP_FIELDS = {
@@ -26,7 +26,7 @@ FUNCS = {"tcp_set_state", "tcp_rcv_state_process", "tcp_send_challenge_ack", "tc
 
 def offer(tp_fields=ALL_TP_FIELDS, kprobes=True, fentry=True, syms=None, btf_funcs=FUNCS) -> hooks.Offer:
     o = hooks.Offer()
-    o.formats = {name: kernel.TracepointFormat(name, {f: "int" for f in fields}) for name, fields in tp_fields.items()}
+    o.formats = {name: capabilities.TracepointFormat(name, {f: "int" for f in fields}) for name, fields in tp_fields.items()}
     o.kprobes = kprobes
     o.kallsyms = {f: f for f in FUNCS} if syms is None else syms
     o.btf_funcs = set(btf_funcs)
@@ -115,7 +115,7 @@ def test_resolve_symbols(tmp_path):
         "ffffffff81000300 d tcp_v4_connect\n"
         "ffffffff81000400 T inet_csk_reqsk_queue_add\t[some_module]\n"
     )
-    got = kernel.resolve_symbols({"tcp_send_challenge_ack", "tcp_set_state", "tcp_v4_connect",
+    got = capabilities.resolve_symbols({"tcp_send_challenge_ack", "tcp_set_state", "tcp_v4_connect",
                                   "inet_csk_reqsk_queue_add"}, str(ks))
     assert got == {"tcp_send_challenge_ack": "tcp_send_challenge_ack.isra.0", "tcp_set_state": "tcp_set_state",
                    "inet_csk_reqsk_queue_add": "inet_csk_reqsk_queue_add"}

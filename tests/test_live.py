@@ -1,7 +1,7 @@
 """Live tests: the real tcpcollide-trace command, real BPF programs, real
 sockets, in network namespaces each test creates and removes.
 
-Each collision test runs the seed's experiment 1 (tracer/scenario.py) while
+Each collision test runs the seed's experiment 1 (tracer/host/scenario.py) while
 the tracer runs, then checks the JSON it wrote against what the scenario did.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.live import BACKEND, BIN, SLOW, Tracer, bpf_prog_ids, ns_name, read_steps, require_live, scenario
-from tracer import netns
+from tracer.host import netns
 
 pytestmark = pytest.mark.live
 
@@ -364,7 +364,8 @@ def test_event_layout_matches_what_bcc_compiled():
     import bcc
     from bcc.libbcc import lib
 
-    from tracer import events, program
+    from tracer.pipeline import events
+    from tracer.kernel import program
     from tracer.resources import bpf_dir, compat_dir
 
     text = '#include "tcpcollide.h"\nBPF_HASH(layout, __u32, struct tc_event, 1);\n'
@@ -379,7 +380,7 @@ def test_event_layout_matches_what_bcc_compiled():
 
 @pytest.mark.matrix
 def test_prog_info_reads_the_kernels_counters():
-    """tracer/bpfsys.py reads struct bpf_prog_info at fixed UAPI offsets: with
+    """tracer/kernel/bpfsys.py reads struct bpf_prog_info at fixed UAPI offsets: with
     kernel.bpf_stats_enabled, a program on every state change must show the
     runs a loopback connection caused, and a run time; recursion_misses (the
     summary's skipped_runs) sits right after them."""
@@ -389,7 +390,7 @@ def test_prog_info_reads_the_kernels_counters():
 
     from pathlib import Path
 
-    from tracer import bpfsys, program
+    from tracer.kernel import bpfsys, program
     from tracer.resources import compat_dir
 
     stats = Path("/proc/sys/kernel/bpf_stats_enabled")
@@ -420,7 +421,7 @@ def test_prog_info_reads_the_kernels_counters():
 def test_fentry_probe_names_why_it_fails():
     """The bpf(2) fentry probe says why a load fails: here a BTF id that is
     not a function (every kernel refuses it, whether it offers fentry or not)."""
-    from tracer import bpfsys
+    from tracer.kernel import bpfsys
 
     ok, why = bpfsys.fentry_loads(1)
     assert not ok and why.startswith("the kernel refuses to load an fentry program (")
@@ -443,11 +444,11 @@ def test_doctor_selftest():
 def test_forced_backend_works_or_says_why(backend):
     """Where the kernel offers the backend the tracer runs on it; where it
     does not, one clear line and exit 1, never a silent fallback."""
-    from tracer import kernel, program
+    from tracer.kernel import capabilities, program
 
     r = subprocess.run([str(BIN), "--json", "--backend", backend, "--duration", "0.5"],
                        capture_output=True, text=True, timeout=120 * SLOW)
-    offered = kernel.kprobes_available(kernel.tracefs()) if backend == "kprobe" else program.fentry_probe(program.kernel_types())[0]
+    offered = capabilities.kprobes_available(capabilities.tracefs()) if backend == "kprobe" else program.fentry_probe(program.kernel_types())[0]
     if offered:
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout.splitlines()[0])["backend"] == backend
@@ -461,7 +462,7 @@ def test_kprobe_programs_pass_the_verifier_here():
     """The kprobe backend's programs compile and pass this kernel's verifier
     even where kprobes cannot attach (loading needs no CONFIG_KPROBES): the
     backend's C is checked on every run, not only in the kernel matrix."""
-    from tracer import hooks, program
+    from tracer.kernel import hooks, program
 
     types = program.kernel_types()
     offer = hooks.gather(types.btf, None)

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from tracer import offsets
-from tracer.btf import BTF
+from tracer.kernel import offsets
+from tracer.kernel.btf import BTF
 
 BTF_PATH = Path("/sys/kernel/btf/vmlinux")
 pytestmark = pytest.mark.skipif(not BTF_PATH.exists(), reason="no kernel BTF")
@@ -72,15 +72,15 @@ def test_header_tcp_states_missing(tmp_path):
 def test_debian_split_header_tree(tmp_path):
     """Debian: build/ holds the arch part (include/generated, include/config),
     source/ the common headers (include/linux, include/net)."""
-    from tracer import kernel
+    from tracer.kernel import capabilities
 
     build, source = tmp_path / "build", tmp_path / "source"
     (build / "include" / "generated").mkdir(parents=True)
     (source / "include" / "linux").mkdir(parents=True)
     (source / "include" / "net").mkdir(parents=True)
     (source / "include" / "net" / "tcp_states.h").write_text(TCP_STATES_H)
-    assert kernel.header_include_dirs(build) == [source / "include"]
-    assert offsets.header_tcp_states(kernel.header_include_dirs(build))[8] == "CLOSE_WAIT"
+    assert capabilities.header_include_dirs(build) == [source / "include"]
+    assert offsets.header_tcp_states(capabilities.header_include_dirs(build))[8] == "CLOSE_WAIT"
 
 
 # bcc's own uapi/linux/bpf.h copy can be older than the kernel's headers. The
@@ -102,7 +102,7 @@ struct bpf_wq {
 
 
 def test_missing_uapi_structs_taken_from_the_kernel_headers(tmp_path):
-    from tracer.program import _missing_uapi_structs
+    from tracer.kernel.program import _missing_uapi_structs
     (tmp_path / "uapi" / "linux").mkdir(parents=True)
     (tmp_path / "uapi" / "linux" / "bpf.h").write_text(UAPI_BPF_H)
     extra = _missing_uapi_structs(BPF_WQ_DIAG, [tmp_path / "nowhere", tmp_path])
@@ -112,7 +112,7 @@ def test_missing_uapi_structs_taken_from_the_kernel_headers(tmp_path):
 
 
 def test_missing_uapi_structs_gives_up_honestly(tmp_path):
-    from tracer.program import _missing_uapi_structs
+    from tracer.kernel.program import _missing_uapi_structs
     (tmp_path / "uapi" / "linux").mkdir(parents=True)
     (tmp_path / "uapi" / "linux" / "bpf.h").write_text(UAPI_BPF_H)
     assert _missing_uapi_structs("error: unknown type name 'foo'", [tmp_path]) == ""

@@ -1,7 +1,7 @@
 """Live: a real perf buffer overflow, and what the tracer says about it.
 
 The tracer is started, then stopped with SIGSTOP; a storm of real collisions
-(tracer/storm.py: each of many client ports collides exactly once, so no
+(scripts/storm.py: each of many client ports collides exactly once, so no
 incident can be superseded by the next round on its port) fills its perf
 buffer (tracer/session.py opens it with PERF_PAGES pages per CPU: a few
 thousand events per CPU, some eight events per collision) and the kernel
@@ -39,7 +39,7 @@ def _live():
 def storm(ns: str, ports: int, server_port: int, base: int) -> dict:
     """Each of `ports` client ports collides once; returns the generator's `done` line."""
     proc = subprocess.run(
-        [sys.executable, "-m", "tracer.storm", "--ns", ns, "--ports", str(ports), "--count", str(ports),
+        [sys.executable, str(REPO / "scripts" / "storm.py"), "--ns", ns, "--ports", str(ports), "--count", str(ports),
          "--duration", "0", "--server-port", str(server_port), "--client-port-base", str(base),
          "--keep-dead", "30", "--hang-up-last"],
         capture_output=True, text=True, cwd=REPO, timeout=120 * SLOW)

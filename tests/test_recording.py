@@ -12,10 +12,10 @@ import struct
 import pytest
 
 from tests.synthetic import HZ, MS, S, STATES, T0, Collision, correlate
-from tracer import recording
-from tracer.events import encode
-from tracer.replay import ReplayError, replay
-from tracer.report import Clock, collision_record
+from tracer.pipeline import recording
+from tracer.pipeline.events import encode
+from tracer.pipeline.replay import ReplayError, replay
+from tracer.pipeline.records import Clock, collision_record
 
 CONTEXT = {"owners": [{"pid": 7, "comm": "leaky", "fd": 4}], "listener": None}
 

@@ -1,4 +1,4 @@
-"""Unit tests for tracer.reorder.Reorderer (putting per-CPU streams back in
+"""Unit tests for tracer.pipeline.reorder.Reorderer (putting per-CPU streams back in
 kernel-timestamp order).
 
 Synthetic streams only (Events built by tests/synthetic.py with chosen
@@ -12,7 +12,7 @@ import dataclasses
 import random
 
 from tests.synthetic import MS, T0, Collision
-from tracer.reorder import Reorderer
+from tracer.pipeline.reorder import Reorderer
 
 DELAY = 100 * MS
 

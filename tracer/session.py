@@ -14,12 +14,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from tracer import bpfsys, hooks, kernel, program, recording, selftest
-from tracer.diagnosis import Diagnoser
-from tracer.correlator import Correlator, Incident
-from tracer.events import ENUMS, DecodeError, decode, encode
-from tracer.reorder import Reorderer
-from tracer.report import Clock, Summary, collision_record, event_stream_record, ready_record
+from tracer.kernel import bpfsys, hooks, capabilities, program, selftest
+from tracer.pipeline import recording
+from tracer.host.diagnosis import Diagnoser
+from tracer.pipeline.correlator import Correlator, Incident
+from tracer.pipeline.events import ENUMS, DecodeError, decode, encode
+from tracer.pipeline.reorder import Reorderer
+from tracer.pipeline.records import Clock, Summary, collision_record, event_stream_record, ready_record
 
 POLL_MS = 100
 # The lazy state hook (tracepoint backend, raw tracepoint): detached this long
@@ -47,8 +48,8 @@ class Options:
     selftest: bool = True
     incident_timeout: float = 15.0
     reorder_delay: float = 0.1
-    record: str | None = None  # write a recording here (tracer/recording.py)
-    metrics: str | None = None  # serve Prometheus metrics on HOST:PORT (tracer/metrics.py)
+    record: str | None = None  # write a recording here (tracer/pipeline/recording.py)
+    metrics: str | None = None  # serve Prometheus metrics on HOST:PORT (tracer/output/metrics.py)
     # lazy: where the state-change hook is a raw tracepoint, attach it only while collisions are in progress
     # (every state change of every socket of the host otherwise runs it); always: keep it attached
     state_hook: str = "lazy"
@@ -86,7 +87,7 @@ class Session:
         self._state_tp: bytes | None = None  # the lazy state hook's raw tracepoint (None: not lazy)
         self._state_attached = True
         self._last_event = float("-inf")
-        self._state_hook_error: kernel.KernelError | None = None
+        self._state_hook_error: capabilities.KernelError | None = None
         self._retry_ns = 0  # the soonest a client retries after its reset
         self._state_kept: str | None = None  # why the lazy hook stays attached from now on
         self.state_hook_attaches = 0
@@ -97,19 +98,19 @@ class Session:
     def start(self) -> dict:
         """Attach everything, prove it fires; returns (and emits) `ready`."""
         t0 = time.monotonic()
-        kernel.require_root()
+        capabilities.require_root()
         if self.options.record:
             try:
                 self._record_file = open(self.options.record, "wb")  # noqa: SIM115 - closed in close()
             except OSError as e:
-                raise kernel.KernelError(f"cannot write the recording {self.options.record}: {e.strerror}") from None
+                raise capabilities.KernelError(f"cannot write the recording {self.options.record}: {e.strerror}") from None
         self.plan, self.types, self.bpf = attach(self.options)
         self.bpf["events"].open_perf_buffer(self._on_raw, page_cnt=PERF_PAGES, lost_cb=self._on_lost)
         self._prog_fds = [f.fd for f in self.bpf.funcs.values()]
         self._skipped_base = self._kernel_skipped()
         self.skipped_runs = None if self._skipped_base is None else 0
         self.backend = self.plan.backend
-        hz = kernel.jiffies_hz()
+        hz = capabilities.jiffies_hz()
         state_choice = self.plan.choice("set_state")
         if self.options.state_hook == "lazy" and state_choice.raw:
             self._state_tp = state_choice.candidate.targets[0].split(":", 1)[1].encode()
@@ -135,12 +136,12 @@ class Session:
             startup_s=time.monotonic() - t0,
         )
         if self.options.metrics:
-            from tracer.metrics import Metrics  # noqa: PLC0415 - only when asked for
+            from tracer.output.metrics import Metrics  # noqa: PLC0415 - only when asked for
 
             try:
                 self.metrics = Metrics(self.options.metrics)
             except OSError as e:
-                raise kernel.KernelError(str(e)) from None
+                raise capabilities.KernelError(str(e)) from None
             self.metrics.ready(ready["hooks"])
         if self._record_file is not None:
             self.recorder = recording.Writer(self._record_file, {
@@ -152,7 +153,7 @@ class Session:
             })
         if self._state_tp is not None:
             self._detach_state_hook()  # proven by the self-test; back when a collision starts
-            kernel.wait_rcu_grace_period()  # so that the first collision's attach is quick
+            capabilities.wait_rcu_grace_period()  # so that the first collision's attach is quick
         self.sink(ready)
         return ready
 
@@ -163,7 +164,7 @@ class Session:
         self-test), wait out the grace period a re-attach would wait for, and
         time one; returns the nanoseconds it took. Leaves it attached."""
         self.bpf.detach_raw_tracepoint(tp=self._state_tp)
-        kernel.wait_rcu_grace_period()
+        capabilities.wait_rcu_grace_period()
         t0 = time.monotonic_ns()
         self._bcc_attach_state_hook()
         return time.monotonic_ns() - t0
@@ -172,7 +173,7 @@ class Session:
         try:
             self.bpf.attach_raw_tracepoint(tp=self._state_tp, fn_name=b"raw_tracepoint__" + self._state_tp)
         except Exception as e:  # noqa: BLE001 - bcc raises bare Exception
-            raise kernel.KernelError(f"attaching the state hook ({self._state_tp.decode()}) again failed: {e}") from None
+            raise capabilities.KernelError(f"attaching the state hook ({self._state_tp.decode()}) again failed: {e}") from None
 
     def _attach_state_hook(self, first_ts_ns: int) -> None:
         """A collision started (its first event has `first_ts_ns`): the state
@@ -226,7 +227,7 @@ class Session:
         if not self._state_attached and self._state_hook_error is None:
             try:
                 self._attach_state_hook(ev.ts_ns)
-            except kernel.KernelError as e:  # raised by run(): ctypes would swallow it here
+            except capabilities.KernelError as e:  # raised by run(): ctypes would swallow it here
                 self._state_hook_error = e
         self.reorder.push(ev)
 

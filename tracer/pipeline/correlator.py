@@ -1,7 +1,7 @@
 """The correlator: a pure state machine from kernel events to collision incidents.
 
 No I/O, no clock of its own: time is the kernel's (event timestamps, and the
-`now_ns` given to tick()). Feed it events in timestamp order (tracer/reorder.py
+`now_ns` given to tick()). Feed it events in timestamp order (tracer/pipeline/reorder.py
 does that for a live stream); it returns incidents as they complete.
 
 A collision is keyed by its connection tuple, oriented server/client: the
@@ -21,13 +21,13 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
-from tracer.events import Event, format_addr
+from tracer.pipeline.events import Event, format_addr
 
 # Step names, in the order they normally happen.
 STEPS = ("syn", "challenge_ack", "rst", "closewait_closed", "server_closed", "retry_syn", "established", "queued",
          "client_closed")
 OUTCOMES = ("recovered", "stuck", "gave_up", "pending")
-# The finer outcome (`outcome_detail`), each explained by tracer/explain.py.
+# The finer outcome (`outcome_detail`), each explained by tracer/pipeline/explain.py.
 OUTCOME_DETAILS = (
     "recovered_fast",  # the client re-armed its SYN timer right after the RST (Linux >= 5.6)
     "recovered_after_rto",  # the retry waited a retransmission timeout (older or non-Linux client, or a repeat)
@@ -37,7 +37,7 @@ OUTCOME_DETAILS = (
     "client_gave_up",  # the connecting socket was closed before it was established
     "pending",  # not established when the trace or the incident's time ran out, nothing more seen
 )
-# Why an incident may miss kernel events (`incomplete_reasons`), each explained by tracer/explain.py.
+# Why an incident may miss kernel events (`incomplete_reasons`), each explained by tracer/pipeline/explain.py.
 INCOMPLETE_REASONS = (
     "events_lost",  # the perf buffer was full: events lost while it was open or on their way
     "runs_skipped",  # an end left ESTABLISHED unseen arriving: the kernel skipped a BPF run (recursion_misses)

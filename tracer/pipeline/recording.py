@@ -5,7 +5,7 @@ A recording is the correlator's input log, in the order it was fed: kernel
 events as released by the reorder buffer (the `struct tc_event` bytes of
 bpf/tcpcollide.h), lost-event counts, the clock ticks that ended incidents,
 when the state-change hook was attached and detached (tracer/session.py),
-and what the host added to each incident (tracer/diagnosis.py: the process
+and what the host added to each incident (tracer/host/diagnosis.py: the process
 holding the socket, the listener's queue) and the queue records. Replaying
 it through the same pure correlator reproduces the live run's output.
 
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from tracer import __version__
-from tracer.events import EVENT_SIZE
+from tracer.pipeline.events import EVENT_SIZE
 
 MAGIC = b"TCPCOLLIDE-RECORDING\n"
 FORMAT = 1

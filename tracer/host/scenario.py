@@ -12,7 +12,7 @@ application does (or, with --close-on-eof, closes it when the peer does).
 --unread leaves bytes unread in the server's socket; --rounds repeats the
 collision on the same port pair.
 
-Run as `python -m tracer.scenario ...` (tcpcollide-trace demo and the live
+Run as `python -m tracer.host.scenario ...` (tcpcollide-trace demo and the live
 tests do). It prints one JSON line per step on stdout; the last one carries
 the new connection's connect() latency as the client measured it.
 """
@@ -29,7 +29,7 @@ import socket
 import sys
 import time
 
-from tracer import netns
+from tracer.host import netns
 
 TCP_INFO, TCP_REPAIR = 11, 19  # linux/tcp.h
 TCP_FIN_WAIT2 = 5  # include/net/tcp_states.h (struct tcp_info's first byte)
@@ -177,7 +177,7 @@ def clients(args: argparse.Namespace, fam: int) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tracer.scenario", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m tracer.host.scenario", description=__doc__.split("\n")[0])
     p.add_argument("--server-ns", default="")
     p.add_argument("--client-ns", default="")
     p.add_argument("--server-ip", default="127.0.0.1", help="the address clients connect to")

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from tracer.btf import BTF, BTFError
+from tracer.kernel.btf import BTF, BTFError
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ port reuse, or a middlebox dropping the challenge ACK.
 
 from __future__ import annotations
 
-from tracer.correlator import Incident
+from tracer.pipeline.correlator import Incident
 
 # Why a socket in each lingering state is still there.
 WHY_LINGERING = {

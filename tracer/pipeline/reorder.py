@@ -10,7 +10,7 @@ from __future__ import annotations
 import heapq
 import itertools
 
-from tracer.events import Event
+from tracer.pipeline.events import Event
 
 
 class Reorderer:

@@ -9,7 +9,7 @@ every hook that has an X candidate; a forced backend that cannot serve a
 required hook is an error, never a silent fallback.
 
 Selection only plans. That a planned hook really fires is proven afterwards
-by the self-test (tracer/selftest.py), which can exclude a candidate that
+by the self-test (tracer/kernel/selftest.py), which can exclude a candidate that
 attached but never fired (an inlined function) and plan again.
 """
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tracer import kernel
+from tracer.kernel import capabilities
 
 BACKENDS = ("fentry", "kprobe", "tracepoint")
 
@@ -157,7 +157,7 @@ class Offer:
     """What the running kernel offers the backends (gathered once)."""
 
     tracefs: object = None  # Path, or None
-    formats: dict[str, kernel.TracepointFormat | None] = field(default_factory=dict)
+    formats: dict[str, capabilities.TracepointFormat | None] = field(default_factory=dict)
     kprobes: bool = False
     kallsyms: dict[str, str] = field(default_factory=dict)  # function -> symbol to attach to
     btf_funcs: set[str] = field(default_factory=set)
@@ -291,17 +291,17 @@ def gather(btf=None, fentry_probe=None) -> Offer:
     """Look at the running kernel. fentry_probe() -> (works, note) tries it for real."""
     offer = Offer()
     try:
-        offer.tracefs = kernel.tracefs()
-    except kernel.KernelError:
+        offer.tracefs = capabilities.tracefs()
+    except capabilities.KernelError:
         offer.tracefs = None
     for cands in CANDIDATES.values():
         for c in cands:
             if c.backend == "tracepoint" and c.targets[0] not in offer.formats:
                 cat, ev = c.targets[0].split(":")
-                offer.formats[c.targets[0]] = kernel.tracepoint_format(cat, ev, offer.tracefs) if offer.tracefs else None
-    offer.kprobes = kernel.kprobes_available(offer.tracefs)
+                offer.formats[c.targets[0]] = capabilities.tracepoint_format(cat, ev, offer.tracefs) if offer.tracefs else None
+    offer.kprobes = capabilities.kprobes_available(offer.tracefs)
     wanted = {t for cands in CANDIDATES.values() for c in cands if c.backend != "tracepoint" for t in c.targets}
-    offer.kallsyms = kernel.resolve_symbols(wanted)
+    offer.kallsyms = capabilities.resolve_symbols(wanted)
     if btf is not None:
         offer.btf_funcs = {f for f in wanted if btf.has_func(f)}
         for target in RAW_ARGS:

@@ -13,9 +13,9 @@ import os
 import signal
 import time
 
-from tracer import netns, scenario
-from tracer.events import ENUMS
-from tracer.hooks import NOT_SELFTESTED, Candidate, Plan
+from tracer.host import netns, scenario
+from tracer.pipeline.events import ENUMS
+from tracer.kernel.hooks import NOT_SELFTESTED, Candidate, Plan
 
 HOOK_IDS = ENUMS["tc_hook"]
 

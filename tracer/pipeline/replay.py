@@ -1,4 +1,4 @@
-"""Replay a recording (tracer/recording.py): no root, no BPF, the same
+"""Replay a recording (tracer/pipeline/recording.py): no root, no BPF, the same
 incidents the live run printed, in any output mode.
 
 The frames are fed to a fresh correlator exactly as the live session fed
@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from tracer import recording
-from tracer.correlator import Correlator, Incident
-from tracer.events import decode
-from tracer.report import Clock, Summary, collision_record, event_stream_record
+from tracer.pipeline import recording
+from tracer.pipeline.correlator import Correlator, Incident
+from tracer.pipeline.events import decode
+from tracer.pipeline.records import Clock, Summary, collision_record, event_stream_record
 
 
 class ReplayError(Exception):

@@ -1,8 +1,8 @@
 """Assemble the BPF program for this kernel and load it with bcc.
 
 The source is a `.c` file under bpf/. What varies per kernel and per run is
-passed as macros: field offsets and enum values (tracer/offsets.py), the
-tracepoint fields present (tracer/hooks.py), the user's filters and map sizes.
+passed as macros: field offsets and enum values (tracer/kernel/offsets.py), the
+tracepoint fields present (tracer/kernel/hooks.py), the user's filters and map sizes.
 With BTF, bcc compiles against the project's compat tree (bpf/compat) in a
 fraction of a second; without BTF it compiles against the kernel's headers.
 """
@@ -17,9 +17,9 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tracer import bpfsys, kernel, offsets
-from tracer.btf import BTF, KIND_FUNC, BTFError
-from tracer.hooks import Plan
+from tracer.kernel import bpfsys, capabilities, offsets
+from tracer.kernel.btf import BTF, KIND_FUNC, BTFError
+from tracer.kernel.hooks import Plan
 from tracer.resources import bpf_dir, compat_dir
 
 AF_BY_NAME = {"ipv4": 2, "ipv6": 10}
@@ -72,8 +72,8 @@ class KernelTypes:
 def kernel_types(btf_path: str | None = None, source: str = "auto") -> KernelTypes:
     """Read offsets and enum values from BTF, else from kernel headers.
     source: "auto", or "btf" / "headers" to force one (an error if missing)."""
-    path = btf_path or str(kernel.SYSFS_BTF)
-    if source != "headers" and (btf_path or kernel.SYSFS_BTF.exists()):
+    path = btf_path or str(capabilities.SYSFS_BTF)
+    if source != "headers" and (btf_path or capabilities.SYSFS_BTF.exists()):
         try:
             btf = BTF.load(path)
             return KernelTypes(f"btf:{path}", dict(offsets.btf_defines(btf)), offsets.tcp_states(btf), btf)
@@ -84,17 +84,17 @@ def kernel_types(btf_path: str | None = None, source: str = "auto") -> KernelTyp
             raise BuildError(f"this kernel's BTF lacks what the tracer reads: {e}") from e
     if source == "btf":
         raise BuildError(f"no BTF at {path}: the kernel needs CONFIG_DEBUG_INFO_BTF")
-    headers = kernel.headers_dir()
+    headers = capabilities.headers_dir()
     if headers is None and source == "headers":
-        raise BuildError(f"no kernel headers at /lib/modules/{kernel.release()}/build: install the headers package "
+        raise BuildError(f"no kernel headers at /lib/modules/{capabilities.release()}/build: install the headers package "
                          "for this kernel (Debian: linux-headers-$(uname -r))")
     if headers is None:
         raise BuildError(
             "no BTF (/sys/kernel/btf/vmlinux) and no kernel headers "
-            f"(/lib/modules/{kernel.release()}/build): enable CONFIG_DEBUG_INFO_BTF or install the headers package"
+            f"(/lib/modules/{capabilities.release()}/build): enable CONFIG_DEBUG_INFO_BTF or install the headers package"
         )
     try:
-        states = offsets.header_tcp_states(kernel.header_include_dirs(headers))
+        states = offsets.header_tcp_states(capabilities.header_include_dirs(headers))
     except offsets.OffsetError as e:
         raise BuildError(str(e)) from e
     return KernelTypes(f"headers:{headers}", dict(offsets.header_defines()), states)
@@ -131,7 +131,7 @@ def build_spec(plan: Plan, types: KernelTypes, filters: Filters) -> BuildSpec:
         cflags = ["-I", str(bpf_dir())]
         prelude = "".join(f"#include <{h}>\n" for h in offsets.HEADER_INCLUDES)
         ksrc = None
-        header_dirs = kernel.header_include_dirs(Path(types.source.removeprefix("headers:")))
+        header_dirs = capabilities.header_include_dirs(Path(types.source.removeprefix("headers:")))
     cflags += [f"-D{k}={v}" for k, v in sorted(defines.items())]
     text = prelude + _inline_local_includes(source)
     return BuildSpec(text, cflags, ksrc, source.name, defines, plan.kprobes(), header_dirs)
@@ -278,16 +278,16 @@ FENTRY_PROBE_FUNCTION = "tcp_set_state"  # attached to by the fentry backend
 def fentry_probe(types: KernelTypes | None = None) -> tuple[bool, str]:
     """Do fentry programs load and attach here? Tried for real: some kernels
     have BTF and trampolines but refuse BPF_PROG_TYPE_TRACING (EPERM). An
-    empty program loaded with bpf(2) directly (tracer/bpfsys.py) answers in
+    empty program loaded with bpf(2) directly (tracer/kernel/bpfsys.py) answers in
     well under a millisecond; compiling one with clang took 0.25 s."""
     if platform.machine() != "x86_64":
         return False, f"bcc attaches fentry programs on x86_64 only (this is {platform.machine()})"
-    btf = types.btf if types is not None and types.source == f"btf:{kernel.SYSFS_BTF}" else None
+    btf = types.btf if types is not None and types.source == f"btf:{capabilities.SYSFS_BTF}" else None
     if btf is None:
         try:
-            btf = BTF.load(str(kernel.SYSFS_BTF))
+            btf = BTF.load(str(capabilities.SYSFS_BTF))
         except BTFError:
-            return False, f"fentry needs the kernel's own BTF ({kernel.SYSFS_BTF})"
+            return False, f"fentry needs the kernel's own BTF ({capabilities.SYSFS_BTF})"
     ids = btf.find_type_ids(FENTRY_PROBE_FUNCTION, {KIND_FUNC})
     if not ids:
         return False, f"the kernel's BTF has no function {FENTRY_PROBE_FUNCTION}"

@@ -1,6 +1,6 @@
 """Output: JSON lines, or readable reports drawn with rich.
 
-Both draw from the records of tracer/report.py. Text that comes from the
+Both draw from the records of tracer/pipeline/records.py. Text that comes from the
 kernel (addresses are formatted by us, but process names, for one, are not)
 is untrusted: it is made inert (control characters escaped, never parsed as
 rich markup) before it reaches a terminal.

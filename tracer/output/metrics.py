@@ -15,7 +15,7 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 
-from tracer import inventory
+from tracer.host import inventory
 
 PENALTY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.5, 7.0, 15.0, 30.0)
 SNAPSHOT_TTL_S = 5.0

@@ -14,9 +14,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from tracer import __version__
-from tracer.correlator import Incident
-from tracer.events import AF_INET6, FLAGS, Event
-from tracer.explain import explain
+from tracer.pipeline.correlator import Incident
+from tracer.pipeline.events import AF_INET6, FLAGS, Event
+from tracer.pipeline.explain import explain
 
 SCHEMA_VERSION = 1
 
@@ -93,7 +93,7 @@ def event_stream_record(ev: Event, clock: Clock, states: dict[int, str] | None =
 
 def collision_record(inc: Incident, clock: Clock, backend: str, verbose: bool = False,
                      context: dict | None = None, states: dict[int, str] | None = None) -> dict:
-    """context: what tracer/diagnosis.py found out on the host (the process
+    """context: what tracer/host/diagnosis.py found out on the host (the process
     holding the lingering socket, the listener's queue, the connecting
     process); None in replays without it."""
     context = context or {}

@@ -18,9 +18,9 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from tracer import inventory
-from tracer.render import inert
-from tracer.report import culprit_of
+from tracer.host import inventory
+from tracer.output.render import inert
+from tracer.pipeline.records import culprit_of
 
 INVENTORY_EVERY_S = 5.0
 

@@ -18,9 +18,9 @@ import datetime as dt
 import ipaddress
 from collections import defaultdict
 
-from tracer import procfs, sockdiag
-from tracer.procfs import Owner
-from tracer.sockdiag import Sock
+from tracer.host import procfs, sockdiag
+from tracer.host.procfs import Owner
+from tracer.host.sockdiag import Sock
 
 QUEUED_ALIVE_STATES = ("ESTABLISHED", "CLOSE_WAIT")
 NO_PROCESS = "no process: never accept()ed"

@@ -8,10 +8,10 @@ from __future__ import annotations
 import ipaddress
 import time
 
-from tracer import inventory, sockdiag
-from tracer.correlator import Incident
-from tracer.events import Event
-from tracer.procfs import OwnerCache
+from tracer.host import inventory, sockdiag
+from tracer.pipeline.correlator import Incident
+from tracer.pipeline.events import Event
+from tracer.host.procfs import OwnerCache
 
 LISTEN = sockdiag.STATE_BITS["LISTEN"]
 QUEUE_STATES = LISTEN | sockdiag.STATE_BITS["ESTABLISHED"] | sockdiag.STATE_BITS["CLOSE_WAIT"]

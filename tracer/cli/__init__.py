@@ -16,10 +16,12 @@ from pathlib import Path
 
 import click
 
-from tracer import __version__, hooks, inventory, kernel, netns, program, selftest, sockdiag
-from tracer.dashboard import Dashboard
-from tracer.replay import ReplayError, replay
-from tracer.render import JsonWriter, TextWriter, inert
+from tracer import __version__
+from tracer.kernel import hooks, capabilities, program, selftest
+from tracer.host import inventory, netns, sockdiag
+from tracer.output.dashboard import Dashboard
+from tracer.pipeline.replay import ReplayError, replay
+from tracer.output.render import JsonWriter, TextWriter, inert
 from tracer.session import Options, Session, Stop, attach
 
 EPILOG = """\b
@@ -39,7 +41,7 @@ cannot run here or its input is bad (one line on stderr), 2 bad usage.
 Shell completion (bash): eval "$(_TCPCOLLIDE_TRACE_COMPLETE=bash_source tcpcollide-trace)"
 """
 
-RUNTIME_ERRORS = (kernel.KernelError, program.BuildError, hooks.BackendError, netns.NetnsError)
+RUNTIME_ERRORS = (capabilities.KernelError, program.BuildError, hooks.BackendError, netns.NetnsError)
 
 
 def _port(ctx, param, value):
@@ -57,7 +59,7 @@ def _positive(ctx, param, value):
 def _listen(ctx, param, value):
     if value is None:
         return None
-    from tracer.metrics import parse_listen  # noqa: PLC0415
+    from tracer.output.metrics import parse_listen  # noqa: PLC0415
 
     try:
         parse_listen(value)
@@ -168,7 +170,7 @@ def demo(ctx, ipv4, ipv6, timeout):
     name = f"tcpcollide-demo-{os.getpid()}"
     ip = "::1" if family == "ipv6" else "127.0.0.1"
     try:
-        kernel.require_root()
+        capabilities.require_root()
         ns = netns.NetNS(name).__enter__()
     except RUNTIME_ERRORS as e:
         _fail(str(e))
@@ -196,7 +198,7 @@ def demo(ctx, ipv4, ipv6, timeout):
     def start_scenario():
         state["deadline"] = time.monotonic() + timeout
         state["proc"] = subprocess.Popen(
-            [sys.executable, "-m", "tracer.scenario", "--server-ns", name, "--server-ip", ip, "--client-ip", ip,
+            [sys.executable, "-m", "tracer.host.scenario", "--server-ns", name, "--server-ip", ip, "--client-ip", ip,
              "--hold", "2"], stdout=subprocess.PIPE, text=True, bufsize=1)
         os.set_blocking(state["proc"].stdout.fileno(), False)
 
@@ -227,19 +229,19 @@ def demo(ctx, ipv4, ipv6, timeout):
 def diagnose(backend: str, run_selftest: bool, btf_path: str | None, types_source: str = "auto") -> dict:
     """What this kernel offers and what the tracer would do with it."""
     problems: list[str] = []
-    rep: dict = {"type": "doctor", "version": __version__, "kernel": kernel.release(), "root": os.geteuid() == 0}
-    rep["bcc"] = kernel.bcc_version()
+    rep: dict = {"type": "doctor", "version": __version__, "kernel": capabilities.release(), "root": os.geteuid() == 0}
+    rep["bcc"] = capabilities.bcc_version()
     if rep["bcc"] is None:
         problems.append("bcc is not importable: install python3-bpfcc (scripts/setup does)")
     try:
-        rep["tracefs"] = str(kernel.tracefs(mount=rep["root"]))
-    except kernel.KernelError as e:
+        rep["tracefs"] = str(capabilities.tracefs(mount=rep["root"]))
+    except capabilities.KernelError as e:
         rep["tracefs"] = None
         problems.append(str(e))
-    rep["btf"] = btf_path or (str(kernel.SYSFS_BTF) if kernel.SYSFS_BTF.exists() else None)
-    rep["headers"] = str(kernel.headers_dir()) if kernel.headers_dir() else None
-    rep["lockdown"] = kernel.lockdown()
-    rep["kprobes"] = kernel.kprobes_available(rep["tracefs"] and Path(rep["tracefs"]))
+    rep["btf"] = btf_path or (str(capabilities.SYSFS_BTF) if capabilities.SYSFS_BTF.exists() else None)
+    rep["headers"] = str(capabilities.headers_dir()) if capabilities.headers_dir() else None
+    rep["lockdown"] = capabilities.lockdown()
+    rep["kprobes"] = capabilities.kprobes_available(rep["tracefs"] and Path(rep["tracefs"]))
     types = None
     try:
         types = program.kernel_types(btf_path, types_source)
@@ -311,9 +313,9 @@ def inventory_cmd(ctx):
     -4 and -6 options filter it."""
     base = ctx.obj["options"]
     try:
-        kernel.require_root("to see every namespace and process")
+        capabilities.require_root("to see every namespace and process")
         rep = inventory.snapshot(base.filters.port, base.filters.netns, base.filters.family)
-    except (kernel.KernelError, sockdiag.SockDiagError, OSError) as e:
+    except (capabilities.KernelError, sockdiag.SockDiagError, OSError) as e:
         _fail(str(e))
     _writer(ctx.obj["as_json"], ctx.obj["no_color"]).write(rep)
 

@@ -9,7 +9,7 @@ descriptors stay bounded by --ports plus --keep-dead seconds of collisions.)
 
 Clients, one per fixed source port (--ports of them from --client-port-base),
 connect, hang up (FIN, then the socket is dropped silently in TCP_REPAIR mode
-so the port is free at once: see tracer/scenario.py --fast) and reconnect
+so the port is free at once: see tracer/host/scenario.py --fast) and reconnect
 from the same port: every reconnect's SYN hits the CLOSE_WAIT socket the
 previous round left, which is one collision per port per round. All clients
 run in one non-blocking loop (epoll); reconnects are paced to --rate per
@@ -21,7 +21,7 @@ connect() latency the client paid: a collision costs the client a retried
 SYN, >= a few ms). Output: JSON lines on stdout, `start` (server pid) and
 `done` (totals, per-port counts, latencies, the rate reached).
 
-    python -m tracer.storm --ports 256 --rate 1000 --duration 5 [--ns NAME]
+    python scripts/storm.py --ports 256 --rate 1000 --duration 5 [--ns NAME]
 """
 
 from __future__ import annotations
@@ -40,8 +40,10 @@ import struct
 import sys
 import time
 from collections import deque
+from pathlib import Path
 
-from tracer import netns, scenario
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout's tracer package
+from tracer.host import netns, scenario  # noqa: E402
 
 TCP_REPAIR = 19  # linux/tcp.h
 PR_SET_NAME, PR_SET_PDEATHSIG = 15, 1
@@ -208,7 +210,7 @@ def clients(args: argparse.Namespace, server_pid: int, nofile: int) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tracer.storm", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="scripts/storm.py", description=__doc__.split("\n")[0])
     p.add_argument("--ns", default="", help="run in this named network namespace (ip netns)")
     p.add_argument("--server-ip", default="127.0.0.1")
     p.add_argument("--client-ip", default="127.0.0.1")
