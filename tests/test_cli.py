@@ -66,22 +66,23 @@ def test_help_shows_examples(flag):
     assert "Examples:" in result.output
     assert "tcpcollide-trace -p 8080 --json" in result.output
     assert "tcpcollide-trace demo" in result.output
+    trace_help = invoke(["trace", flag]).output
     for option in ("--port", "--netns", "--duration", "--count", "--json", "--backend", "--btf"):
-        assert option in result.output
+        assert option in trace_help
 
 
 def test_demo_help_shows_examples():
     result = invoke(["demo", "--help"])
     assert result.exit_code == 0, result.output
     assert "Examples:" in result.output
-    assert "tcpcollide-trace --json demo -6" in result.output
+    assert "tcpcollide-trace demo -6 --json" in result.output
     assert "--timeout" in result.output
 
 
 def test_inventory_help_shows_examples():
     result = invoke(["inventory", "--help"])
     assert result.exit_code == 0, result.output
-    assert "tcpcollide-trace -p 8080 --json inventory" in result.output
+    assert "tcpcollide-trace inventory -p 8080 --json" in result.output
     assert "inventory" in invoke(["--help"]).output
 
 
@@ -127,6 +128,37 @@ def test_bad_usage_exits_2_with_one_error_line(args, mentions):
     assert err.splitlines()[0].startswith(f"Usage: {PROG}")
     assert len(err.splitlines()) <= 5
     assert "Traceback" not in err and "Traceback" not in result.output
+
+
+# -- options after their subcommand, and before it (0.4's form) ---------------------------
+
+MISPLACED = {
+    "json-before-top": (["--json", "top"], "option --json does not apply to 'top'"),
+    "json-after-top": (["top", "--json"], "--json"),
+    "record-before-inventory": (["--record", "x.rec", "inventory"], "option --record does not apply to 'inventory'"),
+    "count-before-demo": (["-c", "1", "demo"], "option -c/--count does not apply to 'demo'"),
+    "duration-before-demo": (["--duration", "1", "demo"], "option --duration does not apply to 'demo'"),
+    "port-before-and-after": (["-p", "80", "inventory", "-p", "81"], "given before 'inventory' as 80 and after it as 81"),
+    "family-before-and-after": (["-6", "demo", "-4"], "-4 and -6"),
+    "json-before-doctor-and-verbose": (["-v", "doctor"], "option -v/--verbose does not apply to 'doctor'"),
+}
+
+
+@pytest.mark.parametrize("args,mentions", MISPLACED.values(), ids=MISPLACED.keys())
+def test_an_option_that_does_not_apply_is_a_usage_error(args, mentions):
+    result = invoke(args)
+    err = stderr_of(result)
+    assert result.exit_code == 2, (result.output, err)
+    errors = [line for line in err.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and mentions in errors[0], err
+
+
+@pytest.mark.parametrize("args", [["doctor", "--json", "--help"], ["inventory", "-p", "8080", "--json", "--help"],
+                                  ["replay", "x.rec", "-v", "--json", "--help"], ["top", "-p", "8080", "--help"],
+                                  ["demo", "-6", "--json", "--help"], ["trace", "-p", "8080", "--json", "--help"]])
+def test_every_subcommand_takes_its_options_after_its_name(args):
+    result = invoke(args)
+    assert result.exit_code == 0, stderr_of(result)
 
 
 # -- not root ---------------------------------------------------------------------------

@@ -1,0 +1,180 @@
+"""The command line's options, each defined once, and the rule that binds
+them to subcommands.
+
+Every option is declared here and taken by name by the subcommands it
+applies to (`@takes("port", "json", ...)`). The group also accepts every one
+of them, hidden, so that 0.4's form (`tcpcollide-trace --json doctor`) keeps
+working: a value given before the subcommand is handed to the subcommand
+(`Command.invoke`), and is a usage error when the subcommand does not take
+that option, or takes it with a different value after its name.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+from click.core import ParameterSource
+
+from tracer.host import netns
+from tracer.kernel import capabilities, hooks, program
+from tracer.output.render import JsonWriter, TextWriter, inert
+
+PROG = "tcpcollide-trace"
+GIVEN = "tcpcollide.given"  # ctx.meta key: {param name: (value, label)} given before the subcommand
+RUNTIME_ERRORS = (capabilities.KernelError, program.BuildError, hooks.BackendError, netns.NetnsError)
+EXIT_STATUS = ("Exit status: 0 success (also after Ctrl-C, SIGTERM, SIGHUP), 1 the tracer\n"
+               "cannot run here or its input is bad (one line on stderr), 2 bad usage.")
+
+
+def _port(ctx, param, value):
+    if value is not None and not 1 <= value <= 65535:
+        raise click.BadParameter(f"{value} is not a TCP port (1-65535)")
+    return value
+
+
+def positive(ctx, param, value):
+    if value is not None and value <= 0:
+        raise click.BadParameter(f"{value} must be greater than 0")
+    return value
+
+
+def _listen(ctx, param, value):
+    if value is None:
+        return None
+    from tracer.output.metrics import parse_listen  # noqa: PLC0415 - prometheus_client only when asked for
+
+    try:
+        parse_listen(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+    return value
+
+
+# name -> (declarations, keyword arguments of click.option)
+OPTIONS: dict[str, tuple[tuple[str, ...], dict]] = {
+    "port": (("-p", "--port"), dict(type=int, callback=_port, metavar="PORT",
+                                    help="Only collisions (sockets) where either end uses this port.")),
+    "netns": (("--netns",), dict(type=int, callback=positive, metavar="INODE",
+                                 help="Only sockets in this network namespace (inode, as `ls -Li /proc/PID/ns/net` "
+                                      "shows).")),
+    "ipv4": (("-4", "ipv4"), dict(is_flag=True, help="IPv4 only.")),
+    "ipv6": (("-6", "ipv6"), dict(is_flag=True, help="IPv6 only.")),
+    "duration": (("--duration",), dict(type=float, callback=positive, metavar="SECONDS",
+                                       help="Stop after this long.")),
+    "count": (("-c", "--count"), dict(type=int, callback=positive, metavar="N", help="Stop after N collisions.")),
+    "as_json": (("--json", "as_json"), dict(is_flag=True, help="JSON lines on stdout (schema: docs/json-schema.md).")),
+    "verbose": (("-v", "--verbose"), dict(
+        is_flag=True, help="Attach the raw kernel events (hook, backend, CPU, kernel time, socket, states, seq/ack) "
+                           "to each collision.")),
+    "all_events": (("--all-events",), dict(
+        is_flag=True, help="Also stream every event the kernel side emits (after the filters), as `event` records.")),
+    "backend": (("--backend",), dict(
+        type=click.Choice(["auto", "fentry", "kprobe", "tracepoint"]), default="auto", show_default=True,
+        help="Force one backend for the hooks it can serve (auto: the best per hook).")),
+    "no_selftest": (("--no-selftest",), dict(
+        is_flag=True, help="Skip proving that each hook fires (a harmless collision in a private namespace) before "
+                           "ready.")),
+    "btf": (("--btf",), dict(type=click.Path(exists=True, dir_okay=False), metavar="FILE",
+                             help="Kernel BTF (raw, or a vmlinux ELF with .BTF) instead of /sys/kernel/btf/vmlinux.")),
+    "kernel_types": (("--kernel-types",), dict(
+        type=click.Choice(["auto", "btf", "headers"]), default="auto", show_default=True,
+        help="Where kernel struct offsets and enum values come from (auto: BTF, else headers).")),
+    "incident_timeout": (("--incident-timeout",), dict(
+        type=float, default=None, callback=positive, metavar="SECONDS",
+        help="End an incident that never completes after this long  [default: 15]")),
+    "state_hook": (("--state-hook",), dict(
+        type=click.Choice(["lazy", "always"]), default="lazy", show_default=True,
+        help="Attach the state-change hook only while collisions are in progress (lazy: where it is a raw "
+             "tracepoint, which attaches in microseconds), or keep it attached.")),
+    "no_color": (("--no-color",), dict(is_flag=True, help="No colors in the readable output.")),
+    "record": (("--record",), dict(type=click.Path(dir_okay=False, writable=True), metavar="FILE",
+                                   help="Also write what the kernel reported to FILE, for `tcpcollide-trace replay "
+                                        "FILE`.")),
+    "metrics": (("--metrics",), dict(callback=_listen, metavar="HOST:PORT",
+                                     help="Serve Prometheus metrics on HOST:PORT (e.g. 0.0.0.0:9465, [::]:9465).")),
+}
+
+# The options of a tracing run, shared by trace, demo and top.
+LOADING = ("backend", "no_selftest", "btf", "kernel_types", "state_hook")
+FILTERS = ("port", "netns", "ipv4", "ipv6")
+
+
+def option(name: str, hidden: bool = False):
+    decls, kwargs = OPTIONS[name]
+    return click.option(*decls, hidden=hidden, **kwargs)
+
+
+def takes(*names: str):
+    """Decorate a command with the named options, in the order given."""
+    def wrap(f):
+        for name in reversed(names):
+            f = option(name)(f)
+        return f
+    return wrap
+
+
+def _label(param: click.Parameter) -> str:
+    return "/".join(param.opts)
+
+
+def _shown(value) -> str:
+    return "on" if value is True else str(value)
+
+
+def remember_given(ctx: click.Context) -> None:
+    """Called by the group: keep the options the user gave before the
+    subcommand (on the command line or from the environment)."""
+    given = {}
+    for param in ctx.command.params:
+        if isinstance(param, click.Option) and param.name in OPTIONS and ctx.get_parameter_source(param.name) in (
+                ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT):
+            given[param.name] = (ctx.params[param.name], _label(param))
+    ctx.meta[GIVEN] = given
+
+
+class Command(click.Command):
+    """A subcommand that takes the group's options given before its name,
+    where they apply to it."""
+
+    def invoke(self, ctx: click.Context):
+        own = {p.name for p in self.params}
+        for name, (value, label) in ctx.meta.get(GIVEN, {}).items():
+            if name not in own:
+                raise click.UsageError(f"option {label} does not apply to '{self.name}' "
+                                       f"(see: {PROG} {self.name} --help)", ctx)
+            if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE:
+                if ctx.params[name] != value:
+                    raise click.UsageError(
+                        f"option {label} is given before '{self.name}' as {_shown(value)} and after it as "
+                        f"{_shown(ctx.params[name])}", ctx)
+            else:
+                ctx.params[name] = value
+        return super().invoke(ctx)
+
+
+def family(ipv4: bool, ipv6: bool) -> str | None:
+    if ipv4 and ipv6:
+        raise click.UsageError("-4 and -6 exclude each other (give neither for both)")
+    return "ipv4" if ipv4 else "ipv6" if ipv6 else None
+
+
+def filters(port=None, netns=None, ipv4=False, ipv6=False, **_) -> program.Filters:
+    return program.Filters(port=port, netns=netns, family=family(ipv4, ipv6))
+
+
+def writer(as_json: bool, no_color: bool):
+    return JsonWriter() if as_json else TextWriter(color=False if no_color else None)
+
+
+def fail(message: str) -> None:
+    """The one-line error of exit status 1."""
+    click.echo(f"{PROG}: error: {inert(message)}", err=True)
+    sys.exit(1)
+
+
+def examples(*lines: tuple[str, str]) -> str:
+    """An examples epilog; each (command, what it does). tests/test_cli.py runs every one."""
+    width = max(len(c) for c, _ in lines)
+    body = "\n".join(f"  {c:<{width}}  {what}".rstrip() for c, what in lines)
+    return f"\b\nExamples:\n{body}"
