@@ -37,7 +37,8 @@ def plain_line(rec: dict) -> str | None:
     if kind == "ready":
         return f"ready: backend {rec['backend']}, {rec['kernel']}"
     if kind == "summary":
-        return (f"summary: {rec['collisions']} collisions {dict(rec['by_outcome'])}, "
+        outcomes = ", ".join(f"{n} {o}" for o, n in sorted(rec["by_outcome"].items())) or "none"
+        return (f"summary: {rec['collisions']} collision(s) ({outcomes}), "
                 f"{rec['events']} events, {rec['lost_events']} lost")
     return None
 
