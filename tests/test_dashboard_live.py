@@ -57,11 +57,11 @@ def test_top_in_a_terminal(ns):
     assert "1 collisions" in shown, shown
     assert "127.0.0.1:39836 -> 127.0.0.1:12345" in shown and "recovered_fast" in shown
     assert "leakydash" in shown and "12345" in shown
-    assert "EXIT=0" in final and "summary: 1 collisions" in final, final
+    assert "EXIT=0" in final and "summary: 1 collision(s) (1 recovered)" in final, final
 
 
 def test_top_without_a_terminal_prints_plain_lines(ns):
-    top = subprocess.Popen([str(BIN), "--backend", BACKEND, "--netns", str(ns.inode), "top"], stdout=subprocess.PIPE,
+    top = subprocess.Popen([str(BIN), "top", "--backend", BACKEND, "--netns", str(ns.inode)], stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True, cwd=REPO)
     try:
         first = top.stdout.readline()
@@ -77,4 +77,4 @@ def test_top_without_a_terminal_prints_plain_lines(ns):
     assert top.returncode == 0
     assert line.startswith("collision #1 127.0.0.1:39836 -> 127.0.0.1:12345 CLOSE_WAIT recovered_fast"), line
     assert "\x1b" not in line + rest  # no escape sequences when not a terminal
-    assert rest.strip().splitlines()[-1].startswith("summary: 1 collisions")
+    assert rest.strip().splitlines()[-1].startswith("summary: 1 collision(s) (1 recovered)")
