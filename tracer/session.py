@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from tracer.kernel import bpfsys, hooks, capabilities, program, selftest
 from tracer.pipeline import recording
 from tracer.host.diagnosis import Diagnoser
-from tracer.pipeline.correlator import Correlator, Incident
+from tracer.pipeline.correlator import Correlator, Incident, Settings
 from tracer.pipeline.events import ENUMS, DecodeError, decode, encode
 from tracer.pipeline.reorder import Reorderer
 from tracer.pipeline.records import Clock, Summary, collision_record, event_stream_record, ready_record
@@ -46,7 +46,7 @@ class Options:
     verbose: bool = False
     all_events: bool = False  # stream every kernel event as an `event` record
     selftest: bool = True
-    incident_timeout: float = 15.0
+    incident_timeout: float | None = None  # seconds; None: the correlator's default (Settings)
     reorder_delay: float = 0.1
     record: str | None = None  # write a recording here (tracer/pipeline/recording.py)
     metrics: str | None = None  # serve Prometheus metrics on HOST:PORT (tracer/output/metrics.py)
@@ -123,11 +123,10 @@ class Session:
                     f"{self._retry_ns / 1e6:.0f} ms after its reset"))))
             else:
                 state_choice.lazy = True
-        self.correlator = Correlator(
-            states=self.types.tcp_states,
-            hz=hz,
-            timeout_ns=int(self.options.incident_timeout * 1e9),
-        )
+        settings = Settings()
+        if self.options.incident_timeout is not None:
+            settings = Settings(timeout_ns=int(self.options.incident_timeout * 1e9))
+        self.correlator = Correlator(self.types.tcp_states, hz, settings)
         ready = ready_record(
             backend=self.backend,
             hooks=[c.as_dict() for c in self.plan.choices],
@@ -148,8 +147,7 @@ class Session:
                 "kernel": ready["kernel"], "backend": self.backend, "types": self.types.source,
                 "hooks": ready["hooks"], "filters": ready["filters"],
                 "tcp_states": {str(k): v for k, v in self.types.tcp_states.items()}, "hz": self.correlator.hz,
-                "clock_offset_ns": self.clock.offset_ns, "incident_timeout_ns": self.correlator.timeout_ns,
-                "grace_ns": self.correlator.grace_ns,
+                "clock_offset_ns": self.clock.offset_ns, **self.correlator.settings.header(),
             })
         if self._state_tp is not None:
             self._detach_state_hook()  # proven by the self-test; back when a collision starts

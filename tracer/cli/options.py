@@ -19,6 +19,7 @@ from click.core import ParameterSource
 from tracer.host import netns
 from tracer.kernel import capabilities, hooks, program
 from tracer.output.render import JsonWriter, TextWriter, inert
+from tracer.pipeline.correlator import Settings
 
 PROG = "tcpcollide-trace"
 GIVEN = "tcpcollide.given"  # ctx.meta key: {param name: (value, label)} given before the subcommand
@@ -82,7 +83,7 @@ OPTIONS: dict[str, tuple[tuple[str, ...], dict]] = {
         help="Where kernel struct offsets and enum values come from (auto: BTF, else headers).")),
     "incident_timeout": (("--incident-timeout",), dict(
         type=float, default=None, callback=positive, metavar="SECONDS",
-        help="End an incident that never completes after this long  [default: 15]")),
+        help=f"End an incident that never completes after this long  [default: {Settings.timeout_ns / 1e9:g}]")),
     "state_hook": (("--state-hook",), dict(
         type=click.Choice(["lazy", "always"]), default="lazy", show_default=True,
         help="Attach the state-change hook only while collisions are in progress (lazy: where it is a raw "

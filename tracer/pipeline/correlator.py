@@ -18,6 +18,7 @@ two reports, whichever end's event comes first).
 
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
@@ -144,29 +145,46 @@ def _key(ev: Event, local_is_server: bool) -> Key:
     return (ev.family, raddr, ev.rport, laddr, ev.lport)
 
 
+@dataclass(frozen=True)
+class Settings:
+    """The correlator's settings, and their one home: the command line's
+    --incident-timeout, a live session, a recording's header and its replay
+    all start from these defaults."""
+
+    timeout_ns: int = 15_000_000_000  # an incident never established ends after this long
+    grace_ns: int = 200_000_000  # once established, wait this long for its last events (queued, client closed)
+    max_open: int = 4096  # incidents open at once; the oldest is evicted beyond
+    loss_window_ns: int = 500_000_000  # incidents starting this long after a loss report may miss events too
+
+    def header(self) -> dict:
+        """What a recording keeps of them (the rest is fixed by the code)."""
+        return {"incident_timeout_ns": self.timeout_ns, "grace_ns": self.grace_ns}
+
+    @classmethod
+    def from_header(cls, head: dict) -> Settings:
+        """The settings a recording was made with (defaults where its header is silent)."""
+        given = {"timeout_ns": head.get("incident_timeout_ns"), "grace_ns": head.get("grace_ns")}
+        return cls(**{k: v for k, v in given.items() if v is not None})
+
+
 class Correlator:
     """Events in, incidents out.
 
     states: kernel TCP state number -> name ("CLOSE_WAIT"), from the running
     kernel (or the recording). hz: the kernel's jiffies per second, to turn
-    an estimated age into seconds (None: unknown)."""
+    an estimated age into seconds (None: unknown). settings: see Settings;
+    keyword arguments replace single fields of it (the tests' short timeouts)."""
 
-    def __init__(
-        self,
-        states: dict[int, str],
-        hz: int | None = None,
-        grace_ns: int = 200_000_000,
-        timeout_ns: int = 15_000_000_000,
-        max_open: int = 4096,
-        loss_window_ns: int = 500_000_000,
-    ):
+    def __init__(self, states: dict[int, str], hz: int | None = None, settings: Settings = Settings(), **fields):
+        settings = dataclasses.replace(settings, **fields)
+        self.settings = settings
         self.states = states
         self.state_nums = {v: k for k, v in states.items()}
         self.hz = hz
-        self.grace_ns = grace_ns
-        self.timeout_ns = timeout_ns
-        self.max_open = max_open
-        self.loss_window_ns = loss_window_ns
+        self.grace_ns = settings.grace_ns
+        self.timeout_ns = settings.timeout_ns
+        self.max_open = settings.max_open
+        self.loss_window_ns = settings.loss_window_ns
         # A loss is reported after events that preceded it may still wait in
         # the caller's reorder buffer: incidents starting up to `_lost_until`
         # (kernel time) may miss events too. `_loss_unplaced`: a loss came with

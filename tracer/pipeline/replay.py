@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from tracer.pipeline import recording
-from tracer.pipeline.correlator import Correlator, Incident
+from tracer.pipeline.correlator import Correlator, Incident, Settings
 from tracer.pipeline.events import decode
 from tracer.pipeline.records import Clock, Summary, collision_record, event_stream_record
 
@@ -33,8 +33,7 @@ def replay(path: str, sink: Callable[[dict], None], verbose: bool = False, all_e
         except recording.RecordingError as e:
             raise ReplayError(f"{path}: {e}") from None
         states = head["tcp_states"]  # {number: name}, checked by read_header
-        correlator = Correlator(states, hz=head.get("hz"), timeout_ns=head.get("incident_timeout_ns", 15_000_000_000),
-                                grace_ns=head.get("grace_ns", 200_000_000))
+        correlator = Correlator(states, head.get("hz"), Settings.from_header(head))
         clock = Clock(head["clock_offset_ns"])
         backend = head["backend"]
         summary = Summary()
