@@ -936,3 +936,38 @@ def test_every_incomplete_reason_is_explained():
     from tracer.pipeline.explain import INCOMPLETE_TEXT
 
     assert set(INCOMPLETE_TEXT) == set(INCOMPLETE_REASONS)
+
+
+# -- the handler table against the header's event types -------------------------
+
+def test_every_header_event_type_has_exactly_one_handler():
+    from tracer.pipeline.correlator import START_HANDLERS, STEP_HANDLERS
+    from tracer.pipeline.events import EVENT_TYPES
+
+    assert set(START_HANDLERS) | set(STEP_HANDLERS) == set(EVENT_TYPES.values())
+    assert not set(START_HANDLERS) & set(STEP_HANDLERS)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda t: t - {"retransmit"} | {"retransmitted"}, "without a handler: retransmitted"),
+    (lambda t: t | {"new_event"}, "without a handler: new_event"),
+    (lambda t: t - {"queued"}, "does not have: queued"),
+    (lambda t: t - {"syn_challenged"}, "does not have: syn_challenged"),
+])
+def test_handler_check_fails_loudly_when_the_header_changes(change, message):
+    from tracer.pipeline.correlator import START_HANDLERS, STEP_HANDLERS, HandlerTableError, check_handlers
+    from tracer.pipeline.events import EVENT_TYPES
+
+    types = set(EVENT_TYPES.values())
+    check_handlers(types, START_HANDLERS, STEP_HANDLERS)
+    with pytest.raises(HandlerTableError, match=message):
+        check_handlers(change(types), START_HANDLERS, STEP_HANDLERS)
+
+
+def test_handler_check_refuses_a_type_handled_twice():
+    from tracer.pipeline.correlator import START_HANDLERS, STEP_HANDLERS, HandlerTableError, check_handlers
+    from tracer.pipeline.events import EVENT_TYPES
+
+    step = dict(STEP_HANDLERS, syn_challenged=STEP_HANDLERS["state"])
+    with pytest.raises(HandlerTableError, match="both a start and a step handler: syn_challenged"):
+        check_handlers(EVENT_TYPES.values(), START_HANDLERS, step)

@@ -22,7 +22,7 @@ import dataclasses
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
-from tracer.pipeline.events import Event, format_addr
+from tracer.pipeline.events import EVENT_TYPES, Event, format_addr
 
 # Step names, in the order they normally happen.
 STEPS = ("syn", "challenge_ack", "rst", "closewait_closed", "server_closed", "retry_syn", "established", "queued",
@@ -211,11 +211,9 @@ class Correlator:
         """One event (in timestamp order). Returns incidents this completed."""
         self.events_seen += 1
         done = self._expire(ev.ts_ns)
-        if ev.type == "syn_challenged":
-            done += self._on_syn_challenged(ev)
-            return done
-        if ev.type == "client_challenged":
-            done += self._on_client_challenged(ev)
+        start = START_HANDLERS.get(ev.type)
+        if start is not None:
+            done += start(self, ev)
             return done
         found = self._find(ev)
         if found is None:
@@ -227,9 +225,7 @@ class Correlator:
         inc.last_ns = ev.ts_ns
         if ev.conn_pid and not local_is_server and inc.client_process is None:
             inc.client_process = {"pid": ev.conn_pid, "comm": ev.conn_comm}
-        handler = getattr(self, f"_on_{ev.type}", None)
-        if handler is not None:
-            handler(inc, ev, local_is_server)
+        STEP_HANDLERS[ev.type](self, inc, ev, local_is_server)
         if self._complete(inc):
             done.append(self._close(inc, "complete"))
         return done
@@ -684,3 +680,45 @@ class Correlator:
             table.move_to_end(key)
             while len(table) > RECENT:
                 table.popitem(last=False)
+
+
+# The handler of each event type (bpf/tcpcollide.h, enum tc_event_type), in
+# two kinds. A start handler takes the event alone: it opens an incident, or
+# joins the one of its tuple. A step handler takes the open incident of the
+# event's tuple (events on no open incident are ignored before it is called).
+START_HANDLERS = {
+    "syn_challenged": Correlator._on_syn_challenged,
+    "client_challenged": Correlator._on_client_challenged,
+}
+STEP_HANDLERS = {
+    "rst_sent": Correlator._on_rst_sent,
+    "rst_received": Correlator._on_rst_received,
+    "state": Correlator._on_state,
+    "retransmit": Correlator._on_retransmit,
+    "queued": Correlator._on_queued,
+    "challenge_ack": Correlator._on_challenge_ack,
+}
+
+
+class HandlerTableError(Exception):
+    """The handler table and the header's event types disagree."""
+
+
+def check_handlers(event_types, start_handlers, step_handlers) -> None:
+    """Every event type of the header has exactly one handler, and every
+    handler is for a type the header has: a renamed, added or removed event
+    type fails here, at import, instead of switching a handler off."""
+    types, start, step = set(event_types), set(start_handlers), set(step_handlers)
+    problems = []
+    if start & step:
+        problems.append(f"both a start and a step handler: {', '.join(sorted(start & step))}")
+    if types - start - step:
+        problems.append(f"event types without a handler: {', '.join(sorted(types - start - step))}")
+    if (start | step) - types:
+        problems.append(f"handlers for event types bpf/tcpcollide.h does not have: "
+                        f"{', '.join(sorted((start | step) - types))}")
+    if problems:
+        raise HandlerTableError("correlator: " + "; ".join(problems))
+
+
+check_handlers(EVENT_TYPES.values(), START_HANDLERS, STEP_HANDLERS)
