@@ -285,6 +285,36 @@ def test_owner_name_in_the_collision_panel_is_inert():
     assert "\x9b" not in out
 
 
+def collision_text(rec: dict) -> str:
+    buf = io.StringIO()
+    TextWriter(buf, color=False, width=400).write(rec)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("value, shown", [(True, "in_window=yes"), (False, "in_window=no"),
+                                          (None, "in_window=unknown")])
+def test_step_detail_shows_booleans_as_yes_no(value, shown):
+    """The readable report's step detail says yes/no (unknown for None), never
+    Python's True/False/None (synthetic incident; the RST's in_window set)."""
+    rec = hostile_record()
+    rst = next(s for s in rec["steps"] if s["step"] == "rst")
+    rst["in_window"] = value
+    rst["seen_at"] = "client"
+    out = collision_text(rec)
+    assert f"{shown}, seen_at=client" in out, out
+    assert not re.search(r"=(True|False|None)\b", out), out
+
+
+def test_collision_report_shows_no_python_reprs():
+    """Every boolean a seed collision's steps carry (the RST's in_window, a
+    retry's challenge_ack_sent) reads yes/no in the readable report."""
+    rec = hostile_record()
+    next(s for s in rec["steps"] if s["step"] == "retry_syn")["challenge_ack_sent"] = False
+    out = collision_text(rec)
+    assert "in_window=yes" in out and "challenge_ack_sent=no" in out, out
+    assert not re.search(r"\b(True|False|None)\b", out), out
+
+
 @pytest.mark.parametrize("text, parsed", [("0.0.0.0:9465", ("0.0.0.0", 9465)), ("[::]:9465", ("::", 9465)),
                                           (":9465", ("0.0.0.0", 9465)), ("127.0.0.1:1", ("127.0.0.1", 1))])
 def test_metrics_listen_address(text, parsed):

@@ -59,9 +59,21 @@ def event_line(rec: dict) -> str:
             + (f" flags {','.join(rec['flag_names'])}" if rec.get("flag_names") else ""))
 
 
+def _value(v: object) -> str:
+    """A step's detail value for a person: yes/no, not Python's True/False;
+    "unknown" where the record says None (in_window without the server's end)."""
+    if v is True:
+        return "yes"
+    if v is False:
+        return "no"
+    if v is None:
+        return "unknown"
+    return str(v)
+
+
 def _step_detail(step: dict) -> str:
     skip = {"step", "t_ms"}
-    return ", ".join(f"{k}={v}" for k, v in step.items() if k not in skip)
+    return ", ".join(f"{k}={_value(v)}" for k, v in step.items() if k not in skip)
 
 
 class TextWriter:
