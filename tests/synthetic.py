@@ -4,7 +4,9 @@ Events are built directly as `tracer.events.Event`s, shaped like the ones the
 tracepoint backend records (compare tests/data/seed-loopback-*.json): every
 event carries the socket's own view (local = the socket's end), and the TCP
 state numbers are the ones recorded with the fixtures (the kernel's
-numbering, loaded from the IPv4 fixture).
+numbering, loaded from the IPv4 fixture). The fields an event does not set
+take `Event`'s defaults, which, like its field list, come from the header
+(tracer.pipeline.events.Layout): a field name the header lacks is an error.
 
 `Collision` describes one connection tuple (server end owning the lingering
 CLOSE_WAIT socket and the listener, client end reusing the port) and makes the

@@ -31,6 +31,8 @@ from tracer.pipeline.events import (
     HOOKS,
     DecodeError,
     Event,
+    NAMED_FIELDS,
+    Layout,
     LayoutError,
     decode,
     encode,
@@ -111,9 +113,68 @@ def test_enums_from_header():
 
 
 def test_correlator_handles_every_event_type():
-    # feed() dispatches on `_on_<type>`: an event type without a handler would be silently dropped
-    for etype in EVENT_TYPES.values():
-        assert hasattr(correlator.Correlator, f"_on_{etype}"), etype
+    # feed() dispatches through its handler table, checked against the header at import
+    assert set(correlator.START_HANDLERS) | set(correlator.STEP_HANDLERS) == set(EVENT_TYPES.values())
+
+
+def test_every_header_field_is_decoded_at_its_offset():
+    raw = bytearray(encode(sample_event()))
+    codes = {1: "B", 2: "H", 4: "I", 8: "Q"}
+    expected = {}
+    for i, (name, ctype, n) in enumerate(FIELDS):
+        off, size = offsets()[name]
+        if name in ("type", "family") or name in NAMED_FIELDS:
+            continue  # validated or named: covered by the tests below
+        if n:
+            value = bytes((i + k) % 251 + 1 for k in range(n - (ctype == "char")))
+            raw[off:off + n] = value.ljust(n, b"\0")
+            expected[name] = value.decode() if ctype == "char" else value.ljust(n, b"\0")
+        else:
+            value = (0x5A5A5A5A5A5A5A5A + i) & ((1 << 8 * size) - 1)
+            struct.pack_into("<" + codes[size], raw, off, value)
+            expected[name] = value
+    ev = decode(bytes(raw))
+    for name, value in expected.items():
+        assert getattr(ev, name) == value, name
+    assert encode(ev) == bytes(raw)
+
+
+def edited_header(old: str, new: str) -> str:
+    text = HEADER_TEXT.replace(old, new, 1)
+    assert text != HEADER_TEXT
+    return text
+
+
+def test_a_field_added_to_the_header_is_an_event_attribute_decoded_and_encoded():
+    # a new __u64 before the 32-bit fields keeps the natural alignment
+    layout = Layout(edited_header("__u64 skaddr;", "__u64 skaddr;\n\t__u64 extra_ns; /* new */"))
+    assert layout.size == EVENT_SIZE + 8
+    assert "extra_ns" in {f.name for f in dataclasses.fields(layout.event)}
+    ev = layout.event(type="state", hook="tp_set_state", family=AF_INET, extra_ns=123456789, lport=1, skaddr=7)
+    back = layout.decode(layout.encode(ev))
+    assert back == ev and back.extra_ns == 123456789 and back.skaddr == 7
+    with pytest.raises(TypeError):
+        Event(type="state", extra_ns=1)  # the real header has no such field
+
+
+def test_a_field_renamed_in_the_header_is_renamed_in_event():
+    layout = Layout(edited_header("__u32 unread;", "__u32 unread_bytes;"))
+    names = {f.name for f in dataclasses.fields(layout.event)}
+    assert "unread_bytes" in names and "unread" not in names
+    raw = patch_u(encode(sample_event()), "unread", 4242)  # same offset, same size
+    assert layout.decode(raw).unread_bytes == 4242 == decode(raw).unread
+    assert layout.size == EVENT_SIZE
+
+
+def test_event_types_and_flags_come_from_the_header():
+    layout = Layout(edited_header("TC_EV_QUEUED = 6,", "TC_EV_ENQUEUED = 6,"))
+    assert "enqueued" in layout.event_types.values() and "queued" not in layout.event_types.values()
+    ev = layout.event(type="enqueued", hook="kp_queue_add", family=AF_INET)
+    assert layout.decode(layout.encode(ev)).type == "enqueued"
+    with pytest.raises(ValueError, match="unknown event type"):
+        layout.event(type="queued", family=AF_INET)
+    with pytest.raises(ValueError, match="unknown event type"):
+        sample_event(type="enqueued")
 
 
 def test_parse_layout_of_the_real_header_is_the_module_layout():

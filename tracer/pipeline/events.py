@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import struct
-from dataclasses import dataclass, field
+import dataclasses
 
 from tracer.resources import bpf_dir
 
@@ -71,16 +71,6 @@ def parse_layout(text: str) -> tuple[str, list[tuple[str, str, int]], dict[str, 
     return fmt, fields, enums
 
 
-_FMT, FIELDS, ENUMS = parse_layout(HEADER.read_text())
-EVENT_STRUCT = struct.Struct(_FMT)
-EVENT_SIZE = EVENT_STRUCT.size
-EVENT_TYPES = {v: k.removeprefix("TC_EV_").lower() for k, v in ENUMS["tc_event_type"].items()}
-HOOKS = {v: k.removeprefix("TC_HOOK_").lower() for k, v in ENUMS["tc_hook"].items()}
-FLAGS = ENUMS["tc_flag"]
-
-_FIELD_NAMES = [name for name, _, _ in FIELDS]
-
-
 def format_addr(family: int, raw: bytes, port: int) -> str:
     """`IP:PORT`, IPv6 as `[IP]:PORT`."""
     if family == AF_INET6:
@@ -88,40 +78,18 @@ def format_addr(family: int, raw: bytes, port: int) -> str:
     return f"{ipaddress.IPv4Address(raw[:4])}:{port}"
 
 
-@dataclass(frozen=True)
-class Event:
-    """One kernel event (decoded `struct tc_event`)."""
+class EventBase:
+    """What every decoded `struct tc_event` offers besides its fields."""
 
-    ts_ns: int
-    type: str
-    hook: str
-    cpu: int
-    netns: int
-    family: int
-    laddr: bytes
-    lport: int
-    raddr: bytes
-    rport: int
-    oldstate: int
-    newstate: int
-    skaddr: int
-    seq: int = 0
-    ack: int = 0
-    age_ns: int = 0
-    age_jiffies: int = 0
-    flags: int = 0
-    sk_ino: int = 0
-    pid: int = 0
-    comm: str = ""
-    backlog: int = 0
-    max_backlog: int = 0
-    conn_pid: int = 0
-    conn_comm: str = ""
-    unread: int = 0
-    raw: bytes = field(default=b"", repr=False, compare=False)  # the record as read (decode() keeps it)
+    _flags: dict[str, int] = {}  # the header's enum tc_flag (set per layout)
+    _types: frozenset[str] = frozenset()  # the header's event type names (set per layout)
+
+    def __post_init__(self):
+        if self.type not in self._types:
+            raise ValueError(f"unknown event type {self.type!r} (bpf/tcpcollide.h has {', '.join(sorted(self._types))})")
 
     def has(self, flag: str) -> bool:
-        return bool(self.flags & FLAGS[flag])
+        return bool(self.flags & self._flags[flag])
 
     @property
     def local(self) -> str:
@@ -140,60 +108,102 @@ class DecodeError(Exception):
     """A record is not a valid struct tc_event."""
 
 
-def decode(raw: bytes) -> Event:
-    """Decode one perf-buffer record or recording record."""
-    if len(raw) < EVENT_SIZE:
-        raise DecodeError(f"record of {len(raw)} bytes, expected {EVENT_SIZE}")
-    values = dict(zip(_FIELD_NAMES, EVENT_STRUCT.unpack_from(raw)))
-    etype = EVENT_TYPES.get(values["type"])
-    if etype is None:
-        raise DecodeError(f"unknown event type {values['type']}")
-    family = values["family"]
-    if family not in (AF_INET, AF_INET6):
-        raise DecodeError(f"unknown address family {family}")
-    return Event(
-        ts_ns=values["ts_ns"],
-        type=etype,
-        hook=HOOKS.get(values["hook"], f"hook{values['hook']}"),
-        cpu=values["cpu"],
-        netns=values["netns"],
-        family=family,
-        laddr=values["laddr"],
-        lport=values["lport"],
-        raddr=values["raddr"],
-        rport=values["rport"],
-        oldstate=values["oldstate"],
-        newstate=values["newstate"],
-        skaddr=values["skaddr"],
-        seq=values["seq"],
-        ack=values["ack"],
-        age_ns=values["age_ns"],
-        age_jiffies=values["age_jiffies"],
-        flags=values["flags"],
-        sk_ino=values["sk_ino"],
-        pid=values["pid"],
-        comm=_cstr(values["comm"]),
-        backlog=values["backlog"],
-        max_backlog=values["max_backlog"],
-        conn_pid=values["conn_pid"],
-        conn_comm=_cstr(values["conn_comm"]),
-        unread=values["unread"],
-        raw=bytes(raw[:EVENT_SIZE]),
-    )
+# Fields decoded to the names of a header enum: field -> (enum, prefix dropped).
+NAMED_FIELDS = {"type": ("tc_event_type", "TC_EV_"), "hook": ("tc_hook", "TC_HOOK_")}
 
 
-def encode(ev: Event) -> bytes:
-    """The inverse of decode(), for synthetic streams in tests and replays."""
-    types = {v: k for k, v in EVENT_TYPES.items()}
-    hooks = {v: k for k, v in HOOKS.items()}
-    values = {
-        "ts_ns": ev.ts_ns, "skaddr": ev.skaddr, "age_ns": ev.age_ns, "netns": ev.netns,
-        "type": types[ev.type], "hook": hooks.get(ev.hook, 0), "cpu": ev.cpu, "pid": ev.pid,
-        "seq": ev.seq, "ack": ev.ack, "age_jiffies": ev.age_jiffies, "sk_ino": ev.sk_ino,
-        "flags": ev.flags, "backlog": ev.backlog, "max_backlog": ev.max_backlog,
-        "family": ev.family, "lport": ev.lport, "rport": ev.rport, "oldstate": ev.oldstate,
-        "newstate": ev.newstate, "laddr": ev.laddr.ljust(16, b"\0"), "raddr": ev.raddr.ljust(16, b"\0"),
-        "comm": ev.comm.encode()[:15], "conn_pid": ev.conn_pid, "conn_comm": ev.conn_comm.encode()[:15],
-        "unread": ev.unread,
-    }
-    return EVENT_STRUCT.pack(*(values[n] for n in _FIELD_NAMES))
+def _names(enums: dict[str, dict[str, int]], enum: str, prefix: str) -> dict[int, str]:
+    if enum not in enums:
+        raise LayoutError(f"enum {enum} not found")
+    return {v: k.removeprefix(prefix).lower() for k, v in enums[enum].items()}
+
+
+class Layout:
+    """Everything derived from one text of bpf/tcpcollide.h: the struct
+    format, the field list, the enums, the `Event` class (one attribute per
+    field of `struct tc_event`, in order, plus `raw`) and decode/encode.
+
+    Per C type: a scalar is an int (default 0), a `char` array a string cut at
+    its NUL (default ""), a `__u8` array bytes (default zeroes); the fields of
+    NAMED_FIELDS hold the enumerator's name. Nothing here lists the fields:
+    a field added to or renamed in the header is an attribute of Event,
+    decoded and encoded, with no change to this module."""
+
+    def __init__(self, text: str):
+        self.format, self.fields, self.enums = parse_layout(text)
+        self.struct = struct.Struct(self.format)
+        self.size = self.struct.size
+        self.field_names = tuple(name for name, _, _ in self.fields)
+        missing = [f for f in ("type", "flags", "family", "laddr", "lport", "raddr", "rport")
+                   if f not in self.field_names]
+        if missing:
+            raise LayoutError(f"struct tc_event lacks {', '.join(missing)}")
+        self.event_types = _names(self.enums, *NAMED_FIELDS["type"])
+        self.hooks = _names(self.enums, *NAMED_FIELDS["hook"])
+        if "tc_flag" not in self.enums:
+            raise LayoutError("enum tc_flag not found")
+        self.flags = self.enums["tc_flag"]
+        self._type_numbers = {v: k for k, v in self.event_types.items()}
+        self._hook_numbers = {v: k for k, v in self.hooks.items()}
+        specs = []
+        for name, ctype, n in self.fields:
+            if name in NAMED_FIELDS or ctype == "char":
+                kind, default = str, ""
+            elif n:
+                kind, default = bytes, bytes(n)
+            else:
+                kind, default = int, 0
+            specs.append((name, kind, dataclasses.field(default=default)))
+        specs.append(("raw", bytes, dataclasses.field(default=b"", repr=False, compare=False)))
+        self.event = dataclasses.make_dataclass(
+            "Event", specs, bases=(EventBase,), frozen=True,
+            namespace={"__doc__": "One kernel event (decoded `struct tc_event`), its fields from bpf/tcpcollide.h.",
+                       "__module__": __name__, "_flags": self.flags, "_types": frozenset(self.event_types.values())})
+        self._type_index, self._family_index = self.field_names.index("type"), self.field_names.index("family")
+        # per field: wire value -> attribute, attribute -> wire value
+        self._decoders, self._encoders = [], []
+        for name, ctype, n in self.fields:
+            if name == "type":
+                dec, enc = self.event_types.__getitem__, self._type_numbers.__getitem__
+            elif name == "hook":
+                dec = lambda v: self.hooks.get(v, f"hook{v}")  # noqa: E731 - an unknown hook stays visible
+                enc = lambda h: self._hook_numbers.get(h, 0)  # noqa: E731
+            elif ctype == "char":
+                dec, enc = _cstr, (lambda s, n=n: s.encode()[:n - 1])
+            elif n:
+                dec, enc = bytes, (lambda b, n=n: bytes(b).ljust(n, b"\0"))
+            else:
+                dec = enc = None
+            self._decoders.append(dec)
+            self._encoders.append(enc)
+
+    def decode(self, raw: bytes):
+        """Decode one perf-buffer record or recording record."""
+        if len(raw) < self.size:
+            raise DecodeError(f"record of {len(raw)} bytes, expected {self.size}")
+        values = self.struct.unpack_from(raw)
+        etype, family = values[self._type_index], values[self._family_index]
+        if etype not in self.event_types:
+            raise DecodeError(f"unknown event type {etype}")
+        if family not in (AF_INET, AF_INET6):
+            raise DecodeError(f"unknown address family {family}")
+        return self.event(*[v if dec is None else dec(v) for v, dec in zip(values, self._decoders)],
+                          raw=bytes(raw[:self.size]))
+
+    def encode(self, ev) -> bytes:
+        """The inverse of decode(), for synthetic streams in tests and replays."""
+        return self.struct.pack(*(getattr(ev, name) if enc is None else enc(getattr(ev, name))
+                                  for name, enc in zip(self.field_names, self._encoders)))
+
+
+LAYOUT = Layout(HEADER.read_text())
+EVENT_STRUCT = LAYOUT.struct
+EVENT_SIZE = LAYOUT.size
+FIELDS = LAYOUT.fields
+ENUMS = LAYOUT.enums
+EVENT_TYPES = LAYOUT.event_types
+HOOKS = LAYOUT.hooks
+FLAGS = LAYOUT.flags
+Event = LAYOUT.event
+decode = LAYOUT.decode
+encode = LAYOUT.encode
