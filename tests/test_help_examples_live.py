@@ -48,9 +48,15 @@ TIMEOUT_S = 60 * SLOW  # per example: a bounded example that is still running by
 RECORDING = "run.rec"  # the recording the replay examples name
 
 
-def _help(command: click.Command, parent: click.Context | None = None) -> str:
+def _context(command: click.Command, parent: click.Context | None = None) -> click.Context:
+    # with the command's own settings (-h as well as --help): click keeps the
+    # help option it builds for a context on the command, for later runs too
     name = PROG if parent is None else command.name
-    return command.get_help(click.Context(command, info_name=name, parent=parent))
+    return click.Context(command, info_name=name, parent=parent, **command.context_settings)
+
+
+def _help(command: click.Command, parent: click.Context | None = None) -> str:
+    return command.get_help(_context(command, parent))
 
 
 def examples_in(help_text: str) -> list[str]:
@@ -70,7 +76,7 @@ def examples_in(help_text: str) -> list[str]:
 
 def collect() -> dict[str, list[str]]:
     """{"" (the group) or subcommand name: its help's example commands}."""
-    root = click.Context(cli.main, info_name=PROG)
+    root = _context(cli.main)
     found = {"": examples_in(_help(cli.main))}
     for name, command in sorted(cli.main.commands.items()):
         found[name] = examples_in(_help(command, root))
@@ -132,6 +138,8 @@ def test_every_help_has_examples_to_run():
                 assert subcommand(argv).name == name, command
     assert set(EXAMPLES) == {c for commands in found.values() for c in commands} and len(EXAMPLES) >= 7
     assert any(recorded_file(shlex.split(c)) == RECORDING for c in EXAMPLES), "no example records run.rec"
+    # collecting left the command's help options as they were (-h too)
+    assert "-h" in cli.main.get_help_option(click.Context(cli.main)).opts
 
 
 def test_bounded_sets_the_duration_only_where_it_applies():
