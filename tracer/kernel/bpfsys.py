@@ -110,3 +110,33 @@ def prog_info(prog_fd: int) -> dict[str, int] | None:
     fields = {"run_time_ns": PROG_INFO_RUN_TIME_NS, "run_cnt": PROG_INFO_RUN_CNT,
               "recursion_misses": PROG_INFO_RECURSION_MISSES}
     return {name: struct.unpack_from("Q", info, off)[0] if off + 8 <= got else 0 for name, off in fields.items()}
+
+
+class SkippedRuns:
+    """Runs of the tracer's programs the kernel skipped (the sum of their
+    recursion_misses): events nobody will ever see, which no perf buffer
+    counts. `total` is None where the kernel does not say (before 5.12)."""
+
+    def __init__(self, prog_fds: list[int]):
+        self.prog_fds = prog_fds
+        self._base = self._read()
+        self.total = None if self._base is None else 0
+
+    def _read(self) -> int | None:
+        infos = [prog_info(fd) for fd in self.prog_fds]
+        if not infos or any(i is None for i in infos):
+            return None
+        return sum(i["recursion_misses"] for i in infos)
+
+    def new(self) -> int:
+        """Runs skipped since the last call."""
+        if self._base is None:
+            return 0
+        now = self._read()
+        if now is None:
+            return 0
+        new = now - self._base - self.total
+        if new <= 0:
+            return 0
+        self.total += new
+        return new

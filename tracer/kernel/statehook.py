@@ -1,0 +1,96 @@
+"""The lazy state hook.
+
+Every state change of every socket of the host runs the set_state hook. Where
+it is a raw tracepoint (the tracepoint backend with BTF), it attaches in well
+under a millisecond, so it is attached only while collisions are in
+progress: the self-test proves it fires, it is detached at ready, attached
+again from the perf callback at a collision's first kernel event, and
+detached once no incident is open and no event came for LINGER_S.
+
+It must be back before the client's retry, which comes TCP_TIMEOUT_MIN = 2
+jiffies after its reset at the soonest (Linux >= 5.6). So it is lazy only
+where a trial attach at start takes at most a quarter of that, and it stays
+attached from the first collision on whose first event it followed by more
+than half of it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from tracer.kernel import capabilities
+
+LINGER_S = 1.0
+RETRY_JIFFIES = 2
+
+
+class LazyStateHook:
+    """`on_change(attached, at_ns)` is told of every attach and detach
+    (CLOCK_MONOTONIC ns, the clock of bpf_ktime_get_ns()), before a detach
+    and after an attach, so that no state change it could miss goes untold."""
+
+    def __init__(self, bpf, tracepoint: str, hz: int | None, on_change: Callable[[bool, int], None]):
+        self.bpf = bpf
+        self.tp = tracepoint.encode()
+        self.retry_ns = RETRY_JIFFIES * 1_000_000_000 // (hz or 1000)
+        self.on_change = on_change
+        self.attached = True  # attached by the load, proven by the self-test
+        self.attaches = 0
+        self.slowest_ns = 0  # from a collision's first event to the hook back
+        self.kept: str | None = None  # why it stays attached from now on
+        self.error: capabilities.KernelError | None = None  # raised by the session's loop
+        self._last_event = float("-inf")
+
+    def trial(self) -> int:
+        """Detach it, wait out the grace period a re-attach would wait for,
+        and time one attach; returns the nanoseconds it took. Leaves it attached."""
+        self.bpf.detach_raw_tracepoint(tp=self.tp)
+        capabilities.wait_rcu_grace_period()
+        t0 = time.monotonic_ns()
+        self._attach()
+        return time.monotonic_ns() - t0
+
+    def rest(self) -> None:
+        """At ready: detach it until the first collision, and wait out the
+        grace period so that the first attach is quick."""
+        self._detach()
+        capabilities.wait_rcu_grace_period()
+
+    def event(self, first_ts_ns: int) -> None:
+        """A kernel event came (its timestamp): a collision is in progress."""
+        self._last_event = time.monotonic()
+        if self.attached or self.error is not None:
+            return
+        try:
+            self._attach()
+        except capabilities.KernelError as e:  # raised by the loop: ctypes would swallow it here
+            self.error = e
+            return
+        self.attached = True
+        self.attaches += 1
+        self.on_change(True, time.monotonic_ns())
+        late = time.monotonic_ns() - first_ts_ns
+        self.slowest_ns = max(self.slowest_ns, late)
+        if late > self.retry_ns // 2 and self.kept is None:
+            self.kept = (f"kept attached from then on: it was back {late / 1e6:.2f} ms after a collision's "
+                         f"first event, and a client may retry {self.retry_ns / 1e6:.0f} ms after its reset")
+
+    def idle(self, busy: bool) -> None:
+        """Between polls: detach it once nothing is in progress for LINGER_S."""
+        if self.attached and not busy and self.kept is None and time.monotonic() - self._last_event >= LINGER_S:
+            self._detach()
+
+    def summary(self) -> dict:
+        return {"attaches": self.attaches, "slowest_ms": round(self.slowest_ns / 1e6, 3), "kept_attached": self.kept}
+
+    def _attach(self) -> None:
+        try:
+            self.bpf.attach_raw_tracepoint(tp=self.tp, fn_name=b"raw_tracepoint__" + self.tp)
+        except Exception as e:  # noqa: BLE001 - bcc raises bare Exception
+            raise capabilities.KernelError(f"attaching the state hook ({self.tp.decode()}) again failed: {e}") from None
+
+    def _detach(self) -> None:
+        self.on_change(False, time.monotonic_ns())  # before: a state change from now on may go unseen
+        self.bpf.detach_raw_tracepoint(tp=self.tp)
+        self.attached = False
