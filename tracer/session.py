@@ -18,7 +18,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from tracer.kernel import capabilities, hooks, program, selftest
+from tracer import selftest
+from tracer.kernel import capabilities, hooks, program
 from tracer.kernel.bpfsys import SkippedRuns
 from tracer.kernel.statehook import LazyStateHook
 from tracer.kernel.tracking import Tracking

@@ -10,7 +10,8 @@ import click
 
 from tracer import __version__
 from tracer.cli.options import RUNTIME_ERRORS, Command, examples, takes, writer
-from tracer.kernel import capabilities, hooks, program, selftest
+from tracer import selftest
+from tracer.kernel import capabilities, hooks, program
 from tracer.session import Options, attach
 
 EXAMPLES = examples(

@@ -9,7 +9,7 @@ every hook that has an X candidate; a forced backend that cannot serve a
 required hook is an error, never a silent fallback.
 
 Selection only plans. That a planned hook really fires is proven afterwards
-by the self-test (tracer/kernel/selftest.py), which can exclude a candidate that
+by the self-test (tracer/selftest.py), which can exclude a candidate that
 attached but never fired (an inlined function) and plan again.
 """
 
