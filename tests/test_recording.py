@@ -11,37 +11,42 @@ import struct
 
 import pytest
 
-from tests.synthetic import HZ, MS, S, STATES, T0, Collision, correlate
+from tests.synthetic import HZ, MS, S, STATES, T0, Collision
 from tracer.pipeline import recording
+from tracer.pipeline.correlator import Correlator, Settings
 from tracer.pipeline.events import encode
+from tracer.pipeline.flow import NoHost, Pipeline
 from tracer.pipeline.replay import ReplayError, replay
-from tracer.pipeline.records import Clock, collision_record
+from tracer.pipeline.records import Clock
 
 CONTEXT = {"owners": [{"pid": 7, "comm": "leaky", "fd": 4}], "listener": None}
 
 
+class Host(NoHost):
+    """What the live run's host said of each incident (the same for all)."""
+
+    def __init__(self, contexts: bool):
+        self.contexts = contexts
+
+    def context(self, inc):
+        return CONTEXT if self.contexts else None
+
+
 def make(path, events, contexts=True) -> list[dict]:
-    """Write a recording of `events` as a live session would; return the
-    collision records that session would have printed."""
+    """Drive the live run's Pipeline (ordered events, a recorder, a host
+    giving CONTEXT) and write its recording; return the records it wrote."""
     buf = io.BytesIO()
     w = recording.Writer(buf, {"kernel": "test", "backend": "tracepoint", "tcp_states": {str(k): v for k, v in
-                               STATES.items()}, "hz": HZ, "clock_offset_ns": 0, "incident_timeout_ns": 15 * S,
-                               "grace_ns": 200 * MS})
-    c, _ = correlate([], flush=False)
-    printed = []
+                               STATES.items()}, "hz": HZ, "clock_offset_ns": 0, **Settings().header()})
+    printed: list[dict] = []
+    pipeline = Pipeline(Correlator(STATES, HZ), Clock(0), "tracepoint", printed.append, host=Host(contexts),
+                        recorder=w)
     for ev in events:
-        w.event(encode(ev))
-        for inc in c.feed(ev):
-            if contexts:
-                w.context(inc.id, CONTEXT)
-            printed.append(collision_record(inc, Clock(0), "tracepoint", False, CONTEXT if contexts else None))
-    w.flush()
-    for inc in c.flush():
-        w.context(inc.id, CONTEXT)
-        printed.append(collision_record(inc, Clock(0), "tracepoint", False, CONTEXT))
-    w.end({"stopped_by": "SIGINT", "undecodable_events": 0, "duration_s": 1.0})
+        pipeline.feed(ev)
+    pipeline.flush()
+    pipeline.finish("SIGINT")
     path.write_bytes(buf.getvalue())
-    return printed
+    return [r for r in printed if r["type"] == "collision"]
 
 
 def two_collisions():
@@ -193,3 +198,33 @@ def test_state_hook_gaps_replay_like_the_live_run(tmp_path):
     path.write_bytes(bad)
     _, _, err = run(path)
     assert err is not None and "corrupt state_hook frame" in err
+
+
+def test_a_live_stream_out_of_order_replays_to_the_same_records(tmp_path):
+    """Synthetic stream pushed as a perf buffer delivers it (out of order
+    across CPUs), pumped by a clock, one incident ended by the clock (never
+    established: the timeout): the live Pipeline's records, and its
+    recording's replay, are the same."""
+    a, b = Collision(), Collision(client_port=40000, closewait_sk=0xAAA000, client_sk=0xBBB000)
+    stuck = [e for e in b.seed_sequence(t0=T0 + 10 * MS) if e.type in ("syn_challenged", "send_reset")]
+    events = sorted(a.seed_sequence() + stuck, key=lambda e: e.ts_ns)
+    delivered = events[1::2] + events[0::2]  # two CPUs' buffers, read one after the other
+    buf = io.BytesIO()
+    w = recording.Writer(buf, {"kernel": "test", "backend": "tracepoint", "tcp_states": {str(k): v for k, v in
+                               STATES.items()}, "hz": HZ, "clock_offset_ns": 0, **Settings(timeout_ns=S).header()})
+    printed: list[dict] = []
+    pipeline = Pipeline(Correlator(STATES, HZ, Settings(timeout_ns=S)), Clock(0), "tracepoint", printed.append,
+                        host=Host(True), recorder=w, reorder_delay_ns=100 * MS)
+    for ev in delivered:
+        pipeline.push(ev)
+    for now in range(T0, T0 + 3 * S, 50 * MS):
+        pipeline.pump(now)
+    pipeline.flush()
+    pipeline.finish("SIGINT")
+    live = [r for r in printed if r["type"] == "collision"]
+    assert sorted(r["outcome"] for r in live) == ["pending", "recovered"]
+    path = tmp_path / "live.rec"
+    path.write_bytes(buf.getvalue())
+    got, summary, err = run(path)
+    assert err is None and got == live
+    assert summary["collisions"] == 2 and summary["events"] == len(events)
