@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /*
  * tcpcollide-trace: the kprobe backend (kernels with CONFIG_KPROBES).
- * Functions are attached by tracer/hooks.py to the symbol the running kernel
+ * Functions are attached by tracer/kernel/hooks.py to the symbol the running kernel
  * really has (a static function may carry a .isra/.constprop suffix); only
  * the selected ones are compiled in (TC_USE_KP_<HOOK>). Arguments are read
  * from the registers (struct pt_regs: bpf/compat/include/asm/ptrace.h, or

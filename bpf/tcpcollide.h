@@ -2,7 +2,7 @@
 /*
  * tcpcollide-trace: the event layout shared by the BPF programs and Python.
  *
- * This header is the one home of the layout. tracer/events.py parses it (the
+ * This header is the one home of the layout. tracer/pipeline/events.py parses it (the
  * struct below and the enums) to decode perf-buffer records and recordings, so
  * keep to its simple grammar: one field per line, `__u8`/`__u16`/`__u32`/
  * `__u64`/`char` types, fixed-size arrays, fields in natural alignment with no

@@ -2,13 +2,13 @@
 /*
  * tcpcollide-trace: the tracepoint backend. Works on kernels without kprobes
  * or fentry. Each program only extracts the socket and hands over to the
- * shared logic in collide.bpf.h; tracer/hooks.py compiles in the ones it
+ * shared logic in collide.bpf.h; tracer/kernel/hooks.py compiles in the ones it
  * selected (TC_USE_TP_<HOOK>), and defines TC_HAVE_<EVENT>_<FIELD> for the
  * fields each tracepoint's format file lists.
  *
  * Each event is attached as a raw tracepoint where the kernel's BTF gives
  * the event's prototype (TC_RAW_<EVENT>, and TC_RAW_<EVENT>_<ARG> = the
- * argument's position, from tracer/hooks.py): the program gets the
+ * argument's position, from tracer/kernel/hooks.py): the program gets the
  * tracepoint's own arguments, and the kernel skips filling a trace record
  * for it on every call, which is most of what a tracepoint costs a host's
  * ordinary connections. Without BTF (the kernel-headers path) the classic

@@ -118,3 +118,29 @@ def test_missing_uapi_structs_gives_up_honestly(tmp_path):
     assert _missing_uapi_structs("error: unknown type name 'foo'", [tmp_path]) == ""
     assert _missing_uapi_structs(BPF_WQ_DIAG.replace("bpf_wq", "bpf_task_work"), [tmp_path]) == ""
     assert _missing_uapi_structs(BPF_WQ_DIAG, [tmp_path / "nowhere"]) == ""
+
+
+def test_program_text_inlines_every_shared_file():
+    # bcc rewrites map operations only in the main translation unit: every
+    # *.bpf.[ch] under bpf/ is inlined, however deep its include
+    import re
+
+    from tracer.kernel.program import MAIN_SOURCE, _inline_local_includes
+    from tracer.resources import bpf_dir
+
+    text = _inline_local_includes(bpf_dir() / MAIN_SOURCE)
+    assert not re.search(r'^\s*#include\s+"[\w./]+\.bpf\.[ch]"', text, re.M)
+    files = {p.relative_to(bpf_dir()).as_posix() for p in bpf_dir().rglob("*.bpf.[ch]")}
+    assert {"collide/maps.bpf.h", "collide/server.bpf.h", "collide/client.bpf.h"} <= files
+    assert set(re.findall(r'^#line 1 "([^"]+)"$', text, re.M)) == files
+    assert text.count("BPF_PERF_OUTPUT(events);") == 1
+
+
+def test_program_text_refuses_an_include_loop(tmp_path):
+    from tracer.kernel.program import BuildError, _inline_local_includes
+
+    (tmp_path / "a.bpf.c").write_text('#include "sub/b.bpf.h"\n')
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.bpf.h").write_text('int b;\n#include "../a.bpf.c"\n')
+    with pytest.raises(BuildError, match="includes itself"):
+        _inline_local_includes(tmp_path / "a.bpf.c")

@@ -162,21 +162,31 @@ def _missing_uapi_structs(diagnostics: str, header_dirs: list[Path]) -> str:
     return f"/* from {path}: missing in bcc's own copy */\n" + "".join(out)
 
 
-def _inline_local_includes(source: Path) -> str:
-    """The source with its `#include "*.bpf.h"`/`"*.bpf.c"` lines replaced by the files.
+_LOCAL_INCLUDE_RE = re.compile(r'\s*#include\s+"([\w./]+\.bpf\.[ch])"')
+
+
+def _inline_local_includes(source: Path, root: Path | None = None, seen: tuple[Path, ...] = ()) -> str:
+    """The source with its `#include "*.bpf.h"`/`"*.bpf.c"` lines replaced by
+    the files, recursively (a path relative to the including file's directory).
 
     bcc rewrites map operations (`map.lookup()`, `events.perf_submit()`) only
     in the main translation unit, so the shared logic cannot be a real header.
-    `#line` markers keep compiler messages pointing at the right file."""
+    `#line` markers (paths relative to bpf/) keep compiler messages pointing
+    at the right file."""
+    source = source.resolve()
+    root = root or source.parent
+    name = source.relative_to(root).as_posix()
+    if source in seen:
+        raise BuildError(f"{name} includes itself (through {', '.join(p.name for p in seen)})")
     out = []
     for n, line in enumerate(source.read_text().splitlines(keepends=True), 1):
-        m = re.match(r'\s*#include\s+"([\w.]+\.bpf\.[ch])"', line)
+        m = _LOCAL_INCLUDE_RE.match(line)
         if m:
-            inc = source.parent / m.group(1)
-            out.append(f'#line 1 "{inc.name}"\n{inc.read_text()}#line {n + 1} "{source.name}"\n')
+            out.append(_inline_local_includes(source.parent / m.group(1), root, seen + (source,)))
+            out.append(f'#line {n + 1} "{name}"\n')
         else:
             out.append(line)
-    return f'#line 1 "{source.name}"\n' + "".join(out)
+    return f'#line 1 "{name}"\n' + "".join(out)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,64 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * tcpcollide-trace: the maps shared by the hooks and user space, their key
+ * and value types, and the two questions asked of them on every hook: count
+ * that it fired, and whether a collision is in progress at all.
+ */
+
+/* The connection a collision is about, oriented: server = the end that owns
+ * the lingering socket and the listener; client = the end reusing the port. */
+struct tc_tuple {
+	__u16 family;
+	__u16 sport;
+	__u16 cport;
+	__u16 pad;
+	__u8 saddr[16];
+	__u8 caddr[16];
+};
+
+struct tc_track {
+	__u64 first_ns; /* when the tuple was registered or taken over (user space keeps a newer one) */
+	__u64 skaddr;   /* the lingering socket */
+};
+
+struct tc_conn {
+	__u32 pid;
+	char comm[16];
+};
+
+BPF_PERF_OUTPUT(events);
+/* how often each kernel hook ran, whatever it saw: proof that a hook fires
+ * (per CPU: a shared counter would bounce its cache line between CPUs on
+ * every state change of the host) */
+BPF_PERCPU_ARRAY(hook_fired, __u64, TC_HOOK_MAX);
+/* Whether a collision may be in progress. Outside this window `tracked` is
+ * empty, and the hooks that only care about tracked tuples return after two
+ * array lookups: all a host's ordinary connections cost. Entry TC_WIN_UNTIL
+ * (jiffies, enum tc_window in tcpcollide.h) is pushed forward here when a
+ * collision starts; TC_WIN_KEEP is set by user space while it has incidents open (tracer/session.py). Each
+ * entry has one writer, so neither side can undo what the other granted. */
+BPF_ARRAY(tracking, __u64, 2);
+/* connecting socket -> the process that called connect() (connect hook) */
+BPF_TABLE("lru_hash", __u64, struct tc_conn, connectors, TC_CONN_MAP_SIZE);
+/* collisions in progress; user space deletes an entry when its incident ends */
+BPF_TABLE("lru_hash", struct tc_tuple, struct tc_track, tracked, TC_TRACK_MAP_SIZE);
+
+static __always_inline void tc_fired(__u32 hook)
+{
+	__u64 *n = hook_fired.lookup(&hook);
+
+	if (n)
+		*n += 1;
+}
+
+/* Is a collision in progress anywhere (see `tracking`)? */
+static __always_inline int tc_tracking(void)
+{
+	int until = TC_WIN_UNTIL, keep = TC_WIN_KEEP;
+	__u64 *k = tracking.lookup(&keep), *u;
+
+	if (k && *k)
+		return 1;
+	u = tracking.lookup(&until);
+	return u && *u && *u > bpf_jiffies64(); /* 0: no collision since the tracer started */
+}

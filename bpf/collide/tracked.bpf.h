@@ -1,0 +1,112 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * tcpcollide-trace: the tuples of collisions in progress (map `tracked`):
+ * looking a socket's tuple up, registering a collision, and the events that
+ * matter only on a tracked tuple, from either end.
+ */
+
+/* Is this tuple tracked in either orientation? (Swaps `t` for the second.) */
+static __always_inline int tc_tuple_tracked(struct tc_tuple *t)
+{
+	__u8 a[16];
+	__u16 p;
+
+	if (tracked.lookup(t))
+		return 1;
+	p = t->sport;
+	t->sport = t->cport;
+	t->cport = p;
+	__builtin_memcpy(a, t->saddr, 16);
+	__builtin_memcpy(t->saddr, t->caddr, 16);
+	__builtin_memcpy(t->caddr, a, 16);
+	return tracked.lookup(t) != 0;
+}
+
+/* Is this full socket an end of a tracked collision? The hot path of every
+ * hook that only cares about tracked tuples: one array lookup while no
+ * collision is in progress, a few reads and two hash lookups while one is. */
+static __always_inline int tc_sock_tracked(const void *sk)
+{
+	struct tc_tuple t = {};
+
+	if (!sk || !tc_tracking())
+		return 0;
+	return !tc_sock_tuple(sk, &t) && tc_tuple_tracked(&t);
+}
+
+/* A collision starts (or goes on): register its tuple (oriented: `t`'s
+ * server end is the lingering socket `skaddr`), so that events on it reach
+ * user space, and open the tracking window. A repeat on the same socket
+ * keeps its entry; a new lingering socket on the same tuple (the port
+ * colliding again) takes it over. Collisions the user's filters leave out
+ * are registered too: the hooks count firing on tracked tuples (tc_on_tracked),
+ * and the self-test's collision runs in a namespace of its own; their events
+ * are dropped by the filters in tc_fill_sock() like any other. */
+static __always_inline void tc_open_window(void)
+{
+	int until = TC_WIN_UNTIL;
+	__u64 *u = tracking.lookup(&until);
+	__u64 until_j = bpf_jiffies64() + TC_TRACKING_J;
+
+	if (u && *u < until_j)
+		*u = until_j;
+}
+
+static __always_inline void tc_track(const struct tc_tuple *t, __u64 skaddr)
+{
+	struct tc_track tr = {};
+	struct tc_track *old;
+
+	tr.first_ns = bpf_ktime_get_ns();
+	tr.skaddr = skaddr;
+	old = tracked.lookup(t);
+	if (!old || old->skaddr != skaddr)
+		tracked.update(t, &tr);
+	tc_open_window();
+}
+
+/* Any socket event that matters only when it is about a tracked tuple. */
+static __always_inline int tc_on_tracked(void *ctx, const void *sk, __u32 type, __u32 hook,
+					 int oldstate, int newstate, const void *skb)
+{
+	if (!tc_sock_tracked(sk))
+		return 0;
+	{
+		/* declared here: clang zeroes a local where it is declared, and the
+		 * untracked path must not pay for a few hundred bytes of stores */
+		struct tc_event ev = {};
+
+		/* counted on tracked tuples only, to keep the untracked path to one
+		 * lookup: the self-test's collision exercises every such hook */
+		tc_fired(hook);
+		if (tc_fill_sock(sk, &ev))
+			return 0;
+		ev.type = type;
+		ev.hook = hook;
+		if (type == TC_EV_RST_SENT)
+			ev.seq = tc_rst_seq(skb);
+		if (oldstate >= 0)
+			ev.oldstate = oldstate;
+		if (newstate >= 0)
+			ev.newstate = newstate;
+		events.perf_submit(ctx, &ev, sizeof(ev));
+		return 0;
+	}
+}
+
+/* tcp_set_state(): report transitions of tracked tuples. Every state change
+ * of the host comes through here, so outside a collision it costs one array
+ * lookup (tc_sock_tracked). `oldstate` < 0: still in sk, read it only for a
+ * tracked socket. Nothing is kept per transition: the age of a lingering
+ * socket is read from the socket itself when a SYN hits it (tp->rcv_tstamp,
+ * tc_on_syn_challenged). */
+static __always_inline int tc_on_set_state(void *ctx, const void *sk, int oldstate, int newstate, __u32 hook)
+{
+	__u8 state = 0;
+
+	if (oldstate < 0 && tc_sock_tracked(sk)) {
+		tc_read(state, sk, OFF_SKC_STATE);
+		oldstate = state;
+	}
+	return tc_on_tracked(ctx, sk, TC_EV_STATE, hook, oldstate, newstate, 0);
+}
