@@ -4,7 +4,8 @@ listeners whose accept queue holds dead children ("ghosts").
 `build()` is pure (sockets and owners in, a record out) so it can be tested
 on synthetic input; `snapshot()` gathers them from the running host.
 
-Accept-queue arithmetic (the seed's second experiment). A listener's Recv-Q
+Accept-queue arithmetic (the original write-up's second experiment: why Recv-Q
+differs from the count of CLOSE_WAIT and ESTABLISHED sockets). A listener's Recv-Q
 is sk_ack_backlog: every child queued and not yet accept()ed, alive or dead.
 A queued child has no struct socket yet (inode 0) and, while alive, is
 listed in ESTABLISHED or CLOSE_WAIT with the listener's local port; once an

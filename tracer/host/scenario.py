@@ -1,4 +1,5 @@
-"""The seed's experiment 1, with real sockets: a port collision on purpose.
+"""The first experiment of the original write-up ("When a new connection's source port collides with a port held by a CLOSE_WAIT socket",
+当新连接源端口和 CLOSE_WAIT 状态占用端口发生碰撞时), with real sockets: a port collision on purpose.
 
 1. a listener that never calls accept();
 2. a client connects from a fixed port and closes: the server's end of that
@@ -123,7 +124,7 @@ def hang_up(args, s: socket.socket) -> None:
     if args.fast:
         # FIN, then drop the client socket silently: in TCP_REPAIR mode close()
         # sends nothing (tcp_disconnect), so the port is free at once while the
-        # server's end stays in CLOSE_WAIT (the seed waits for FIN-WAIT-2 instead)
+        # server's end stays in CLOSE_WAIT (the write-up waits for FIN-WAIT-2 to expire instead)
         s.shutdown(socket.SHUT_WR)
         wait_fin_acked(s, args.settle)
         time.sleep(args.age)
