@@ -168,8 +168,8 @@ def wait_rcu_grace_period() -> bool:
     """Block until an RCU grace period has passed (membarrier's global
     command). Attaching a program to a tracepoint that had none waits for a
     grace period since its last program left (tracepoint_add_func():
-    tp_rcu_cond_sync, measured here at 9-15 ms); after this wait it takes
-    0.3 ms. False where the kernel or the machine offers no such wait."""
+    tp_rcu_cond_sync: milliseconds, see docs/benchmarks.md); after this wait
+    it is quick. False where the kernel or the machine offers no such wait."""
     import ctypes  # noqa: PLC0415 - only on this path
 
     nr = _SYS_MEMBARRIER.get(os.uname().machine)

@@ -289,7 +289,8 @@ def fentry_probe(types: KernelTypes | None = None) -> tuple[bool, str]:
     """Do fentry programs load and attach here? Tried for real: some kernels
     have BTF and trampolines but refuse BPF_PROG_TYPE_TRACING (EPERM). An
     empty program loaded with bpf(2) directly (tracer/kernel/bpfsys.py) answers in
-    well under a millisecond; compiling one with clang took 0.25 s."""
+    well under a millisecond, where compiling one with clang would cost a
+    good part of the start-up."""
     if platform.machine() != "x86_64":
         return False, f"bcc attaches fentry programs on x86_64 only (this is {platform.machine()})"
     btf = types.btf if types is not None and types.source == f"btf:{capabilities.SYSFS_BTF}" else None
