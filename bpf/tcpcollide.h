@@ -49,11 +49,12 @@ enum tc_hook {
 
 /* Event flags. */
 enum tc_flag {
-	TC_F_AGE_OBSERVED = 1,      /* age_ns is valid (recordings of versions before 0.2, which kept a map of CLOSE_WAIT entry times) */
+	TC_F_AGE_OBSERVED = 1,      /* only in recordings of versions before 0.2: syn_age_ns holds the socket's
+				     * time in CLOSE_WAIT instead (Python: Event.observed_age_ns) */
 	TC_F_CHALLENGE_PASSED = 2,  /* the per-socket challenge-ACK rate limiter let the ACK through now */
 	TC_F_AGE_JIFFIES = 4,       /* age_jiffies is valid (tp->rcv_tstamp was set) */
 	TC_F_CHALLENGE_SEEN = 8,    /* the challenge is reported separately (TC_EV_CHALLENGE_ACK) */
-	TC_F_SYN_STAMP = 16,        /* CLIENT_CHALLENGED: age_ns is the time since the client's first SYN */
+	TC_F_SYN_STAMP = 16,        /* CLIENT_CHALLENGED: syn_age_ns is valid */
 };
 
 /* The entries of map `tracking` (bpf/collide.bpf.h): whether the hooks look
@@ -66,8 +67,8 @@ enum tc_window {
 struct tc_event {
 	__u64 ts_ns;       /* bpf_ktime_get_ns(): CLOCK_MONOTONIC, nanoseconds */
 	__u64 skaddr;      /* kernel address of the socket (an identity, never dereferenced) */
-	__u64 age_ns;      /* TC_F_AGE_OBSERVED: nanoseconds since the socket entered CLOSE_WAIT (old recordings);
-			    * TC_F_SYN_STAMP: nanoseconds since the connecting socket sent its first SYN */
+	__u64 syn_age_ns;  /* TC_F_SYN_STAMP: nanoseconds since the connecting socket sent its first SYN
+			    * (see TC_F_AGE_OBSERVED for recordings of versions before 0.2) */
 	__u32 netns;       /* inode number of the socket's network namespace */
 	__u32 type;        /* enum tc_event_type */
 	__u32 hook;        /* enum tc_hook */

@@ -115,12 +115,18 @@ class Collision:
 
     # -- the steps of a collision ----------------------------------------------
 
-    def syn_challenged(self, ts: int, passed: bool = True, age_ns: int | None = 1_056_280_577,
-                       age_jiffies: int | None = 7250) -> Event:
-        flags = (F_PASSED if passed else 0) | (F_OBSERVED if age_ns is not None else 0) | \
+    def syn_challenged(self, ts: int, passed: bool = True, age_jiffies: int | None = 7250,
+                       observed_age_ns: int | None = None) -> Event:
+        """The lingering socket challenges the SYN. Its age comes as the
+        kernel gives it, in jiffies since its last accepted ACK
+        (TC_F_AGE_JIFFIES); `observed_age_ns` makes the event of a recording
+        of a version before 0.2 (TC_F_AGE_OBSERVED), which no 0.4 kernel
+        side produces."""
+        flags = (F_PASSED if passed else 0) | (F_OBSERVED if observed_age_ns is not None else 0) | \
             (F_JIFFIES if age_jiffies is not None else 0)
         return self.server_ev("syn_challenged", ts, "CLOSE_WAIT", hook="tp_kfree_skb", seq=self.snd_nxt,
-                              ack=self.rcv_nxt, age_ns=age_ns or 0, age_jiffies=age_jiffies or 0, flags=flags)
+                              ack=self.rcv_nxt, observed_age_ns=observed_age_ns or 0, age_jiffies=age_jiffies or 0,
+                              flags=flags)
 
     def rst_sent(self, ts: int, seq: int | None = None) -> Event:
         """The client, in SYN-SENT, answers the challenge ACK."""
@@ -135,7 +141,7 @@ class Collision:
         flags = F_SYN_STAMP if syn_ts is not None else 0
         return self.client_ev("client_challenged", ts, "SYN_SENT", hook="tp_send_reset",
                               seq=self.snd_nxt if seq is None else seq, ack=self.rcv_nxt if ack is None else ack,
-                              age_ns=ts - syn_ts if syn_ts is not None else 0, flags=flags, **kw)
+                              syn_age_ns=ts - syn_ts if syn_ts is not None else 0, flags=flags, **kw)
 
     def client_gave_up(self, ts: int) -> Event:
         return self.client_ev("state", ts, "SYN_SENT", "CLOSE")

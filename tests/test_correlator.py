@@ -645,18 +645,27 @@ def test_rst_from_a_client_not_in_syn_sent_is_not_the_answer():
 
 def test_age_estimated_from_jiffies():
     col = Collision()
-    c, [inc] = correlate([col.syn_challenged(T0, age_ns=None, age_jiffies=2 * HZ)])
+    c, [inc] = correlate([col.syn_challenged(T0, age_jiffies=2 * HZ)])
     assert inc.closewait["age_source"] == "estimated"
     assert inc.closewait["age_s"] == pytest.approx(2.0)
     assert "about 2.0 s" in record(inc)["explanation"]
 
 
+def test_age_observed_only_in_legacy_recordings():
+    # versions before 0.2 recorded the time in CLOSE_WAIT itself (TC_F_AGE_OBSERVED): it wins over jiffies
+    col = Collision()
+    _, [inc] = correlate([col.syn_challenged(T0, age_jiffies=2 * HZ, observed_age_ns=5 * S)])
+    assert inc.closewait["age_source"] == "observed"
+    assert inc.closewait["age_s"] == pytest.approx(5.0)
+    assert "for 5.0 s" in record(inc)["explanation"]
+
+
 def test_age_unknown_without_hz_or_flags():
     col = Collision()
-    _, [inc] = correlate([col.syn_challenged(T0, age_ns=None, age_jiffies=2 * HZ)], hz=None)
+    _, [inc] = correlate([col.syn_challenged(T0, age_jiffies=2 * HZ)], hz=None)
     assert inc.closewait["age_s"] is None
     assert inc.closewait["age_source"] == "unknown"
-    _, [inc] = correlate([col.syn_challenged(T0, age_ns=None, age_jiffies=None)])
+    _, [inc] = correlate([col.syn_challenged(T0, age_jiffies=None)])
     assert inc.closewait["age_source"] == "unknown"
     assert record(inc)["closewait_age_s"] is None
 

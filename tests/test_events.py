@@ -67,7 +67,7 @@ def sample_event(**kw) -> Event:
         ts_ns=5_097_784_965_862, type="syn_challenged", hook="tp_kfree_skb", cpu=3, netns=4026532246,
         family=AF_INET6, laddr=synthetic.addr("2001:db8::1"), lport=12345, raddr=synthetic.addr("2001:db8::2"),
         rport=39836, oldstate=8, newstate=8, skaddr=0xFFFF8881030E0000, seq=2471878311, ack=2411062325,
-        age_ns=1_056_280_577, age_jiffies=264, flags=7, sk_ino=123456, pid=4811, comm="python3", backlog=2,
+        age_jiffies=264, flags=6, sk_ino=123456, pid=4811, comm="python3", backlog=2,
         max_backlog=4096,
     )
     base.update(kw)
@@ -318,3 +318,27 @@ def test_event_flags_and_endpoints():
     assert not ev.has("TC_F_CHALLENGE_PASSED")
     assert ev.local == "[2001:db8::1]:12345"
     assert ev.remote == "[2001:db8::2]:39836"
+
+
+# -- syn_age_ns: one attribute per meaning -------------------------------------------
+
+
+def test_syn_stamp_decodes_to_syn_age_ns():
+    ev = sample_event(type="client_challenged", flags=FLAGS["TC_F_SYN_STAMP"], syn_age_ns=36_000)
+    back = decode(encode(ev))
+    assert back == ev and back.syn_age_ns == 36_000 and back.observed_age_ns == 0
+
+
+def test_legacy_observed_age_decodes_to_observed_age_ns_at_the_same_offset():
+    # a recording of a version before 0.2: the same 8 bytes hold the socket's time in CLOSE_WAIT
+    raw = patch_u(encode(sample_event(flags=FLAGS["TC_F_AGE_OBSERVED"])), "syn_age_ns", 1_056_280_577)
+    ev = decode(raw)
+    assert ev.observed_age_ns == 1_056_280_577 and ev.syn_age_ns == 0
+    assert encode(ev) == raw
+    assert offsets()["syn_age_ns"] == (16, 8)  # where age_ns was: recordings stay readable
+
+
+@pytest.mark.parametrize("name", synthetic.FIXTURES)
+def test_fixtures_are_legacy_recordings_with_an_observed_age(name):
+    [ev] = [e for e in synthetic.fixture_events(synthetic.load_fixture(name)) if e.type == "syn_challenged"]
+    assert ev.has("TC_F_AGE_OBSERVED") and 1e9 < ev.observed_age_ns < 1.1e9 and ev.syn_age_ns == 0

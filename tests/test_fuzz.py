@@ -39,7 +39,8 @@ def events(draw):
         netns=draw(st.sampled_from([1, 2])), family=family, laddr=addr(ip_l if family == 2 or ":" in ip_l else "::1"),
         lport=draw(ports), raddr=addr(ip_r if (":" in ip_r) == (family == 10) else ip_l), rport=draw(ports),
         oldstate=draw(states), newstate=draw(states), skaddr=draw(st.sampled_from([0, 0x1000, 0x2000, 0x3000])),
-        flags=draw(st.integers(0, 15)), age_ns=draw(st.integers(0, 2**40)),
+        flags=draw(st.integers(0, 15)), syn_age_ns=draw(st.integers(0, 2**40)),
+        observed_age_ns=draw(st.integers(0, 2**40)),
         sk_ino=draw(st.integers(0, 5)), conn_pid=draw(st.integers(0, 9)))
     return Event(**kw)
 

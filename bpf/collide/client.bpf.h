@@ -53,10 +53,10 @@ static __always_inline int tc_client_challenged(void *ctx, const void *sk, const
 		 * the SYN left within that unit; take its middle */
 		syn_ns = (now_units - (__u32)((__u32)now_units - stamp)) * unit + unit / 2;
 		if (syn_ns <= ev.ts_ns && ev.ts_ns - syn_ns < 3600ULL * 1000000000ULL) {
-			ev.age_ns = ev.ts_ns - syn_ns;
+			ev.syn_age_ns = ev.ts_ns - syn_ns;
 			ev.flags |= TC_F_SYN_STAMP;
 		} else if (syn_ns > ev.ts_ns && syn_ns - ev.ts_ns <= unit / 2) {
-			ev.age_ns = 0; /* the SYN left in this very unit */
+			ev.syn_age_ns = 0; /* the SYN left in this very unit */
 			ev.flags |= TC_F_SYN_STAMP;
 		}
 	}

@@ -308,7 +308,7 @@ class Correlator:
 
     def _age(self, ev: Event) -> tuple[float | None, str]:
         if ev.has("TC_F_AGE_OBSERVED"):
-            return ev.age_ns / 1e9, "observed"
+            return ev.observed_age_ns / 1e9, "observed"
         if ev.has("TC_F_AGE_JIFFIES") and self.hz:
             return ev.age_jiffies / self.hz, "estimated"
         return None, "unknown"
@@ -528,7 +528,7 @@ class Correlator:
                 inc.add("challenge_ack", ev.ts_ns, seq=ev.seq, ack=ev.ack, seen_at="client")
             return done
         self._make_room(done)
-        syn_ns = ev.ts_ns - ev.age_ns if ev.has("TC_F_SYN_STAMP") else None
+        syn_ns = ev.ts_ns - ev.syn_age_ns if ev.has("TC_F_SYN_STAMP") else None
         first = syn_ns if syn_ns is not None else ev.ts_ns
         inc = Incident(
             id=self.next_id,
@@ -571,7 +571,7 @@ class Correlator:
         if ev.conn_pid and inc.client_process is None:
             inc.client_process = {"pid": ev.conn_pid, "comm": ev.conn_comm}
         if ev.has("TC_F_SYN_STAMP") and inc.client_syn_ns is None:
-            inc.client_syn_ns = ev.ts_ns - ev.age_ns
+            inc.client_syn_ns = ev.ts_ns - ev.syn_age_ns
         ack = {"received_seq": ev.seq, "received_ack": ev.ack}
         if inc.seen_server:
             # the numbers the server sent, as the client got them: equal unless a middlebox rewrote them

@@ -110,6 +110,11 @@ class DecodeError(Exception):
 
 # Fields decoded to the names of a header enum: field -> (enum, prefix dropped).
 NAMED_FIELDS = {"type": ("tc_event_type", "TC_EV_"), "hook": ("tc_hook", "TC_HOOK_")}
+# Wire fields that recordings of older versions filled with something else,
+# told by a flag: wire field -> (the Event attribute that takes the value when
+# the flag is set, the flag). The wire field's own attribute is 0 then, and the
+# other attribute is 0 otherwise: one attribute, one meaning.
+LEGACY_FIELDS = {"syn_age_ns": ("observed_age_ns", "TC_F_AGE_OBSERVED")}
 
 
 def _names(enums: dict[str, dict[str, int]], enum: str, prefix: str) -> dict[int, str]:
@@ -121,7 +126,8 @@ def _names(enums: dict[str, dict[str, int]], enum: str, prefix: str) -> dict[int
 class Layout:
     """Everything derived from one text of bpf/tcpcollide.h: the struct
     format, the field list, the enums, the `Event` class (one attribute per
-    field of `struct tc_event`, in order, plus `raw`) and decode/encode.
+    field of `struct tc_event`, in order, plus those of LEGACY_FIELDS and
+    `raw`) and decode/encode.
 
     Per C type: a scalar is an int (default 0), a `char` array a string cut at
     its NUL (default ""), a `__u8` array bytes (default zeroes); the fields of
@@ -154,12 +160,16 @@ class Layout:
             else:
                 kind, default = int, 0
             specs.append((name, kind, dataclasses.field(default=default)))
+        self._legacy = [(self.field_names.index(wire), attr, self.flags[flag])
+                        for wire, (attr, flag) in LEGACY_FIELDS.items() if wire in self.field_names]
+        specs += [(attr, int, dataclasses.field(default=0)) for _, attr, _ in self._legacy]
         specs.append(("raw", bytes, dataclasses.field(default=b"", repr=False, compare=False)))
         self.event = dataclasses.make_dataclass(
             "Event", specs, bases=(EventBase,), frozen=True,
             namespace={"__doc__": "One kernel event (decoded `struct tc_event`), its fields from bpf/tcpcollide.h.",
                        "__module__": __name__, "_flags": self.flags, "_types": frozenset(self.event_types.values())})
         self._type_index, self._family_index = self.field_names.index("type"), self.field_names.index("family")
+        self._flags_index = self.field_names.index("flags")
         # per field: wire value -> attribute, attribute -> wire value
         self._decoders, self._encoders = [], []
         for name, ctype, n in self.fields:
@@ -187,13 +197,23 @@ class Layout:
             raise DecodeError(f"unknown event type {etype}")
         if family not in (AF_INET, AF_INET6):
             raise DecodeError(f"unknown address family {family}")
-        return self.event(*[v if dec is None else dec(v) for v, dec in zip(values, self._decoders)],
-                          raw=bytes(raw[:self.size]))
+        args = [v if dec is None else dec(v) for v, dec in zip(values, self._decoders)]
+        flags = values[self._flags_index]
+        legacy = []
+        for index, _, bit in self._legacy:
+            legacy.append(args[index] if flags & bit else 0)
+            if flags & bit:
+                args[index] = 0
+        return self.event(*args, *legacy, raw=bytes(raw[:self.size]))
 
     def encode(self, ev) -> bytes:
         """The inverse of decode(), for synthetic streams in tests and replays."""
-        return self.struct.pack(*(getattr(ev, name) if enc is None else enc(getattr(ev, name))
-                                  for name, enc in zip(self.field_names, self._encoders)))
+        values = [getattr(ev, name) if enc is None else enc(getattr(ev, name))
+                  for name, enc in zip(self.field_names, self._encoders)]
+        for index, attr, bit in self._legacy:
+            if ev.flags & bit:
+                values[index] = getattr(ev, attr)
+        return self.struct.pack(*values)
 
 
 LAYOUT = Layout(HEADER.read_text())

@@ -68,7 +68,7 @@ def event_record(ev: Event, first_ns: int | None = None, states: dict[int, str] 
         "ack": ev.ack,
         "flags": ev.flags,
         "flag_names": [name.removeprefix("TC_F_").lower() for name, bit in FLAGS.items() if ev.flags & bit],
-        "age_ns": ev.age_ns,
+        "age_ns": ev.syn_age_ns or ev.observed_age_ns,  # schema 1's name for both (docs/json-schema.md)
         "pid": ev.pid,
         "comm": ev.comm,
     }
