@@ -1,5 +1,6 @@
 """Helpers for the live tests: the real `tcpcollide-trace` command as a
-subprocess, and the seed scenario in namespaces the tests create."""
+subprocess, and the demo's scenario (the write-up's first experiment) in
+namespaces the tests create."""
 
 from __future__ import annotations
 
@@ -56,11 +57,13 @@ def ns_name(tag: str) -> str:
 
 
 class Tracer:
-    """`tcpcollide-trace --json ARGS` running in the background."""
+    """`tcpcollide-trace trace --json ARGS` running in the background. (0.4's
+    form, with the options before the subcommand, is run by test_demo_end_to_end
+    and the CLI's unit tests.)"""
 
     def __init__(self, *args: str):
         self.proc = subprocess.Popen(
-            [str(BIN), "--json", "--backend", BACKEND, "--state-hook", STATE_HOOK, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO
+            [str(BIN), "trace", "--json", "--backend", BACKEND, "--state-hook", STATE_HOOK, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO
         )
         self.lines: queue.Queue[str | None] = queue.Queue()
         self.records: list[dict] = []
