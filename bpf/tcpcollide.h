@@ -64,6 +64,20 @@ enum tc_window {
 	TC_WIN_KEEP = 1,  /* non-zero while user space has incidents open (written by user space) */
 };
 
+/* The entries of map `stats` (per CPU, bpf/collide/maps.bpf.h): what the
+ * kernel saw of collisions and what it could not pass on, counted in the
+ * kernel whatever user space keeps up with. Map `counts` breaks the first two
+ * down by (network namespace, server port, lingering state). */
+enum tc_stat {
+	TC_STAT_COLLISIONS = 0,    /* collisions that passed the user's filters: a lingering socket
+				    * challenged a SYN on a tuple it had not been tracked for */
+	TC_STAT_SYN_HITS = 1,      /* SYNs challenged by a lingering socket (first ones and repeats) */
+	TC_STAT_NOT_SUBMITTED = 2, /* events the perf buffer refused (full): never seen by user space */
+	TC_STAT_UNTRACKED = 3,     /* collisions map `tracked` could not register: later events not streamed */
+	TC_STAT_UNCOUNTED = 4,     /* collisions map `counts` had no room for (the totals above still count them) */
+	TC_STAT_MAX = 5,
+};
+
 struct tc_event {
 	__u64 ts_ns;       /* bpf_ktime_get_ns(): CLOCK_MONOTONIC, nanoseconds */
 	__u64 skaddr;      /* kernel address of the socket (an identity, never dereferenced) */

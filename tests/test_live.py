@@ -279,6 +279,10 @@ def test_demo_end_to_end():
     assert len(found) == 1
     assert found[0]["server"] == "127.0.0.1:12345" and found[0]["client"] == "127.0.0.1:39836"
     assert found[0]["outcome"] == "recovered"
+    # the kernel counted it too, in its own maps (not the self-test's collision)
+    kernel = records[-1]["kernel"]
+    assert kernel["collisions"] == 1 and kernel["syn_hits"] == 1 and kernel["unreported"] == 0, kernel
+    assert [(r["server_port"], r["lingering_state"]) for r in kernel["by_server"]] == [(12345, "CLOSE_WAIT")]
     assert "demo: connected" in r.stderr  # narration goes to stderr in JSON mode
     after = set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
     assert not [n for n in after - before if n.startswith("tcpcollide-demo-")], "demo namespace left behind"

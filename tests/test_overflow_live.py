@@ -113,3 +113,11 @@ def test_perf_buffer_overflow_is_counted_reported_and_marked(ns):
     assert not wrong, json.dumps(wrong[:2])[:3000]
     # the summary counts what was reported
     assert summary["collisions"] == len(cols)
+    # the kernel counted every collision, whatever the buffer lost, and the
+    # shortfall is said: in the summary and, as it happened, in storm records
+    kernel = summary["kernel"]
+    assert kernel["collisions"] == STORM_PORTS + AFTER_PORTS, kernel
+    assert kernel["reported"] == len(cols) and kernel["unreported"] == kernel["collisions"] - len(cols)
+    storms = [r for r in records if r["type"] == "storm"]
+    assert storms and any({"events_lost", "events_not_submitted"} & set(r["lost"]) for r in storms), storms
+    assert sum(r["lost"].get("events_not_submitted", 0) for r in storms) == kernel["events_not_submitted"] > 0

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from tracer import selftest
 from tracer.kernel import capabilities, hooks, program
 from tracer.kernel.bpfsys import SkippedRuns
+from tracer.kernel.counters import KernelCounts
 from tracer.kernel.statehook import LazyStateHook
 from tracer.kernel.tracking import Tracking
 from tracer.pipeline import recording
@@ -31,7 +32,7 @@ from tracer.pipeline.flow import Pipeline
 from tracer.pipeline.records import Clock, ready_record
 
 POLL_MS = 100
-SKIPPED_CHECK_S = 1.0  # how often the kernel's count of skipped BPF runs is read
+CHECK_S = 1.0  # how often the kernel's counts (collisions, skipped runs, refused events) are read
 PERF_PAGES = 64  # per CPU
 
 
@@ -71,9 +72,12 @@ class Session:
         self.state_hook: LazyStateHook | None = None  # None: not lazy (kept attached, or not a raw tracepoint)
         self.tracking: Tracking | None = None
         self.skipped: SkippedRuns | None = None
+        self.kernel_counts: KernelCounts | None = None
         self.metrics = None
         self._record_file = None
-        self._skipped_checked = 0.0
+        self._checked = 0.0
+        self._checked_ns = 0
+        self._losses_seen: dict[str, int] = {}
         self._stop_reason: str | None = None
         self._stopping = False
 
@@ -99,6 +103,8 @@ class Session:
         plan, types, self.bpf = attach(self.options)
         self.bpf["events"].open_perf_buffer(self._on_raw, page_cnt=PERF_PAGES, lost_cb=self._on_lost)
         self.skipped = SkippedRuns([f.fd for f in self.bpf.funcs.values()])
+        self.kernel_counts = KernelCounts(self.bpf, types.tcp_states)
+        self.kernel_counts.reset()  # the self-test's collision is not the host's
         self.tracking = Tracking(self.bpf)
         self.backend = plan.backend
         hz = capabilities.jiffies_hz()
@@ -155,6 +161,7 @@ class Session:
         gc.freeze()
         if self.state_hook is not None:
             self.state_hook.rest()  # proven by the self-test; back when a collision starts
+        self._checked_ns = time.monotonic_ns()
         self.sink(ready)
         return ready
 
@@ -173,16 +180,36 @@ class Session:
     def _on_lost(self, count) -> None:
         self.pipeline.lost(count)
 
-    def _check_skipped(self, force: bool = False) -> None:
-        """Skipped runs are events nobody will ever see: read the kernel's
-        count now and then, and say it."""
+    def _check_kernel(self, force: bool = False) -> dict | None:
+        """Now and then: read what the kernel counted (collisions, skipped
+        runs, events it could not pass on). Whatever was lost since the last
+        look is said at once, in a `storm` record with the true counts.
+        Returns the counts (None: not read this time)."""
         now = time.monotonic()
-        if not force and now - self._skipped_checked < SKIPPED_CHECK_S:
-            return
-        self._skipped_checked = now
+        if not force and now - self._checked < CHECK_S:
+            return None
+        self._checked = now
         new = self.skipped.new()
         if new:
             self.pipeline.skipped(new)
+        counts = self.kernel_counts.read()
+        if self.metrics is not None:
+            self.metrics.kernel(counts)
+        losses = {
+            "events_lost": self.pipeline.correlator.lost_events,
+            "events_not_submitted": counts["events_not_submitted"],
+            "runs_skipped": self.pipeline.losses.skipped_runs or 0,
+            "events_undecodable": self.pipeline.losses.undecodable,
+            "untracked": counts["untracked"],
+            "uncounted": counts["uncounted"],
+        }
+        at_ns = time.monotonic_ns()
+        fresh = {k: v - self._losses_seen.get(k, 0) for k, v in losses.items() if v > self._losses_seen.get(k, 0)}
+        if fresh:
+            self.pipeline.storm(at_ns, self._checked_ns or at_ns, fresh, counts)
+        self._losses_seen = losses
+        self._checked_ns = at_ns
+        return counts
 
     def _step(self) -> None:
         self.pipeline.pump(time.monotonic_ns())
@@ -203,7 +230,7 @@ class Session:
                 if self.state_hook is not None and self.state_hook.error is not None:
                     raise self.state_hook.error
                 self._step()
-                self._check_skipped()
+                self._check_kernel()
                 for rec in self.diagnoser.poll():
                     self.pipeline.queue(rec)
                 if self._stop_reason is not None:
@@ -222,10 +249,10 @@ class Session:
             self._stop_reason = reason
         self._stopping = True  # a second signal must not cut the flush short
         self.bpf.perf_buffer_poll(0)
-        self._check_skipped(force=True)
+        counts = self._check_kernel(force=True)
         self.pipeline.flush()
         return self.pipeline.finish(self._stop_reason or "end",
-                                    self.state_hook.summary() if self.state_hook is not None else None)
+                                    self.state_hook.summary() if self.state_hook is not None else None, counts)
 
     @contextlib.contextmanager
     def signals(self):

@@ -68,7 +68,7 @@ static __always_inline int tc_client_challenged(void *ctx, const void *sk, const
 		tracked.update(&t, &tr);
 	}
 	tc_open_window();
-	events.perf_submit(ctx, &ev, sizeof(ev));
+	tc_submit(ctx, &ev);
 	return 1;
 }
 

@@ -43,6 +43,39 @@ BPF_TABLE("lru_hash", __u64, struct tc_conn, connectors, TC_CONN_MAP_SIZE);
 /* collisions in progress; user space deletes an entry when its incident ends */
 BPF_TABLE("lru_hash", struct tc_tuple, struct tc_track, tracked, TC_TRACK_MAP_SIZE);
 
+/* Collisions per (network namespace, server port, lingering state): map
+ * `counts`, read by tracer/kernel/counters.py. */
+struct tc_count_key {
+	__u32 netns;
+	__u16 family;
+	__u16 sport;
+	__u32 state;
+};
+
+struct tc_count {
+	__u64 collisions;
+	__u64 syn_hits;
+};
+
+/* enum tc_stat, per CPU (no cache line shared between CPUs in a storm) */
+BPF_PERCPU_ARRAY(stats, __u64, TC_STAT_MAX);
+BPF_TABLE("percpu_hash", struct tc_count_key, struct tc_count, counts, TC_COUNT_MAP_SIZE);
+
+static __always_inline void tc_stat(__u32 stat)
+{
+	__u64 *n = stats.lookup(&stat);
+
+	if (n)
+		*n += 1;
+}
+
+/* An event to user space; one the perf buffer refuses is counted. */
+static __always_inline void tc_submit(void *ctx, struct tc_event *ev)
+{
+	if (events.perf_submit(ctx, ev, sizeof(*ev)) < 0)
+		tc_stat(TC_STAT_NOT_SUBMITTED);
+}
+
 static __always_inline void tc_fired(__u32 hook)
 {
 	__u64 *n = hook_fired.lookup(&hook);

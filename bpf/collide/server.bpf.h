@@ -13,6 +13,31 @@ static __always_inline int tc_challenge_passed(__u32 last_oow, __u32 now_j)
 	return last_oow && now_j - last_oow <= 1;
 }
 
+/* A SYN challenged by a lingering socket, past the user's filters: count it
+ * (`fresh`: tc_track()'s answer), whatever becomes of its event. */
+static __always_inline void tc_count_syn(const struct tc_event *ev, int fresh)
+{
+	struct tc_count_key key = {};
+	struct tc_count zero = {}, *c;
+
+	key.netns = ev->netns;
+	key.family = ev->family;
+	key.sport = ev->lport;
+	key.state = ev->oldstate;
+	tc_stat(TC_STAT_SYN_HITS);
+	if (fresh)
+		tc_stat(fresh > 0 ? TC_STAT_COLLISIONS : TC_STAT_UNTRACKED);
+	c = counts.lookup_or_try_init(&key, &zero);
+	if (!c) {
+		if (fresh)
+			tc_stat(TC_STAT_UNCOUNTED);
+		return;
+	}
+	c->syn_hits += 1;
+	if (fresh)
+		c->collisions += 1;
+}
+
 /* A SYN was dropped by a socket that is not listening (skb drop reason
  * TCP_INVALID_SYN): tcp_validate_incoming() has just called
  * tcp_send_challenge_ack(). The collision starts here. */
@@ -22,12 +47,15 @@ static __always_inline int tc_on_syn_challenged(void *ctx, const void *sk, __u32
 	struct tc_tuple t = {};
 	__u32 now_j, rcv_tstamp = 0, last_oow = 0, copied = 0, unread;
 
+	int fresh;
+
 	tc_fired(hook); /* counted before the user's filters: the self-test runs in its own netns */
 	if (tc_sock_tuple(sk, &t))
 		return 0;
-	tc_track(&t, (__u64)sk);
+	fresh = tc_track(&t, (__u64)sk);
 	if (tc_fill_sock(sk, &ev))
 		return 0;
+	tc_count_syn(&ev, fresh);
 	ev.type = TC_EV_SYN_CHALLENGED;
 	ev.hook = hook;
 	tc_read(ev.seq, sk, OFF_TP_SND_NXT);
@@ -53,7 +81,7 @@ static __always_inline int tc_on_syn_challenged(void *ctx, const void *sk, __u32
 	if (tc_challenge_passed(last_oow, now_j))
 		ev.flags |= TC_F_CHALLENGE_PASSED;
 #endif
-	events.perf_submit(ctx, &ev, sizeof(ev));
+	tc_submit(ctx, &ev);
 	return 0;
 }
 
@@ -90,8 +118,8 @@ static __always_inline int tc_tw_syn_challenged(void *ctx, const void *tw, __u32
 	if (tc_challenge_passed(last_oow, (__u32)bpf_jiffies64()))
 		ev.flags |= TC_F_CHALLENGE_PASSED;
 	tc_tuple_of(&ev, 1, &t);
-	tc_track(&t, ev.skaddr);
-	events.perf_submit(ctx, &ev, sizeof(ev));
+	tc_count_syn(&ev, tc_track(&t, ev.skaddr));
+	tc_submit(ctx, &ev);
 	return 0;
 }
 
@@ -126,7 +154,7 @@ static __always_inline int tc_on_challenge(void *ctx, const void *sk, __u32 hook
 	tc_read(last_oow, sk, OFF_TP_LAST_OOW_ACK_TIME);
 	if (tc_challenge_passed(last_oow, now_j))
 		ev.flags |= TC_F_CHALLENGE_PASSED;
-	events.perf_submit(ctx, &ev, sizeof(ev));
+	tc_submit(ctx, &ev);
 	return 0;
 }
 
@@ -147,6 +175,6 @@ static __always_inline int tc_on_queued(void *ctx, const void *listener, const v
 	tc_read(ev.max_backlog, listener, OFF_SK_MAX_ACK_BACKLOG);
 	if (!added)
 		ev.backlog += 1;
-	events.perf_submit(ctx, &ev, sizeof(ev));
+	tc_submit(ctx, &ev);
 	return 0;
 }

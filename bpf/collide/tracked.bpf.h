@@ -52,17 +52,22 @@ static __always_inline void tc_open_window(void)
 		*u = until_j;
 }
 
-static __always_inline void tc_track(const struct tc_tuple *t, __u64 skaddr)
+/* Register a collision of lingering socket `skaddr` on tuple `t`: 1 when it
+ * is new (the tuple was not tracked for this socket), 0 when already
+ * tracked, -1 when the map refused it. */
+static __always_inline int tc_track(const struct tc_tuple *t, __u64 skaddr)
 {
 	struct tc_track tr = {};
 	struct tc_track *old;
+	int fresh = 0;
 
 	tr.first_ns = bpf_ktime_get_ns();
 	tr.skaddr = skaddr;
 	old = tracked.lookup(t);
 	if (!old || old->skaddr != skaddr)
-		tracked.update(t, &tr);
+		fresh = tracked.update(t, &tr) ? -1 : 1;
 	tc_open_window();
+	return fresh;
 }
 
 /* Any socket event that matters only when it is about a tracked tuple. */
@@ -89,7 +94,7 @@ static __always_inline int tc_on_tracked(void *ctx, const void *sk, __u32 type, 
 			ev.oldstate = oldstate;
 		if (newstate >= 0)
 			ev.newstate = newstate;
-		events.perf_submit(ctx, &ev, sizeof(ev));
+		tc_submit(ctx, &ev);
 		return 0;
 	}
 }

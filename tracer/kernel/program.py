@@ -25,6 +25,7 @@ from tracer.resources import bpf_dir, compat_dir
 AF_BY_NAME = {"ipv4": 2, "ipv6": 10}
 TRACK_MAP_SIZE = 4096  # collisions in progress (LRU)
 CONN_MAP_SIZE = 65536  # connecting sockets and their process (LRU)
+COUNT_MAP_SIZE = 16384  # (network namespace, server port, lingering state) with collisions
 # How long after a collision starts the hooks keep looking tuples up in
 # `tracked` (map `tracking`), in jiffies: 30 s at HZ 1000, longer at lower
 # HZ; user space keeps the window open while it has incidents open.
@@ -114,7 +115,7 @@ class BuildSpec:
 def build_spec(plan: Plan, types: KernelTypes, filters: Filters) -> BuildSpec:
     source = bpf_dir() / MAIN_SOURCE
     defines: dict[str, int | str] = {
-        "TC_TRACK_MAP_SIZE": TRACK_MAP_SIZE, "TC_CONN_MAP_SIZE": CONN_MAP_SIZE,
+        "TC_TRACK_MAP_SIZE": TRACK_MAP_SIZE, "TC_CONN_MAP_SIZE": CONN_MAP_SIZE, "TC_COUNT_MAP_SIZE": COUNT_MAP_SIZE,
         "TC_TRACKING_J": TRACKING_JIFFIES,
     }
     defines.update(types.defines)

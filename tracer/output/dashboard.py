@@ -19,7 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from tracer.host import inventory
-from tracer.output.render import inert
+from tracer.output.render import inert, kernel_line, storm_line
 from tracer.pipeline.records import culprit_of
 
 INVENTORY_EVERY_S = 5.0
@@ -36,10 +36,15 @@ def plain_line(rec: dict) -> str | None:
         return f"queue {rec['event']} {rec['listener']} recv_q={rec['recv_q']}/{rec['limit']} ghosts={rec['ghosts']}"
     if kind == "ready":
         return f"ready: backend {rec['backend']}, {rec['kernel']}"
+    if kind == "storm":
+        return storm_line(rec)
     if kind == "summary":
         outcomes = ", ".join(f"{n} {o}" for o, n in sorted(rec["by_outcome"].items())) or "none"
-        return (f"summary: {rec['collisions']} collision(s) ({outcomes}), "
+        line = (f"summary: {rec['collisions']} collision(s) ({outcomes}), "
                 f"{rec['events']} events, {rec['lost_events']} lost")
+        if rec.get("kernel") is not None:  # a line of its own, before: the summary stays the last line
+            line = f"{kernel_line(rec['kernel'])}\n{line}"
+        return line
     return None
 
 
@@ -63,6 +68,7 @@ class Dashboard:
         self._inv_at = float("-inf")
         self.live: Live | None = None
         self.summary: dict | None = None
+        self.storm: dict | None = None  # the latest storm record: shown under the status line
 
     # -- the session's sink ------------------------------------------------------
 
@@ -80,10 +86,13 @@ class Dashboard:
             self._inv_at = float("-inf")  # the queues changed: look again
         elif kind == "summary":
             self.summary = rec
+        elif kind == "storm":
+            self.storm = rec
         if not self.live_mode:
             line = plain_line(rec)
             if line is not None:
-                self.console.print(Text(inert(line)))
+                for part in line.split("\n"):
+                    self.console.print(Text(inert(part)))
         elif self.live is not None:
             self.live.update(self.render())
 
@@ -101,7 +110,8 @@ class Dashboard:
             self.live.stop()
             self.live = None
             if self.summary is not None:
-                self.console.print(Text(inert(plain_line(self.summary) or "")))
+                for part in (plain_line(self.summary) or "").split("\n"):
+                    self.console.print(Text(inert(part)))
 
     def tick(self, events: int, lost: int) -> None:
         now = time.monotonic()
@@ -133,6 +143,7 @@ class Dashboard:
         status = Text(
             f"tcpcollide-trace top  backend {self.backend}  {self.rate:.0f} ev/s  {self.events} events  "
             f"{self.lost} lost  {self.collisions} collisions", style="bold reverse")
+        storm = [Text(storm_line(self.storm), style="red bold")] if self.storm is not None else []
         counters = Table.grid(padding=(0, 1))
         counters.add_row(self._counter("outcome", self.by_outcome), self._counter("server port", self.by_port),
                          self._counter("culprit", self.by_culprit), self._counter("client", self.by_client))
@@ -156,4 +167,4 @@ class Dashboard:
             who = g["comm"] if g["pid"] is None else f"{g['comm']} ({g['pid']})"
             sockets.add_row(inert(g["local"]), inert(who), str(g["count"]), "-")
         hint = Text("Ctrl-C to stop", style="dim")
-        return Group(status, counters, recent, sockets, hint)
+        return Group(status, *storm, counters, recent, sockets, hint)

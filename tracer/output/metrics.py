@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from tracer.host import inventory
 
@@ -75,6 +75,39 @@ class SocketCollector:
         return [cw, oldest, queued, ghosts]
 
 
+class KernelCollector:
+    """The kernel's own counts (tracer/kernel/counters.py), as of the
+    tracer's last look (once a second): collisions and challenged SYNs by
+    server port and lingering state, whatever user space kept up with, and
+    what the kernel could not pass on."""
+
+    def __init__(self):
+        self.counts: dict | None = None
+
+    def collect(self):
+        collisions = CounterMetricFamily("tcpcollide_kernel_collisions", "Collisions the kernel counted (past the "
+                                         "filters), by server port and lingering state, reported or not",
+                                         labels=["server_port", "lingering_state"])
+        syns = CounterMetricFamily("tcpcollide_kernel_syn_hits", "SYNs challenged by a lingering socket, "
+                                   "counted in the kernel", labels=["server_port", "lingering_state"])
+        refused = CounterMetricFamily("tcpcollide_events_not_submitted", "Events the perf buffer refused "
+                                      "(counted in the kernel)")
+        untracked = CounterMetricFamily("tcpcollide_kernel_untracked", "Collisions the kernel could not track "
+                                        "(their later events were not streamed)")
+        by: dict[tuple[str, str], list[int]] = {}
+        if self.counts is not None:
+            for row in self.counts["by_server"]:
+                pair = by.setdefault((str(row["server_port"]), row["lingering_state"]), [0, 0])
+                pair[0] += row["collisions"]
+                pair[1] += row["syn_hits"]
+            refused.add_metric([], self.counts["events_not_submitted"])
+            untracked.add_metric([], self.counts["untracked"])
+        for labels, (c, s) in sorted(by.items()):
+            collisions.add_metric(list(labels), c)
+            syns.add_metric(list(labels), s)
+        yield from (collisions, syns, refused, untracked)
+
+
 class Metrics:
     def __init__(self, listen: str, snapshot=inventory.snapshot):
         self.registry = CollectorRegistry()
@@ -91,6 +124,10 @@ class Metrics:
                              ["logical", "backend", "target"], registry=r)
         self.hook_verified = Gauge("tcpcollide_hook_verified", "1 when the self-test saw the hook fire",
                                    ["logical"], registry=r)
+        self.storms = Counter("tcpcollide_storm_records", "storm records written: a second in which events or "
+                              "collisions were lost", registry=r)
+        self.kernel_counts = KernelCollector()
+        r.register(self.kernel_counts)
         self.sockets = SocketCollector(snapshot)
         r.register(self.sockets)
         host, port = parse_listen(listen)
@@ -112,6 +149,12 @@ class Metrics:
         if rec["penalty_ms"] is not None:
             self.penalty.observe(rec["penalty_ms"] / 1000)
         self.sockets.invalidate()
+
+    def kernel(self, counts: dict) -> None:
+        self.kernel_counts.counts = counts
+
+    def storm(self) -> None:
+        self.storms.inc()
 
     def close(self) -> None:
         self.server.shutdown()

@@ -49,6 +49,33 @@ class JsonWriter:
         self.out.flush()
 
 
+LOSS_WORDS = {
+    "events_lost": "kernel events lost (perf buffer full)",
+    "events_not_submitted": "events the perf buffer refused",
+    "runs_skipped": "BPF runs the kernel skipped",
+    "events_undecodable": "undecodable events",
+    "untracked": "collisions the kernel could not track",
+    "uncounted": "collisions the kernel's per-port counts had no room for",
+}
+
+
+def storm_line(rec: dict) -> str:
+    """A `storm` record as one sentence."""
+    lost = ", ".join(f"{n} {LOSS_WORDS.get(k, k)}" for k, n in rec["lost"].items())
+    k = rec["kernel"]
+    return (f"storm: in the last {rec['seconds']:.1f} s, {lost}; so far the kernel counted {k['collisions']} "
+            f"collision(s) ({k['syn_hits']} challenged SYNs) and {k['reported']} were reported")
+
+
+def kernel_line(kernel: dict) -> str:
+    """The summary's `kernel` part as one sentence."""
+    text = (f"the kernel counted {kernel['collisions']} collision(s) ({kernel['syn_hits']} challenged SYNs); "
+            f"{kernel['reported']} reported")
+    if kernel["unreported"]:
+        text += f", {kernel['unreported']} never reported (their events were lost or not followed)"
+    return text
+
+
 def event_line(rec: dict) -> str:
     """One kernel event (an `event` record, --all-events) on one line."""
     states = rec.get("oldstate_name", rec["oldstate"])
@@ -103,6 +130,8 @@ class TextWriter:
                                     style=style))
         elif kind == "event":
             self.console.print(Text(inert(event_line(rec)), style="dim"))
+        elif kind == "storm":
+            self.console.print(Text(storm_line(rec), style="red bold"))
 
     def _ready(self, rec: dict) -> None:
         hooks = ", ".join(f"{h['logical']}={h['target']}" + (" (during collisions)" if h.get("lazy") else "")
@@ -249,6 +278,12 @@ class TextWriter:
             f"{rec['lost_events']} lost; {rec['duration_s']:.1f} s", style="bold"))
         for c in rec.get("top_culprits", []):
             self.console.print(Text(inert(f"  {c['collisions']:>5}  {c['culprit']}")))
+        kernel = rec.get("kernel")
+        if kernel is not None:
+            self.console.print(Text(kernel_line(kernel), style="red" if kernel["unreported"] else ""))
+            for what in ("events_not_submitted", "untracked", "uncounted"):
+                if kernel.get(what):
+                    self.console.print(Text(f"warning: {kernel[what]} {LOSS_WORDS[what]}", style="red"))
         if rec["lost_events"]:
             self.console.print(Text(f"warning: {rec['lost_events']} kernel events were lost", style="red"))
         if rec.get("skipped_runs"):

@@ -176,10 +176,24 @@ class Pipeline:
             self.recorder.flush()
         self._report(self.correlator.flush())
 
-    def finish(self, stopped_by: str, state_hook: dict | None = None, **extra) -> dict:
-        """Write (and return) the `summary` record; `extra` adds fields to it."""
+    def storm(self, at_ns: int, since_ns: int, lost: dict[str, int], kernel: dict) -> None:
+        """Loss since `since_ns` (kernel time; `lost`: what went missing, by
+        kind): a `storm` record with the kernel's true counts so far beside
+        what was reported, recorded like a queue record so that a replay
+        writes it too."""
+        rec = {"type": "storm", "time": self.clock.iso(at_ns), "since": self.clock.iso(since_ns),
+               "seconds": round((at_ns - since_ns) / 1e9, 3), "lost": lost,
+               "collisions_reported": self.summary.collisions, "kernel": self.summary.kernel(kernel)}
+        if self.metrics is not None:
+            self.metrics.storm()
+        self.queue(rec)
+
+    def finish(self, stopped_by: str, state_hook: dict | None = None, kernel: dict | None = None,
+               **extra) -> dict:
+        """Write (and return) the `summary` record. kernel: the kernel's own
+        counts of collisions (None: not known); `extra` adds fields."""
         rec = self.summary.record(self.correlator.events_seen, self.correlator.lost_events, stopped_by,
-                                  self.losses.undecodable, self.losses.skipped_runs, state_hook)
+                                  self.losses.undecodable, self.losses.skipped_runs, state_hook, kernel)
         rec.update(extra)
         if self.recorder is not None:
             self.recorder.end(rec)

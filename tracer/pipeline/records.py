@@ -19,6 +19,7 @@ from tracer.pipeline.events import AF_INET6, FLAGS, Event
 from tracer.pipeline.explain import explain
 
 SCHEMA_VERSION = 1
+BY_SERVER_MAX = 20  # the busiest (network namespace, server port, lingering state) a record lists
 
 
 @dataclass(frozen=True)
@@ -180,17 +181,30 @@ class Summary:
     culprits: Counter = field(default_factory=Counter)
     worst_penalty_ms: float | None = None
     collisions: int = 0
+    server_seen: int = 0  # collisions whose server end was seen (what the kernel's counts count)
 
     def add(self, rec: dict) -> None:
         self.collisions += 1
+        if rec.get("view", "server") != "client":
+            self.server_seen += 1
         self.outcomes[rec["outcome"]] += 1
         self.culprits[culprit_of(rec)] += 1
         p = rec["penalty_ms"]
         if p is not None and (self.worst_penalty_ms is None or p > self.worst_penalty_ms):
             self.worst_penalty_ms = p
 
+    def kernel(self, counts: dict | None) -> dict | None:
+        """The kernel's own counts (tracer/kernel/counters.py) beside what was
+        reported: `unreported`, the collisions the kernel saw whose server end
+        was never reported."""
+        if counts is None:
+            return None
+        rows = counts.get("by_server", [])
+        return {**counts, "by_server": rows[:BY_SERVER_MAX], "by_server_omitted": max(0, len(rows) - BY_SERVER_MAX),
+                "reported": self.server_seen, "unreported": max(0, counts["collisions"] - self.server_seen)}
+
     def record(self, events: int, lost: int, reason: str, undecodable: int = 0, skipped: int | None = None,
-               state_hook: dict | None = None) -> dict:
+               state_hook: dict | None = None, kernel: dict | None = None) -> dict:
         return {
             "type": "summary",
             "collisions": self.collisions,
@@ -202,6 +216,7 @@ class Summary:
             "undecodable_events": undecodable,
             "skipped_runs": skipped,
             "state_hook": state_hook,
+            "kernel": self.kernel(kernel),
             "duration_s": round((time.monotonic_ns() - self.started_ns) / 1e9, 3),
             "stopped_by": reason,
         }

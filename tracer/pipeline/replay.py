@@ -81,7 +81,11 @@ def replay(path: str, sink: Callable[[dict], None], verbose: bool = False, all_e
             pipeline.flush()
         pipeline.losses.undecodable = end.get("undecodable_events", 0)
         pipeline.losses.skipped_runs = end.get("skipped_runs")
-        rec = pipeline.finish(end.get("stopped_by", "recording cut short"), end.get("state_hook"), replay_of={
+        kernel = end.get("kernel")
+        if isinstance(kernel, dict):
+            kernel = {k: v for k, v in kernel.items() if k not in ("reported", "unreported", "by_server_omitted")}
+        rec = pipeline.finish(end.get("stopped_by", "recording cut short"), end.get("state_hook"),
+                              kernel if isinstance(kernel, dict) and "collisions" in kernel else None, replay_of={
             "path": path, "kernel": head.get("kernel"), "backend": head["backend"], "tracer": head.get("tracer"),
             "duration_s": end.get("duration_s")})
         if error is not None:
