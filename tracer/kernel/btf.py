@@ -200,7 +200,9 @@ class BTF:
 
         self._strings: dict[int, str] = {}
         self._name_index: dict[str, list[int]] | None = None
-        self._enumerator_index: dict[str, list[tuple[int, int]]] | None = None
+        self._off_index: dict[int, list[int]] | None = None
+        self._offsets_of: dict[str, list[int]] = {}
+        self._enumerator_index: dict[int, list[tuple[int, int]]] | None = None
         self._ptr_size: int | None = None
 
     # ------------------------------------------------------------------ loading
@@ -311,10 +313,47 @@ class BTF:
 
     def find_type_ids(self, name: str, kinds: frozenset[int] | set[int] | None = None) -> list[int]:
         """Ids of the types called *name*, optionally restricted to *kinds*."""
-        ids = self._names().get(name, [])
+        if self._name_index is not None:
+            ids = self._name_index.get(name, [])
+        else:  # no string decoded: the name's offsets in the string section, then the types that use them
+            by_off = self._ids_by_name_off()
+            ids = sorted(i for off in self._string_offsets(name) for i in by_off.get(off, ()))
         if kinds is None:
             return list(ids)
         return [i for i in ids if self._kinds[i] in kinds]
+
+    def _ids_by_name_off(self) -> dict[int, list[int]]:
+        """Type ids by the string-section offset of their name: one pass over
+        the type headers, decoding no string."""
+        index = self._off_index
+        if index is None:
+            index = {}
+            buf = self._buf
+            u32 = self._u32.unpack_from
+            for tid in range(1, len(self._offsets)):
+                name_off = u32(buf, self._offsets[tid])[0]
+                if name_off:
+                    ids = index.get(name_off)
+                    if ids is None:
+                        index[name_off] = [tid]
+                    else:
+                        ids.append(tid)
+            self._off_index = index
+        return index
+
+    def _string_offsets(self, name: str) -> list[int]:
+        """Offsets of *name* in the string section (BTF writers dedup strings:
+        usually one)."""
+        out = self._offsets_of.get(name)
+        if out is not None:
+            return out
+        needle = b"\0" + name.encode() + b"\0"
+        out = self._offsets_of[name] = []
+        pos = self._buf.find(needle, self._str_start, self._str_end)
+        while pos >= 0:
+            out.append(pos + 1 - self._str_start)
+            pos = self._buf.find(needle, pos + 1, self._str_end)
+        return out
 
     def _names(self) -> dict[str, list[int]]:
         index = self._name_index
@@ -564,6 +603,11 @@ class BTF:
     # ------------------------------------------------------------------ enums
 
     def _enumerators(self, type_id: int) -> Iterator[tuple[str, int]]:
+        for name_off, val in self._enumerators_raw(type_id):
+            yield self._str(name_off), val
+
+    def _enumerators_raw(self, type_id: int) -> Iterator[tuple[int, int]]:
+        """(name offset, value) of each enumerator: no string decoded."""
         _, info, _ = self._raw(type_id)
         signed = bool(info >> 31)
         vlen = info & 0xFFFF
@@ -572,15 +616,14 @@ class BTF:
         if self._kinds[type_id] == KIND_ENUM:
             unpack = (self._spair if signed else self._upair).unpack_from
             for i in range(vlen):
-                name_off, val = unpack(buf, base + 8 * i)
-                yield self._str(name_off), val
+                yield unpack(buf, base + 8 * i)
         else:
             for i in range(vlen):
                 name_off, lo, hi = self._hdr.unpack_from(buf, base + 12 * i)
                 val = (hi << 32) | lo
                 if signed and val >= 1 << 63:
                     val -= 1 << 64
-                yield self._str(name_off), val
+                yield name_off, val
 
     def _find_enum(self, enum_name: str) -> int:
         name = _strip_tag(enum_name)
@@ -614,7 +657,8 @@ class BTF:
             if enumerator not in values:
                 raise BTFError(f"enum {enum_name!r} has no enumerator {enumerator!r}")
             return values[enumerator]
-        hits = self._enumerator_map().get(enumerator)
+        by_off = self._enumerator_map()
+        hits = [hit for off in self._string_offsets(enumerator) for hit in by_off.get(off, ())]
         if not hits:
             raise BTFError(f"no enumerator {enumerator!r} in any BTF enum")
         values = {val for _, val in hits}
@@ -627,15 +671,16 @@ class BTF:
             )
         return hits[0][1]
 
-    def _enumerator_map(self) -> dict[str, list[tuple[int, int]]]:
+    def _enumerator_map(self) -> dict[int, list[tuple[int, int]]]:
+        """(enum type id, value) of every enumerator, by its name's offset."""
         index = self._enumerator_index
         if index is None:
             index = {}
             kinds = self._kinds
             for tid in range(1, len(self._offsets)):
                 if kinds[tid] in _ENUMS:
-                    for name, val in self._enumerators(tid):
-                        index.setdefault(name, []).append((tid, val))
+                    for name_off, val in self._enumerators_raw(tid):
+                        index.setdefault(name_off, []).append((tid, val))
             self._enumerator_index = index
         return index
 

@@ -301,7 +301,8 @@ def gather(btf=None, fentry_probe=None) -> Offer:
                 offer.formats[c.targets[0]] = capabilities.tracepoint_format(cat, ev, offer.tracefs) if offer.tracefs else None
     offer.kprobes = capabilities.kprobes_available(offer.tracefs)
     wanted = {t for cands in CANDIDATES.values() for c in cands if c.backend != "tracepoint" for t in c.targets}
-    offer.kallsyms = capabilities.resolve_symbols(wanted)
+    # only kprobes attach by symbol (fentry finds its functions in BTF)
+    offer.kallsyms = capabilities.resolve_symbols(wanted) if offer.kprobes else {}
     if btf is not None:
         offer.btf_funcs = {f for f in wanted if btf.has_func(f)}
         for target in RAW_ARGS:
