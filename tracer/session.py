@@ -100,7 +100,8 @@ class Session:
                 self._record_file = open(self.options.record, "wb")  # noqa: SIM115 - closed in close()
             except OSError as e:
                 raise capabilities.KernelError(f"cannot write the recording {self.options.record}: {e.strerror}") from None
-        plan, types, self.bpf = attach(self.options)
+        stages = Stages()
+        plan, types, self.bpf = attach(self.options, stages)
         self.bpf["events"].open_perf_buffer(self._on_raw, page_cnt=PERF_PAGES, lost_cb=self._on_lost)
         self.skipped = SkippedRuns([f.fd for f in self.bpf.funcs.values()])
         self.kernel_counts = KernelCounts(self.bpf, types.tcp_states)
@@ -120,6 +121,7 @@ class Session:
             else:
                 state_choice.lazy = True
                 self.state_hook = lazy
+            stages.done("state_hook_trial")
         settings = Settings()
         if self.options.incident_timeout is not None:
             settings = Settings(timeout_ns=int(self.options.incident_timeout * 1e9))
@@ -130,6 +132,7 @@ class Session:
             types_source=types.source,
             filters=self.options.filters.as_dict(),
             startup_s=time.monotonic() - t0,
+            stages_s=stages.took,
         )
         if self.options.metrics:
             from tracer.output.metrics import Metrics  # noqa: PLC0415 - only when asked for
@@ -161,6 +164,9 @@ class Session:
         gc.freeze()
         if self.state_hook is not None:
             self.state_hook.rest()  # proven by the self-test; back when a collision starts
+        stages.done("settle")
+        ready["stages_s"] = stages.took
+        ready["startup_s"] = round(time.monotonic() - t0, 3)
         self._checked_ns = time.monotonic_ns()
         self.sink(ready)
         return ready
@@ -285,26 +291,44 @@ class Session:
             self.metrics = None
 
 
-def attach(options: Options):
+class Stages:
+    """How long each stage of the start-up took (the `ready` record's `stages_s`)."""
+
+    def __init__(self):
+        self.took: dict[str, float] = {}
+        self._t = time.monotonic()
+
+    def done(self, stage: str) -> None:
+        now = time.monotonic()
+        self.took[stage] = round(self.took.get(stage, 0.0) + now - self._t, 4)
+        self._t = now
+
+
+def attach(options: Options, stages: Stages | None = None):
     """Select hooks, load, and prove each fires (unless options.selftest is
     off). A candidate that attached but stayed silent is excluded and the
     next one loaded instead. Returns (plan, kernel types, bpf).
 
     The perf buffer is not open yet: the self-test's own events are dropped
     in the kernel (perf_submit has no reader); only the counters move."""
+    stages = stages or Stages()
     types = program.kernel_types(options.btf, options.kernel_types)
+    stages.done("kernel_types")
     probe = None
     if types.btf is not None and options.backend in ("auto", "fentry"):
         probe = lambda: program.fentry_probe(types)  # noqa: E731
     offer = hooks.gather(types.btf, probe)
+    stages.done("hooks")
     exclude: set[str] = set()
     while True:
         plan = hooks.select(offer, options.backend, exclude)
         bpf = program.load(program.build_spec(plan, types, options.filters))
+        stages.done("compile_load")
         if not options.selftest:
             return plan, types, bpf
         try:
             quiet = selftest.run(plan, bpf)
+            stages.done("selftest")
             bpf["tracked"].clear()  # the self-test's collision
             bpf["tracking"].clear()  # and the window it opened
         except BaseException:

@@ -144,7 +144,8 @@ def collision_record(inc: Incident, clock: Clock, backend: str, verbose: bool = 
     return rec
 
 
-def ready_record(backend: str, hooks: list[dict], types_source: str, filters: dict, startup_s: float) -> dict:
+def ready_record(backend: str, hooks: list[dict], types_source: str, filters: dict, startup_s: float,
+                 stages_s: dict[str, float] | None = None) -> dict:
     return {
         "type": "ready",
         "schema": SCHEMA_VERSION,
@@ -155,6 +156,7 @@ def ready_record(backend: str, hooks: list[dict], types_source: str, filters: di
         "hooks": hooks,
         "filters": filters,
         "startup_s": round(startup_s, 3),
+        "stages_s": stages_s or {},
         "pid": os.getpid(),
     }
 
