@@ -78,6 +78,8 @@ class Session:
         self._checked = 0.0
         self._checked_ns = 0
         self._losses_seen: dict[str, int] = {}
+        self._lost_notices = 0  # events the perf buffer's loss notices told of
+        self._lost_told = 0  # events the pipeline was told were lost
         self._stop_reason: str | None = None
         self._stopping = False
 
@@ -184,7 +186,20 @@ class Session:
         self.pipeline.push(ev)
 
     def _on_lost(self, count) -> None:
-        self.pipeline.lost(count)
+        self._lost_notices += count
+        self._account_lost(self._lost_notices)
+
+    def _account_lost(self, total: int) -> None:
+        """Events lost so far, by one of two counts of the same loss: the
+        perf buffer's loss notices (late: the kernel writes one only with the
+        next event it manages to write on that CPU, so the last loss of a
+        burst may never be told) and the kernel's own count of the events the
+        perf buffer refused (read at every poll). The correlator hears of
+        whatever one says beyond what it was told already."""
+        new = total - self._lost_told
+        if new > 0:
+            self._lost_told = total
+            self.pipeline.lost(new)
 
     def _check_kernel(self, force: bool = False) -> dict | None:
         """Now and then: read what the kernel counted (collisions, skipped
@@ -218,6 +233,7 @@ class Session:
         return counts
 
     def _step(self) -> None:
+        self._account_lost(self.kernel_counts.refused())  # before incidents it may touch can end
         self.pipeline.pump(time.monotonic_ns())
         busy = self.pipeline.busy
         self.tracking.keep(busy)
@@ -255,6 +271,7 @@ class Session:
             self._stop_reason = reason
         self._stopping = True  # a second signal must not cut the flush short
         self.bpf.perf_buffer_poll(0)
+        self._account_lost(self.kernel_counts.refused())
         counts = self._check_kernel(force=True)
         self.pipeline.flush()
         return self.pipeline.finish(self._stop_reason or "end",

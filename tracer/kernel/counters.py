@@ -33,6 +33,11 @@ class KernelCounts:
             out[name] = total if raw else total - self._base[name]
         return out
 
+    def refused(self) -> int:
+        """Events the perf buffer refused so far: one lookup, cheap enough for every poll."""
+        index = STATS["not_submitted"]
+        return sum(self.stats[self.stats.Key(index)]) - self._base["not_submitted"]
+
     def read(self) -> dict:
         """The counts so far: totals, and per (network namespace, server
         port, lingering state) busiest first (records.Summary.kernel() makes
