@@ -22,6 +22,21 @@ SYN, >= a few ms). Output: JSON lines on stdout, `start` (server pid) and
 `done` (totals, per-port counts, latencies, the rate reached).
 
     python scripts/storm.py --ports 256 --rate 1000 --duration 5 [--ns NAME]
+
+--burst N instead makes N collisions at the same moment, once: N clients on
+N ports (from --client-port-base) connect and hang up, until the server holds
+N sockets in CLOSE_WAIT (counted with sock_diag's view, `ss`, and checked per
+port: the client saw its FIN acknowledged), then after --burst-pause seconds
+all N reconnect from their ports as fast as the loop can call connect(), and
+the generator waits (at most --drain s) until every one is established. Its
+`done` line says how many collisions it made (reconnects on a port whose
+server end was in CLOSE_WAIT), how many clients ended established, how long
+issuing the N connects took (`burst_s`) and until the last was established
+(`settled_s`), and the deltas of the kernel's counters in the namespace
+(TcpExtTCPSYNChallenge, TcpExtTCPChallengeACK, TcpExtTCPACKSkippedChallenge):
+what the kernel itself counted, to compare with what a tracer reports.
+
+    python scripts/storm.py --burst 1000 [--burst-pause 2] [--ns NAME]
 """
 
 from __future__ import annotations
@@ -104,13 +119,130 @@ class Slot:
 
 
 def run(args: argparse.Namespace) -> int:
-    nofile = raise_nofile(max(4 * args.ports + 256, 65536))
+    nofile = raise_nofile(max(4 * max(args.ports, args.burst) + 256, 65536))
     if args.ns:
         netns.enter(args.ns)
     listener = scenario.listen(args.server_ip, args.server_port, args.backlog)
     with scenario.forked(serve, listener, args.server_comm, args.keep_dead) as server_pid:
         listener.close()
+        if args.burst:
+            return burst(args, server_pid, nofile)
         return clients(args, server_pid, nofile)
+
+
+KERNEL_COUNTERS = ("TCPSYNChallenge", "TCPChallengeACK", "TCPACKSkippedChallenge")
+
+
+def tcpext() -> dict[str, int]:
+    """The TcpExt counters of the calling thread's network namespace (what
+    `nstat` reads: /proc/net/netstat follows the thread's namespace)."""
+    lines = Path("/proc/thread-self/net/netstat").read_text().splitlines()
+    for names, values in zip(lines[::2], lines[1::2]):
+        if names.startswith("TcpExt:"):
+            return dict(zip(names.split()[1:], map(int, values.split()[1:])))
+    return {}
+
+
+def count_closewait(server_port: int) -> int:
+    """Sockets in CLOSE_WAIT on the server port, in this namespace (`ss`)."""
+    import subprocess  # noqa: PLC0415
+
+    out = subprocess.run(["ss", "-Htn", "state", "close-wait", f"( sport = :{server_port} )"],
+                         capture_output=True, text=True).stdout
+    return sum(1 for line in out.splitlines() if line.strip())
+
+
+def burst(args: argparse.Namespace, server_pid: int, nofile: int) -> int:
+    """--burst N: N CLOSE_WAIT sockets first, then N collisions at once."""
+    n = args.burst
+    dst = (args.server_ip, args.server_port)
+    ports = [args.client_port_base + i for i in range(n)]
+    say("start", server_pid=server_pid, server=f"{args.server_ip}:{args.server_port}", ports=n, burst=n,
+        rate=0, nofile=nofile, client_ip=args.client_ip)
+
+    def open_all() -> dict[int, tuple[socket.socket, float]]:
+        socks = {}
+        for port in ports:
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((args.client_ip, port))
+            s.setblocking(False)
+            socks[port] = (s, time.monotonic())
+            err = s.connect_ex(dst)
+            if err not in (0, errno.EINPROGRESS):
+                raise OSError(err, f"connect from port {port}: {os.strerror(err)}")
+        return socks
+
+    def wait_established(socks, limit: float) -> tuple[dict[int, float], int, float]:
+        """connect() latency (ms) per port that got through; failures; when the last one did."""
+        sel = selectors.DefaultSelector()
+        for port, (s, _t0) in socks.items():
+            sel.register(s, selectors.EVENT_WRITE, port)
+        done: dict[int, float] = {}
+        failed, last = 0, time.monotonic()
+        deadline = time.monotonic() + limit
+        while len(done) + failed < len(socks) and time.monotonic() < deadline:
+            for key, _mask in sel.select(0.05):
+                port = key.data
+                s, t0 = socks[port]
+                sel.unregister(s)
+                last = time.monotonic()
+                if s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                    failed += 1
+                else:
+                    done[port] = (last - t0) * 1e3
+        sel.close()
+        return done, failed, last
+
+    # 1. N connections, then each client hangs up: the server's ends go to CLOSE_WAIT
+    first = open_all()
+    up, failed_setup, _ = wait_established(first, args.drain)
+    if failed_setup or len(up) < n:
+        say("error", note=f"setup: {len(up)} of {n} first connections established, {failed_setup} failed")
+    for port in up:
+        first[port][0].shutdown(socket.SHUT_WR)
+    lingering: set[int] = set()
+    deadline = time.monotonic() + args.drain
+    pending = set(up)
+    while pending and time.monotonic() < deadline:
+        for port in list(pending):
+            s = first[port][0]
+            if tcp_state(s) == TCP_FIN_WAIT2:  # the server acknowledged our FIN: its end is in CLOSE_WAIT
+                s.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 1)
+                s.close()  # silently: the port is free at once
+                pending.discard(port)
+                lingering.add(port)
+        if pending:
+            time.sleep(0.001)
+    for port in pending:
+        first[port][0].close()
+    closewait = count_closewait(args.server_port)
+    time.sleep(args.burst_pause)
+    # 2. all N reconnect at once
+    before = tcpext()
+    t0 = time.monotonic()
+    second = open_all()
+    t_issued = time.monotonic()
+    est, failed, t_last = wait_established(second, args.drain)
+    time.sleep(0.2)  # the last challenge ACKs and RSTs are counted by now
+    after = tcpext()
+    made = {p: 1 for p in est if p in lingering}
+    lat = sorted(est[p] for p in made)
+    say("done", collisions=len(made), attempted=len(lingering), failed=failed,
+        unfinished=n - len(est) - failed,
+        established=len(est), closewait_before=closewait, lingering_ports=len(lingering),
+        burst_s=round(t_issued - t0, 4), settled_s=round(t_last - t0, 4),
+        seconds=round(t_issued - t0, 4), rate=round(len(made) / (t_issued - t0), 1) if t_issued > t0 else 0.0,
+        kernel={k: after.get(k, 0) - before.get(k, 0) for k in KERNEL_COUNTERS},
+        per_port={str(p): c for p, c in sorted(made.items())},
+        connect_ms={"median": round(statistics.median(lat), 3) if lat else None,
+                    "p99": round(lat[int(0.99 * (len(lat) - 1))], 3) if lat else None,
+                    "min": round(lat[0], 3) if lat else None, "max": round(lat[-1], 3) if lat else None})
+    if args.hold:
+        time.sleep(args.hold)
+    for s, _t0 in second.values():
+        s.close()
+    return 0
 
 
 def clients(args: argparse.Namespace, server_pid: int, nofile: int) -> int:
@@ -229,6 +361,11 @@ def parser() -> argparse.ArgumentParser:
                    help="seconds the server keeps the descriptor of a socket the collision killed")
     p.add_argument("--drain", type=float, default=5.0, help="seconds to wait for connects still in flight")
     p.add_argument("--hold", type=float, default=0.0, help="seconds to keep everything open at the end")
+    p.add_argument("--burst", type=int, default=0,
+                   help="N collisions at once: N ports in CLOSE_WAIT first, then all reconnect as fast as possible "
+                        "(--ports, --rate, --duration and --count do not apply)")
+    p.add_argument("--burst-pause", type=float, default=1.0,
+                   help="--burst: seconds between the N sockets in CLOSE_WAIT and the burst")
     return p
 
 

@@ -3,7 +3,7 @@
 The tracer is started, then stopped with SIGSTOP; a storm of real collisions
 (scripts/storm.py: each of many client ports collides exactly once, so no
 incident can be superseded by the next round on its port) fills its perf
-buffer (tracer/session.py opens it with PERF_PAGES pages per CPU: a few
+buffer (tracer/session.py opens it with PERF_PAGES pages per CPU: some ten
 thousand events per CPU, some eight events per collision) and the kernel
 drops the rest. SIGCONT; then a few more collisions: the kernel writes its
 "events lost" notice only with the next event on that CPU. Every client
@@ -27,7 +27,7 @@ from tracer import session
 
 pytestmark = pytest.mark.live
 
-STORM_PORTS = 2000  # collisions in the storm: far beyond what the buffer holds
+STORM_PORTS = 6000  # collisions in the storm: far beyond what the buffer holds (2 MiB per CPU here)
 AFTER_PORTS = 20  # collisions after the resume
 
 

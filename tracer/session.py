@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -33,7 +34,22 @@ from tracer.pipeline.records import Clock, ready_record
 
 POLL_MS = 100
 CHECK_S = 1.0  # how often the kernel's counts (collisions, skipped runs, refused events) are read
-PERF_PAGES = 64  # per CPU
+# The perf buffer: a budget shared by the CPUs, each CPU's part a power of two
+# pages between the bounds. A burst of collisions lands on few CPUs on a
+# small host (a 1,000-collision burst on 2 CPUs fills 256 KiB per CPU, not
+# 2 MiB: docs/benchmarks.md); a big host spreads it over many.
+PERF_BUDGET = 16 << 20
+PERF_PAGES_MIN, PERF_PAGES_MAX = 64, 512
+
+
+def perf_pages(cpus: int, page: int = 4096) -> int:
+    """Pages per CPU for the perf buffer."""
+    want = max(1, PERF_BUDGET // (max(1, cpus) * page))
+    pages = 1 << (want.bit_length() - 1)  # a power of two, as perf requires
+    return max(PERF_PAGES_MIN, min(PERF_PAGES_MAX, pages))
+
+
+PERF_PAGES = perf_pages(os.cpu_count() or 1, os.sysconf("SC_PAGE_SIZE"))
 
 
 @dataclass
