@@ -38,8 +38,11 @@ CHECK_S = 1.0  # how often the kernel's counts (collisions, skipped runs, refuse
 # pages between the bounds. A burst of collisions lands on few CPUs on a
 # small host (a 1,000-collision burst on 2 CPUs fills 256 KiB per CPU, not
 # 2 MiB: docs/benchmarks.md); a big host spreads it over many.
+# Held at 64 pages for now: with 512 per CPU the tracer's programs stayed
+# loaded for seconds after it exited (test_signals_detach_everything), not
+# yet understood; a burst beyond the buffer is counted and said meanwhile.
 PERF_BUDGET = 16 << 20
-PERF_PAGES_MIN, PERF_PAGES_MAX = 64, 512
+PERF_PAGES_MIN, PERF_PAGES_MAX = 64, 64
 
 
 def perf_pages(cpus: int, page: int = 4096) -> int:

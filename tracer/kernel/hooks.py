@@ -287,6 +287,11 @@ class Plan:
         return out
 
 
+def probe_functions() -> set[str]:
+    """The kernel functions the kprobe and fentry candidates attach to."""
+    return {t for cands in CANDIDATES.values() for c in cands if c.backend != "tracepoint" for t in c.targets}
+
+
 def gather(btf=None, fentry_probe=None) -> Offer:
     """Look at the running kernel. fentry_probe() -> (works, note) tries it for real."""
     offer = Offer()
@@ -300,7 +305,7 @@ def gather(btf=None, fentry_probe=None) -> Offer:
                 cat, ev = c.targets[0].split(":")
                 offer.formats[c.targets[0]] = capabilities.tracepoint_format(cat, ev, offer.tracefs) if offer.tracefs else None
     offer.kprobes = capabilities.kprobes_available(offer.tracefs)
-    wanted = {t for cands in CANDIDATES.values() for c in cands if c.backend != "tracepoint" for t in c.targets}
+    wanted = probe_functions()
     # only kprobes attach by symbol (fentry finds its functions in BTF)
     offer.kallsyms = capabilities.resolve_symbols(wanted) if offer.kprobes else {}
     if btf is not None:
