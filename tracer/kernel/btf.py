@@ -356,23 +356,15 @@ class BTF:
         return out
 
     def _names(self) -> dict[str, list[int]]:
+        """Type ids by name, every name decoded (for listings; lookups by one
+        name go through _ids_by_name_off)."""
         index = self._name_index
         if index is None:
             index = {}
-            buf = self._buf
-            u32 = self._u32.unpack_from
-            get_str = self._str
-            for tid, off in enumerate(self._offsets):
-                if tid == 0:
-                    continue
-                name_off = u32(buf, off)[0]
-                if name_off:
-                    name = get_str(name_off)
-                    ids = index.get(name)
-                    if ids is None:
-                        index[name] = [tid]
-                    else:
-                        ids.append(tid)
+            for name_off, ids in self._ids_by_name_off().items():
+                index.setdefault(self._str(name_off), []).extend(ids)
+            for ids in index.values():
+                ids.sort()
             self._name_index = index
         return index
 
