@@ -118,6 +118,26 @@ class Tracer:
             self.proc.wait()
 
 
+SCHEDULING_MS = 20  # how much later than the kernel a loaded machine may let the client see its connect() return
+
+
+def agrees_with_connect(penalty_ms: float, connect_ms: float, tolerance_ms: float) -> bool:
+    """The tracer's penalty (kernel time stamps) against the client's own
+    measurement of its connect(): never more than it (beyond the stamps'
+    resolution), and less only by what scheduling can add to a user-space
+    measurement on a loaded machine."""
+    return connect_ms - (SCHEDULING_MS * SLOW + tolerance_ms) <= penalty_ms <= connect_ms + tolerance_ms
+
+
+def late_hook(records: list[dict]) -> bool:
+    """The tracer says its lazy state hook came back later than half a
+    client's retry time at least once (it then keeps it attached), so an
+    establishment may have gone unseen: that run's reports are honest but
+    not exact, and a test of exact timelines runs its scenario again."""
+    hook = records[-1].get("state_hook") if records and records[-1].get("type") == "summary" else None
+    return bool(hook and hook.get("kept_attached"))
+
+
 def scenario(*args: str, stdin=None) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "tracer.host.scenario", *args],

@@ -13,12 +13,14 @@ its connect() latency.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import signal
 import time
 
 import pytest
 
-from tests.live import SLOW, Tracer, ns_name, read_steps, require_live, scenario
+from tests.live import SLOW, Tracer, agrees_with_connect, late_hook, ns_name, read_steps, require_live, scenario
 from tests.test_diagnosis_live import nft
 from tracer.host import netns
 
@@ -38,11 +40,17 @@ def _live():
     require_live()
 
 
-@pytest.fixture
-def two_hosts():
+@contextlib.contextmanager
+def hosts():
     with netns.NetNS(ns_name("srv")) as srv, netns.NetNS(ns_name("cli")) as cli:
         netns.veth(srv, cli, [f"{SERVER_IP}/24"], [f"{CLIENT_IP}/24"], name=f"tv{srv.inode % 100000}")
         yield srv, cli
+
+
+@pytest.fixture
+def two_hosts():
+    with hosts() as pair:
+        yield pair
 
 
 def ours(records: list[dict]) -> list[dict]:
@@ -88,10 +96,30 @@ def check_events(rec: dict, netns_inodes: set[int]) -> None:
     assert ts == sorted(ts)
 
 
+ATTEMPTS = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Host:
+    name: str
+    inode: int
+
+
 @pytest.mark.matrix
-def test_client_server_and_both_views(two_hosts):
-    srv, cli = two_hosts
-    client_pid, steps, out = run_three(srv, cli)
+def test_client_server_and_both_views():
+    for attempt in range(ATTEMPTS):  # in new namespaces each time
+        with hosts() as (srv_ns, cli_ns):
+            srv, cli = Host(srv_ns.name, srv_ns.inode), Host(cli_ns.name, cli_ns.inode)
+            client_pid, steps, out = run_three(srv_ns, cli_ns)
+        late = [view for view, records in out.items() if late_hook(records)]
+        if not late:
+            break
+        # a loaded machine let a tracer's state hook come back after the
+        # retry: its reports say so (recovered_unseen or state_hook_off);
+        # this test checks exact timelines, so the scenario runs again
+        for view in late:
+            for rec in ours(out[view]):
+                assert rec["outcome_detail"] == "recovered_fast" or rec["incomplete"], rec
     connect_ms = next(s["connect_ms"] for s in steps if s["step"] == "connected")
 
     # -- the server's namespace alone: the server's view (as before issue 7)
@@ -104,7 +132,7 @@ def test_client_server_and_both_views(two_hosts):
         "syn", "challenge_ack", "rst", "closewait_closed", "retry_syn", "queued", "established"]
     assert [s["step"] for s in sv["steps"]] == server_only, sv["steps"]
     assert sv["challenge_acks_received"] == 0
-    assert sv["penalty_ms"] == pytest.approx(connect_ms, abs=5 * SLOW)
+    assert agrees_with_connect(sv["penalty_ms"], connect_ms, 5 * SLOW), (sv["penalty_ms"], connect_ms)
     check_events(sv, {srv.inode})
     server_ack = next(s for s in sv["steps"] if s["step"] == "challenge_ack")
 
@@ -129,7 +157,7 @@ def test_client_server_and_both_views(two_hosts):
     assert by["retry_syn"]["t_ms"] - by["rst"]["t_ms"] < 100
     assert by["established"]["end"] == "client"
     assert cv["retransmissions"] == 1 and cv["syn_hits"] == 1 and cv["challenge_acks_received"] == 1
-    assert cv["penalty_ms"] == pytest.approx(connect_ms, abs=PENALTY_TOLERANCE_MS), (cv["penalty_ms"], connect_ms)
+    assert agrees_with_connect(cv["penalty_ms"], connect_ms, PENALTY_TOLERANCE_MS), (cv["penalty_ms"], connect_ms)
     assert cv["client_process"]["pid"] == client_pid and cv["client_process"]["comm"].startswith("python")
     assert (f"The server at {SERVER} still holds an old connection from this port in CLOSE_WAIT: its application "
             "is not closing sockets") in cv["explanation"]
@@ -161,7 +189,7 @@ def test_client_server_and_both_views(two_hosts):
     assert by["rst"]["seen_at"] == "client" and by["rst"]["in_window"] is True and "received_ms" in by["rst"]
     assert bv["challenge_acks_received"] == 1 and bv["syn_hits"] == 1
     assert bv["client_process"]["pid"] == client_pid
-    assert bv["penalty_ms"] == pytest.approx(connect_ms, abs=5 * SLOW)
+    assert agrees_with_connect(bv["penalty_ms"], connect_ms, 5 * SLOW), (bv["penalty_ms"], connect_ms)
     assert "CLOSE_WAIT" in bv["explanation"] and "never accept" in bv["explanation"]  # the server side's culprit
     check_events(bv, {srv.inode, cli.inode})
     assert {e["type"] for e in bv["events"]} >= {"syn_challenged", "client_challenged", "rst_received"}

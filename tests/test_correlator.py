@@ -916,6 +916,63 @@ def test_state_hook_attached_after_the_retry_marks_the_incident_incomplete():
     assert "may well have recovered" in explain(inc, {})
 
 
+def test_a_missed_establishment_is_confirmed_from_the_socket_list():
+    """Synthetic: the same late hook, then the host's look at the tuple as the
+    incident ends (the Pipeline hands Host.context's `connection` to
+    confirm()). The new connection's socket proves it recovered; when it got
+    there is not known, so there is no penalty, and the report says so."""
+    [inc] = _lazy_stream(Collision(), attach_after=20 * MS)
+    c = Correlator(STATES, HZ)
+    c.confirm(inc, {"server": ["ESTABLISHED"], "client": None, "at_ns": T0 + 20 * S})
+    assert inc.outcome == "recovered" and inc.outcome_detail == "recovered_unseen"
+    assert inc.incomplete_reasons == ["established_unseen"] and inc.penalty_ns is None
+    est = inc.step("established")
+    assert est.detail == {"seen_by": "sock_diag", "by_ms": 20000.0, "server_state": "ESTABLISHED"}
+    rec = record(inc)
+    assert rec["penalty_ms"] is None and rec["outcome_detail"] == "recovered_unseen"
+    assert "showed it so 20.00 s after the first SYN" in rec["explanation"], rec["explanation"]
+    assert "may well have recovered" not in rec["explanation"]
+    assert "showed it established afterwards" in rec["explanation"]
+
+
+@pytest.mark.parametrize("states, closed, proves", [
+    (["SYN_RECV"], True, False),  # not established yet: proves nothing
+    ([], True, False),  # nothing on the tuple (closed since, or never got there)
+    (["CLOSE_WAIT"], False, False),  # the old socket itself, not killed: proves nothing
+    (["CLOSE_WAIT"], True, True),  # the old one is dead: the new one, its peer gone since
+    (["TIME_WAIT"], False, True),  # only a connection that was established can be there
+])
+def test_only_a_state_of_the_new_connection_proves_it(states, closed, proves):
+    """Synthetic: the old CLOSE_WAIT socket is on the same tuple, so its own
+    state proves nothing unless the RST is known to have killed it."""
+    a = Collision()
+    c = Correlator(STATES, HZ)
+    c.state_hook(False, T0 - S)
+    seq = [ev for ev in a.seed_sequence() if ev.type != "state"]
+    if not closed:
+        seq = [ev for ev in seq if ev.type != "rst_received"]
+    done = []
+    for ev in seq:
+        done += c.feed(ev)
+    c.state_hook(True, T0 + S)
+    done += c.tick(T0 + 20 * S)
+    [inc] = done
+    assert inc.has("closewait_closed") is closed
+    before = inc.outcome
+    c.confirm(inc, {"server": states, "client": None, "at_ns": T0 + 20 * S})
+    assert (inc.outcome_detail == "recovered_unseen") is proves, (inc.outcome, inc.steps)
+    if not proves:
+        assert inc.outcome == before and inc.incomplete_reasons == ["state_hook_off"]
+
+
+def test_confirm_leaves_a_seen_incident_alone():
+    """Synthetic: an incident the hook saw whole is never changed by the socket list."""
+    _, [inc] = correlate(Collision().seed_sequence())
+    penalty = inc.penalty_ns
+    Correlator(STATES, HZ).confirm(inc, {"server": ["ESTABLISHED"], "client": None, "at_ns": T0 + 20 * S})
+    assert inc.outcome_detail == "recovered_fast" and inc.penalty_ns == penalty and not inc.incomplete
+
+
 def test_an_incident_without_a_gap_is_not_marked():
     """The same timed-out incident with the hook attached all along: pending,
     and complete as far as the hook goes."""

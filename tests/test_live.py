@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.live import BACKEND, BIN, SLOW, Tracer, bpf_prog_ids, ns_name, read_steps, require_live, scenario
+from tests.live import (BACKEND, BIN, SLOW, Tracer, agrees_with_connect, bpf_prog_ids, late_hook, ns_name, read_steps,
+                        require_live, scenario)
 from tracer.host import netns
 
 pytestmark = pytest.mark.live
@@ -70,7 +71,7 @@ def check_seed(rec: dict, steps: list[dict], server: str, client: str, family: s
     assert by_name["retry_syn"]["reached"] == "listener"
     # the client's own measurement of its connect() agrees with the penalty
     connect_ms = next(s["connect_ms"] for s in steps if s["step"] == "connected")
-    assert rec["penalty_ms"] == pytest.approx(connect_ms, abs=5 * SLOW), (rec["penalty_ms"], connect_ms)
+    assert agrees_with_connect(rec["penalty_ms"], connect_ms, 5 * SLOW), (rec["penalty_ms"], connect_ms)
     # the CLOSE_WAIT socket was created about port_wait (~1 s, tcp_fin_timeout) before
     # (--fast: about 20 ms before)
     assert min_age < rec["closewait_age_s"] < max_age
@@ -514,33 +515,41 @@ def _wait_until(predicate, timeout: float) -> bool:
     return predicate()
 
 
-def test_state_hook_is_attached_only_while_a_collision_is_in_progress(ns):
+def test_state_hook_is_attached_only_while_a_collision_is_in_progress():
     """Where the state-change hook is a raw tracepoint, the host's ordinary
     state changes do not run it: it is off at rest, comes on when a collision
     starts, soon enough to see the retry established (a complete report),
-    and goes off again once the incident is over."""
-    tracer = Tracer("--netns", str(ns.inode))
-    try:
-        ready = tracer.wait_ready()
-        hook = next(h for h in ready["hooks"] if h["logical"] == "set_state")
-        if hook["attach"] != "raw_tracepoint" or "kept attached" in hook["note"]:
-            pytest.skip(f"the state hook stays attached here ({hook['attach']}; {hook['note']})")
-        assert hook["lazy"] is True
-        pid = tracer.proc.pid
-        at_rest = _raw_tracepoints(pid)
-        assert "tcp_receive_reset" in at_rest and "inet_sock_set_state" not in at_rest, at_rest
-        proc = scenario("--server-ns", ns.name, "--fast", "--hold", "0.5")
-        steps = read_steps(proc)
-        assert proc.wait(timeout=30 * SLOW) == 0, steps
-        rec = tracer.wait_for("collision", 10 * SLOW)
-        assert rec is not None and rec["outcome"] == "recovered" and rec["incomplete"] is False, rec
-        assert [s["step"] for s in rec["steps"]] == SEED_STEPS
-        assert _wait_until(lambda: "inet_sock_set_state" not in _raw_tracepoints(pid), 5 * SLOW)
-        rc, records, stderr = tracer.stop(signal.SIGTERM)
-    finally:
-        tracer.kill()
-    assert rc == 0, stderr
-    hook_summary = records[-1]["state_hook"]
+    and goes off again once the incident is over. (Where a loaded machine
+    lets it come back too late, the tracer says so and keeps it attached:
+    the scenario then runs again, in a new namespace, up to three times.)"""
+    for attempt in range(3):
+        with netns.NetNS(ns_name("lazy")) as ns:
+            tracer = Tracer("--netns", str(ns.inode))
+            try:
+                ready = tracer.wait_ready()
+                hook = next(h for h in ready["hooks"] if h["logical"] == "set_state")
+                if hook["attach"] != "raw_tracepoint" or "kept attached" in hook["note"]:
+                    pytest.skip(f"the state hook stays attached here ({hook['attach']}; {hook['note']})")
+                assert hook["lazy"] is True
+                pid = tracer.proc.pid
+                at_rest = _raw_tracepoints(pid)
+                assert "tcp_receive_reset" in at_rest and "inet_sock_set_state" not in at_rest, at_rest
+                proc = scenario("--server-ns", ns.name, "--fast", "--hold", "0.5")
+                steps = read_steps(proc)
+                assert proc.wait(timeout=30 * SLOW) == 0, steps
+                rec = tracer.wait_for("collision", 10 * SLOW)
+                detached = _wait_until(lambda: "inet_sock_set_state" not in _raw_tracepoints(pid), 5 * SLOW)
+                rc, records, stderr = tracer.stop(signal.SIGTERM)
+            finally:
+                tracer.kill()
+        assert rc == 0, stderr
+        hook_summary = records[-1]["state_hook"]
+        if not late_hook(records):
+            break
+        assert rec is not None and (rec["incomplete"] or rec["outcome_detail"] == "recovered_fast"), rec
+    assert rec is not None and rec["outcome"] == "recovered" and rec["incomplete"] is False, rec
+    assert [s["step"] for s in rec["steps"]] == SEED_STEPS
+    assert detached
     assert hook_summary["attaches"] == 1 and hook_summary["kept_attached"] is None, hook_summary
     assert hook_summary["slowest_ms"] > 0, hook_summary
 
@@ -558,3 +567,40 @@ def test_state_hook_always_stays_attached(ns):
         tracer.kill()
     assert rc == 0, stderr
     assert records[-1]["state_hook"] is None
+
+
+def test_a_late_state_hook_is_completed_from_the_socket_list(ns):
+    """The tracer is stopped (SIGSTOP) through a whole collision, as a tracer
+    on a host in trouble may be late: when it runs again the state hook comes
+    back long after the connection was established, which no event can tell
+    any more. The kernel's socket list (sock_diag) still can, and the
+    incident is reported recovered from it, saying so (recovered_unseen, no
+    penalty: when it got there was not seen), never pending."""
+    tracer = Tracer("--netns", str(ns.inode))
+    try:
+        ready = tracer.wait_ready()
+        hook = next(h for h in ready["hooks"] if h["logical"] == "set_state")
+        if not hook["lazy"]:
+            pytest.skip(f"the state hook stays attached here ({hook['attach']}; {hook['note']})")
+        tracer.proc.send_signal(signal.SIGSTOP)
+        try:
+            proc = scenario("--server-ns", ns.name, "--fast", "--hold", str(6 * SLOW))
+            steps = read_steps(proc, until="connected")
+        finally:
+            tracer.proc.send_signal(signal.SIGCONT)
+        assert steps[-1]["step"] == "connected", steps
+        time.sleep(1.0 * SLOW)  # it reads the collision's events and attaches the hook: too late
+        rc, records, stderr = tracer.stop(signal.SIGTERM)  # the incident ends at the flush, still open
+        assert proc.wait(timeout=30 * SLOW) == 0
+    finally:
+        tracer.kill()
+    assert rc == 0, stderr
+    [rec] = [r for r in records if r["type"] == "collision"]
+    assert rec["outcome"] == "recovered" and rec["outcome_detail"] == "recovered_unseen", rec
+    assert rec["incomplete_reasons"] == ["established_unseen"] and rec["penalty_ms"] is None, rec
+    est = next(s for s in rec["steps"] if s["step"] == "established")
+    assert est["seen_by"] == "sock_diag" and est["server_state"] == "ESTABLISHED", est
+    assert est["by_ms"] == est["t_ms"] >= 1000 * SLOW * 0.9, est  # found after the tracer ran again, not before
+    assert "the kernel's socket list showed it established afterwards" in rec["explanation"]
+    assert "pending" not in rec["explanation"]
+    assert records[-1]["state_hook"]["kept_attached"], records[-1]["state_hook"]

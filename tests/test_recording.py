@@ -228,3 +228,34 @@ def test_a_live_stream_out_of_order_replays_to_the_same_records(tmp_path):
     got, summary, err = run(path)
     assert err is None and got == live
     assert summary["collisions"] == 2 and summary["events"] == len(events)
+
+
+def test_an_establishment_confirmed_from_the_socket_list_replays_the_same(tmp_path):
+    """Synthetic stream: the state hook came back too late, and the live
+    run's host found the connection established in the socket list as the
+    incident ended. The recording keeps what the host said, so the replay
+    reports the same recovered_unseen incident."""
+    connection = {"server": ["ESTABLISHED"], "client": None, "at_ns": T0 + 3 * S}
+
+    class Late(NoHost):
+        def context(self, inc):
+            return {"owners": [], "listener": None, "connection": connection}
+
+    buf = io.BytesIO()
+    w = recording.Writer(buf, {"kernel": "test", "backend": "tracepoint", "tcp_states": {str(k): v for k, v in
+                               STATES.items()}, "hz": HZ, "clock_offset_ns": 0, **Settings().header()})
+    printed: list[dict] = []
+    pipeline = Pipeline(Correlator(STATES, HZ), Clock(0), "tracepoint", printed.append, host=Late(), recorder=w)
+    pipeline.state_hook(False, T0 - S)
+    pipeline.state_hook(True, T0 + 2 * S)
+    for ev in Collision().seed_sequence():
+        if ev.type != "state":
+            pipeline.feed(ev)
+    pipeline.flush()
+    pipeline.finish("SIGTERM")
+    [live] = [r for r in printed if r["type"] == "collision"]
+    assert live["outcome_detail"] == "recovered_unseen" and live["penalty_ms"] is None
+    path = tmp_path / "late.rec"
+    path.write_bytes(buf.getvalue())
+    got, summary, err = run(path)
+    assert err is None and got == [live]

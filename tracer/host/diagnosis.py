@@ -114,6 +114,8 @@ class Diagnoser:
         inode = inc.closewait.get("inode")
         owners = [o.as_dict() for o in self.owners.lookup(inode)] if inode else []
         ctx = {"owners": owners, "listener": self.listener(inc)}
+        if "state_hook_off" in inc.incomplete_reasons and not inc.has("established"):
+            ctx["connection"] = self.connection(inc)
         if inc.client_inode and inc.client_process is None:
             # the connecting process: the one holding the client socket (the
             # tracepoint backend has no connect hook; at the RST the current
@@ -122,6 +124,30 @@ class Diagnoser:
             if found:
                 ctx["client_process"] = {"pid": found[0].pid, "comm": found[0].comm}
         return ctx
+
+    def connection(self, inc: Incident) -> dict:
+        """The new connection's sockets as the kernel lists them now, for an
+        incident whose establishment the state hook may have missed: the
+        states of the sockets on its tuple at each traced end (None: that end
+        is not traced here, or its namespace could not be listed), and when
+        they were asked for (CLOCK_MONOTONIC, the kernel events' clock)."""
+        ends = {"server": (inc.netns, inc.server, inc.client) if inc.seen_server else None,
+                "client": (inc.client_netns, inc.client, inc.server) if inc.client_netns is not None else None}
+        out: dict = {}
+        for end, where in ends.items():
+            out[end] = None
+            if where is None:
+                continue
+            netns, local, remote = where
+            path = self._ns_path(netns)
+            if path is None:
+                continue
+            try:
+                out[end] = sockdiag.tuple_states(netns, path, local, remote)
+            except (OSError, sockdiag.SockDiagError):
+                continue
+        out["at_ns"] = time.monotonic_ns()
+        return out
 
     def _ns_path(self, netns: int) -> str | None:
         if netns not in self._ns_paths and time.monotonic() - self._ns_scanned >= 1.0:

@@ -249,6 +249,17 @@ def list_sockets(states: int = ALL_STATES, netns: int | None = None, families: t
     return out
 
 
+def tuple_states(netns: int, ns_path: str, local: str, remote: str) -> list[str]:
+    """The states of the sockets in a namespace with exactly this local and
+    remote endpoint ("10.0.0.1:80", "[::1]:80"), of any state, TIME_WAIT
+    included (filtered by local port in the kernel, without tcp_info)."""
+    port = int(local.rsplit(":", 1)[1])
+    with _diag_socket_in(ns_path) as sock:
+        return [s.state for fam in (socket.AF_INET, socket.AF_INET6)
+                for s in _dump(sock, netns, fam, ALL_STATES, info=False, port=port)
+                if s.local == local and s.remote == remote]
+
+
 def queue_sockets(netns: int, ns_path: str, port: int, states: int) -> list[Sock]:
     """What a listener's accept queue is made of, cheaply: the sockets in
     `states` with local port `port` (filtered in the kernel, without

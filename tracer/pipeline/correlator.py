@@ -36,6 +36,7 @@ OUTCOME_DETAILS = (
     "stuck_challenge_ack_lost",  # challenge ACKs sent, no RST came back: lost on the path
     "stuck",  # the client keeps hitting the socket, cause not seen
     "client_gave_up",  # the connecting socket was closed before it was established
+    "recovered_unseen",  # established unseen by the state hook, found so through sock_diag: when is not known
     "pending",  # not established when the trace or the incident's time ran out, nothing more seen
 )
 # Why an incident may miss kernel events (`incomplete_reasons`), each explained by tracer/pipeline/explain.py.
@@ -43,7 +44,16 @@ INCOMPLETE_REASONS = (
     "events_lost",  # the perf buffer was full: events lost while it was open or on their way
     "runs_skipped",  # an end left ESTABLISHED unseen arriving: the kernel skipped a BPF run (recursion_misses)
     "state_hook_off",  # it began while the lazy state hook was detached and never got established
+    "established_unseen",  # so, but sock_diag found it established afterwards: the delay is not known
 )
+# States of a socket on the collision's tuple that prove the new connection was
+# established, at each end. The server's old socket (CLOSE_WAIT, then LAST_ACK
+# once its application closes it) is on the same tuple: those two prove it only
+# once the RST is known to have killed the old one.
+ESTABLISHED_SINCE = {
+    "server": ("ESTABLISHED", "FIN_WAIT1", "FIN_WAIT2", "CLOSING", "TIME_WAIT"),
+    "client": ("ESTABLISHED", "FIN_WAIT1", "FIN_WAIT2", "CLOSING", "CLOSE_WAIT", "LAST_ACK"),
+}
 FAST_RETRY_NS = 200_000_000  # TCP_RTO_MIN: no retransmission timeout is shorter
 RECENT = 1024  # finished incidents remembered to recognise repeats
 
@@ -129,7 +139,9 @@ class Incident:
     @property
     def penalty_ns(self) -> int | None:
         est = self.step("established")
-        return est.ts_ns - self.first_ns if est else None
+        if est is None or est.detail.get("seen_by") == "sock_diag":  # when it happened is not known
+            return None
+        return est.ts_ns - self.first_ns
 
     def add(self, name: str, ts_ns: int, **detail) -> Step:
         s = Step(name, ts_ns, detail)
@@ -645,8 +657,37 @@ class Correlator:
         self._remember(inc)
         return inc
 
+    def confirm(self, inc: Incident, connection: dict) -> None:
+        """The host's look at an ended incident's tuple, for one that the state
+        hook may have missed the establishment of (state_hook_off): the states
+        of the sockets on it at each end (`server`, `client`: lists, None if
+        not asked) at `at_ns`. A socket in a state that only the new
+        connection can be in proves it was established by then: the incident
+        is recovered, when is not known (established_unseen)."""
+        if inc.has("established") or "state_hook_off" not in inc.incomplete_reasons:
+            return
+        proof = {"server": set(ESTABLISHED_SINCE["server"]), "client": set(ESTABLISHED_SINCE["client"])}
+        if inc.has("closewait_closed"):  # the old socket is gone: its states now belong to the new one
+            proof["server"] |= {"CLOSE_WAIT", "LAST_ACK"}
+        found = {end: next(st for st in connection[end] if st in proof[end])
+                 for end in ("server", "client")
+                 if connection.get(end) and any(st in proof[end] for st in connection[end])}
+        if not found:
+            return
+        at_ns = connection["at_ns"]
+        inc.established_ends |= set(found)
+        inc.add("established", at_ns, seen_by="sock_diag", by_ms=round((at_ns - inc.first_ns) / 1e6, 3),
+                **{f"{end}_state": st for end, st in found.items()})
+        inc.incomplete_reasons[inc.incomplete_reasons.index("state_hook_off")] = "established_unseen"
+        inc.steps.sort(key=lambda s: (s.ts_ns, STEPS.index(s.name)))
+        inc.stuck_reason = None
+        inc.outcome, inc.outcome_detail = self._outcome(inc)
+
     def _outcome(self, inc: Incident) -> tuple[str, str]:
-        if inc.has("established"):
+        est = inc.step("established")
+        if est is not None and est.detail.get("seen_by") == "sock_diag":
+            return "recovered", "recovered_unseen"
+        if est is not None:
             fast = inc.penalty_ns is not None and inc.penalty_ns < FAST_RETRY_NS
             return "recovered", "recovered_fast" if fast else "recovered_after_rto"
         knocking = inc.syn_hits > 1 or (not inc.has("rst") and any(s.name == "retry_syn" for s in inc.steps))

@@ -73,6 +73,11 @@ def _culprit(inc: Incident, owners: list[dict]) -> str:
 def _outcome(inc: Incident) -> list[str]:
     retries = sum(1 for s in inc.steps if s.name == "retry_syn")
     detail = inc.outcome_detail
+    if detail == "recovered_unseen":
+        est = inc.step("established")
+        found = _ms(est.ts_ns - inc.first_ns)
+        return [f"The new connection was established: the kernel's socket list showed it so {found} after the first "
+                "SYN, but when it got there, and so the delay the collision cost, was not seen."]
     if inc.outcome == "recovered":
         retry = any(s.name == "retry_syn" for s in inc.steps)
         via = "The client's retried SYN then reached the listener. " if retry else ""
@@ -114,6 +119,8 @@ INCOMPLETE_TEXT = {
                     "another BPF program runs on that CPU is not run): the timeline may miss steps.",
     "state_hook_off": "The state hook was attached again only after this collision began, so the connection may "
                       "have been established unseen: it may well have recovered.",
+    "established_unseen": "The state hook was attached again only after this collision began and did not see the "
+                          "connection established; the kernel's socket list showed it established afterwards.",
 }
 
 

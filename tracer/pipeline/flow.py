@@ -209,6 +209,8 @@ class Pipeline:
             context = self.host.context(inc)
             if context is not None and self.recorder is not None:
                 self.recorder.context(inc.id, context)
+            if context and context.get("connection"):
+                self.correlator.confirm(inc, context["connection"])
             rec = collision_record(inc, self.clock, self.backend, self.verbose, context, self.correlator.states)
             self.summary.add(rec)
             if self.metrics is not None:
