@@ -935,14 +935,18 @@ def test_a_missed_establishment_is_confirmed_from_the_socket_list():
     assert "showed it established afterwards" in rec["explanation"]
 
 
-@pytest.mark.parametrize("states, closed, proves", [
-    (["SYN_RECV"], True, False),  # not established yet: proves nothing
-    ([], True, False),  # nothing on the tuple (closed since, or never got there)
-    (["CLOSE_WAIT"], False, False),  # the old socket itself, not killed: proves nothing
-    (["CLOSE_WAIT"], True, True),  # the old one is dead: the new one, its peer gone since
-    (["TIME_WAIT"], False, True),  # only a connection that was established can be there
+@pytest.mark.parametrize("states, closed, proves, lingering", [
+    (["SYN_RECV"], True, False, "CLOSE_WAIT"),  # not established yet: proves nothing
+    ([], True, False, "CLOSE_WAIT"),  # nothing on the tuple (closed since, or never got there)
+    (["CLOSE_WAIT"], False, False, "CLOSE_WAIT"),  # the old socket itself, not killed: proves nothing
+    (["LAST_ACK"], False, False, "CLOSE_WAIT"),  # the old socket, closed by its application since
+    (["CLOSE_WAIT"], True, True, "CLOSE_WAIT"),  # the old one is dead: the new one, its peer gone since
+    (["TIME_WAIT"], False, True, "CLOSE_WAIT"),  # a CLOSE_WAIT socket never gets there: the new one did
+    (["TIME_WAIT"], False, False, "TIME_WAIT"),  # a TIME_WAIT collision: the old socket itself
+    (["TIME_WAIT"], False, False, "FIN_WAIT2"),  # where the old one goes next
+    (["ESTABLISHED"], False, True, "TIME_WAIT"),  # the old socket is never there again
 ])
-def test_only_a_state_of_the_new_connection_proves_it(states, closed, proves):
+def test_only_a_state_of_the_new_connection_proves_it(states, closed, proves, lingering):
     """Synthetic: the old CLOSE_WAIT socket is on the same tuple, so its own
     state proves nothing unless the RST is known to have killed it."""
     a = Collision()
@@ -958,6 +962,7 @@ def test_only_a_state_of_the_new_connection_proves_it(states, closed, proves):
     done += c.tick(T0 + 20 * S)
     [inc] = done
     assert inc.has("closewait_closed") is closed
+    inc.lingering_state = lingering
     before = inc.outcome
     c.confirm(inc, {"server": states, "client": None, "at_ns": T0 + 20 * S})
     assert (inc.outcome_detail == "recovered_unseen") is proves, (inc.outcome, inc.steps)

@@ -233,6 +233,8 @@ class Session:
         if new:
             self.pipeline.skipped(new)
         counts = self.kernel_counts.read()
+        self.tracking.sweep(self.pipeline.correlator.open.keys(), force=force)
+        counts.update(self.tracking.counts())
         if self.metrics is not None:
             self.metrics.kernel(counts)
         losses = {
@@ -257,7 +259,7 @@ class Session:
         busy = self.pipeline.busy
         self.tracking.keep(busy)
         if self.state_hook is not None:
-            self.state_hook.idle(busy)
+            self.state_hook.idle(busy, self.kernel_counts.syn_hits)
         if self.options.count and self.pipeline.summary.collisions >= self.options.count:
             self._stop_reason = "count"
 

@@ -38,6 +38,12 @@ class KernelCounts:
         index = STATS["not_submitted"]
         return sum(self.stats[self.stats.Key(index)]) - self._base["not_submitted"]
 
+    def syn_hits(self) -> int:
+        """SYNs the kernel saw challenged so far (past the filters), whether
+        or not their events reached user space: one lookup, for every poll."""
+        index = STATS["syn_hits"]
+        return sum(self.stats[self.stats.Key(index)]) - self._base["syn_hits"]
+
     def read(self) -> dict:
         """The counts so far: totals, and per (network namespace, server
         port, lingering state) busiest first (records.Summary.kernel() makes

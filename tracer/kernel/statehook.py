@@ -41,6 +41,7 @@ class LazyStateHook:
         self.kept: str | None = None  # why it stays attached from now on
         self.error: capabilities.KernelError | None = None  # raised by the session's loop
         self._last_event = float("-inf")
+        self._syn_hits = 0  # the kernel's count when last asked
 
     def trial(self) -> int:
         """Detach it, wait out the grace period a re-attach would wait for,
@@ -76,9 +77,20 @@ class LazyStateHook:
             self.kept = (f"kept attached from then on: it was back {late / 1e6:.2f} ms after a collision's "
                          f"first event, and a client may retry {self.retry_ns / 1e6:.0f} ms after its reset")
 
-    def idle(self, busy: bool) -> None:
-        """Between polls: detach it once nothing is in progress for LINGER_S."""
-        if self.attached and not busy and self.kept is None and time.monotonic() - self._last_event >= LINGER_S:
+    def idle(self, busy: bool, syn_hits: Callable[[], int] | None = None) -> None:
+        """Between polls: detach it once nothing is in progress for LINGER_S.
+        `syn_hits()`: the kernel's count of challenged SYNs (asked only when
+        it would detach); while it moves, collisions are in progress even
+        when none of their events reach user space (a perf buffer that
+        refuses them in a storm)."""
+        if not self.attached or busy or self.kept is not None:
+            return
+        if syn_hits is not None:
+            hits = syn_hits()
+            if hits != self._syn_hits:
+                self._syn_hits = hits
+                self._last_event = time.monotonic()
+        if time.monotonic() - self._last_event >= LINGER_S:
             self._detach()
 
     def summary(self) -> dict:

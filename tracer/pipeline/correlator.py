@@ -47,12 +47,22 @@ INCOMPLETE_REASONS = (
     "established_unseen",  # so, but sock_diag found it established afterwards: the delay is not known
 )
 # States of a socket on the collision's tuple that prove the new connection was
-# established, at each end. The server's old socket (CLOSE_WAIT, then LAST_ACK
-# once its application closes it) is on the same tuple: those two prove it only
-# once the RST is known to have killed the old one.
+# established, at each end (it was SYN_SENT at the client, and starts at
+# SYN_RECV at the server).
 ESTABLISHED_SINCE = {
-    "server": ("ESTABLISHED", "FIN_WAIT1", "FIN_WAIT2", "CLOSING", "TIME_WAIT"),
+    "server": ("ESTABLISHED", "FIN_WAIT1", "FIN_WAIT2", "CLOSING", "TIME_WAIT", "CLOSE_WAIT", "LAST_ACK"),
     "client": ("ESTABLISHED", "FIN_WAIT1", "FIN_WAIT2", "CLOSING", "CLOSE_WAIT", "LAST_ACK"),
+}
+# The old (lingering) socket is on the same tuple at the server: the states it
+# can be in from its lingering state on prove nothing, unless it is known to
+# be dead (its RST received).
+LINGERING_NEXT = {
+    "CLOSE_WAIT": ("CLOSE_WAIT", "LAST_ACK"),
+    "LAST_ACK": ("LAST_ACK",),
+    "FIN_WAIT1": ("FIN_WAIT1", "FIN_WAIT2", "CLOSING", "TIME_WAIT"),
+    "FIN_WAIT2": ("FIN_WAIT2", "TIME_WAIT"),
+    "CLOSING": ("CLOSING", "TIME_WAIT"),
+    "TIME_WAIT": ("TIME_WAIT",),
 }
 FAST_RETRY_NS = 200_000_000  # TCP_RTO_MIN: no retransmission timeout is shorter
 RECENT = 1024  # finished incidents remembered to recognise repeats
@@ -667,8 +677,8 @@ class Correlator:
         if inc.has("established") or "state_hook_off" not in inc.incomplete_reasons:
             return
         proof = {"server": set(ESTABLISHED_SINCE["server"]), "client": set(ESTABLISHED_SINCE["client"])}
-        if inc.has("closewait_closed"):  # the old socket is gone: its states now belong to the new one
-            proof["server"] |= {"CLOSE_WAIT", "LAST_ACK"}
+        if not inc.has("closewait_closed"):  # the old socket may still be there, in one of these
+            proof["server"] -= set(LINGERING_NEXT.get(inc.lingering_state, ESTABLISHED_SINCE["server"][1:]))
         found = {end: next(st for st in connection[end] if st in proof[end])
                  for end in ("server", "client")
                  if connection.get(end) and any(st in proof[end] for st in connection[end])}
