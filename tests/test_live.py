@@ -8,6 +8,7 @@ the tracer runs, then checks the JSON it wrote against what the scenario did.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -449,6 +450,12 @@ def test_doctor_selftest():
     hooks = {h["logical"]: h for h in rep["hooks"]}
     assert hooks["set_state"]["verified"] is True and hooks["syn_challenged"]["verified"] is True
     assert all(h["verified"] for h in rep["hooks"] if h["available"] and h["selftested"])
+    # where a start spends its time here
+    assert list(rep["stages_s"]) == ["checks", "kernel_types", "hooks", "compile_load", "selftest"], rep["stages_s"]
+    assert all(v >= 0 for v in rep["stages_s"].values()) and rep["stages_s"]["compile_load"] > 0
+    text = subprocess.run([str(BIN), "doctor", "--selftest", "--backend", BACKEND, "--no-color"], capture_output=True,
+                          text=True, timeout=120 * SLOW, env={**os.environ, "COLUMNS": "200"})
+    assert text.returncode == 0 and "compile_load" in text.stdout and "{" not in text.stdout, text.stdout
 
 
 @pytest.mark.matrix

@@ -12,7 +12,7 @@ from tracer import __version__
 from tracer.cli.options import RUNTIME_ERRORS, Command, examples, takes, writer
 from tracer import selftest
 from tracer.kernel import capabilities, hooks, program
-from tracer.session import Options, attach
+from tracer.session import Options, Stages, attach
 
 EXAMPLES = examples(
     ("tcpcollide-trace doctor", "what this kernel offers, and the hooks the tracer would use"),
@@ -24,6 +24,7 @@ EXAMPLES = examples(
 def diagnose(backend: str, run_selftest: bool, btf_path: str | None, types_source: str = "auto") -> dict:
     """What this kernel offers and what the tracer would do with it."""
     problems: list[str] = []
+    stages = Stages()
     rep: dict = {"type": "doctor", "version": __version__, "kernel": capabilities.release(), "root": os.geteuid() == 0}
     rep["bcc"] = capabilities.bcc_version()
     if rep["bcc"] is None:
@@ -37,6 +38,7 @@ def diagnose(backend: str, run_selftest: bool, btf_path: str | None, types_sourc
     rep["headers"] = str(capabilities.headers_dir()) if capabilities.headers_dir() else None
     rep["lockdown"] = capabilities.lockdown()
     rep["kprobes"] = capabilities.kprobes_available(rep["tracefs"] and Path(rep["tracefs"]))
+    stages.done("checks")
     types = None
     try:
         types = program.kernel_types(btf_path, types_source)
@@ -47,7 +49,9 @@ def diagnose(backend: str, run_selftest: bool, btf_path: str | None, types_sourc
     probe = None
     if types is not None and types.btf is not None and rep["root"] and rep["bcc"]:
         probe = lambda: program.fentry_probe(types)  # noqa: E731
+    stages.done("kernel_types")
     offer = hooks.gather(types.btf if types else None, probe)
+    stages.done("hooks")
     rep["fentry"] = offer.fentry if probe else None
     rep["fentry_note"] = offer.fentry_note if probe else "not probed (needs root, bcc and BTF)"
     plan = None
@@ -56,8 +60,12 @@ def diagnose(backend: str, run_selftest: bool, btf_path: str | None, types_sourc
             problems.append("--selftest needs root")
         else:
             try:
-                plan, _, bpf = attach(Options(backend=backend, btf=btf_path, selftest=True, kernel_types=types_source))
+                loading = Stages()
+                plan, _, bpf = attach(Options(backend=backend, btf=btf_path, selftest=True, kernel_types=types_source),
+                                      loading)
                 bpf.cleanup()
+                # its own kernel_types and hooks repeat the ones above
+                stages.took.update({k: v for k, v in loading.took.items() if k in ("compile_load", "selftest")})
             except RUNTIME_ERRORS + (selftest.SelftestError,) as e:
                 problems.append(str(e))
     if plan is None:
@@ -69,6 +77,7 @@ def diagnose(backend: str, run_selftest: bool, btf_path: str | None, types_sourc
     rep["hooks"] = [c.as_dict() for c in plan.choices] if plan else []
     if not rep["root"]:
         problems.append("not root: the tracer itself must run as root")
+    rep["stages_s"] = stages.took
     rep["problems"] = list(dict.fromkeys(problems))
     rep["ok"] = not problems
     return rep

@@ -223,6 +223,8 @@ class TextWriter:
         fentry = {True: "yes", False: "no", None: "unknown"}[rec["fentry"]]
         line("fentry", fentry + (f" ({rec['fentry_note']})" if rec["fentry_note"] else ""))
         line("backend", rec["backend"] or "none")
+        if rec.get("stages_s"):
+            line("took", ", ".join(f"{k} {v:.3f} s" for k, v in rec["stages_s"].items()))
         table = Table(box=None, header_style="bold", pad_edge=False)
         for col in ("hook", "backend", "target", "fires", "note"):
             table.add_column(col, overflow="fold")
