@@ -75,7 +75,9 @@ enum tc_stat {
 	TC_STAT_NOT_SUBMITTED = 2, /* events the perf buffer refused (full): never seen by user space */
 	TC_STAT_UNTRACKED = 3,     /* collisions map `tracked` could not register: later events not streamed */
 	TC_STAT_UNCOUNTED = 4,     /* collisions map `counts` had no room for (the totals above still count them) */
-	TC_STAT_MAX = 5,
+	TC_STAT_NOT_STREAMED = 5,  /* state changes of a new connection after its end was seen established:
+				    * left in the kernel on purpose (nothing is learnt from them), not a loss */
+	TC_STAT_MAX = 6,
 };
 
 struct tc_event {

@@ -327,6 +327,7 @@ class Session:
         if self.metrics is not None:
             self.metrics.close()
             self.metrics = None
+        self.diagnoser.close()
 
 
 class Stages:

@@ -18,8 +18,13 @@ struct tc_tuple {
 
 struct tc_track {
 	__u64 first_ns; /* when the tuple was registered or taken over (user space keeps a newer one) */
-	__u64 skaddr;   /* the lingering socket */
+	__u64 skaddr;   /* the lingering socket (the connecting one where the client registered it) */
+	__u32 seen;     /* TC_SEEN_*: the ends of the new connection streamed arriving in ESTABLISHED */
+	__u32 pad;
 };
+
+#define TC_SEEN_SERVER 1
+#define TC_SEEN_CLIENT 2
 
 struct tc_conn {
 	__u32 pid;

@@ -5,21 +5,34 @@
  * matter only on a tracked tuple, from either end.
  */
 
-/* Is this tuple tracked in either orientation? (Swaps `t` for the second.) */
-static __always_inline int tc_tuple_tracked(struct tc_tuple *t)
+/* The entry of a socket's tuple (`t`, as the socket sees it: local first)
+ * in either orientation, or NULL. *server_end: the socket is the server's
+ * end. (Swaps `t` for the second lookup.) */
+static __always_inline struct tc_track *tc_tuple_entry(struct tc_tuple *t, int *server_end)
 {
+	struct tc_track *tr = tracked.lookup(t);
 	__u8 a[16];
 	__u16 p;
 
-	if (tracked.lookup(t))
-		return 1;
+	*server_end = 1;
+	if (tr)
+		return tr;
+	*server_end = 0;
 	p = t->sport;
 	t->sport = t->cport;
 	t->cport = p;
 	__builtin_memcpy(a, t->saddr, 16);
 	__builtin_memcpy(t->saddr, t->caddr, 16);
 	__builtin_memcpy(t->caddr, a, 16);
-	return tracked.lookup(t) != 0;
+	return tracked.lookup(t);
+}
+
+/* Is this tuple tracked in either orientation? (Swaps `t` for the second.) */
+static __always_inline int tc_tuple_tracked(struct tc_tuple *t)
+{
+	int server_end;
+
+	return tc_tuple_entry(t, &server_end) != 0;
 }
 
 /* Is this full socket an end of a tracked collision? The hot path of every
@@ -70,48 +83,83 @@ static __always_inline int tc_track(const struct tc_tuple *t, __u64 skaddr)
 	return fresh;
 }
 
+/* Stream one event about a socket of a tracked tuple. */
+static __always_inline int tc_emit(void *ctx, const void *sk, __u32 type, __u32 hook, int oldstate, int newstate,
+				   const void *skb)
+{
+	/* declared here: clang zeroes a local where it is declared, and the
+	 * untracked path must not pay for a few hundred bytes of stores */
+	struct tc_event ev = {};
+
+	if (tc_fill_sock(sk, &ev))
+		return 0;
+	ev.type = type;
+	ev.hook = hook;
+	if (type == TC_EV_RST_SENT)
+		ev.seq = tc_rst_seq(skb);
+	if (oldstate >= 0)
+		ev.oldstate = oldstate;
+	if (newstate >= 0)
+		ev.newstate = newstate;
+	tc_submit(ctx, &ev);
+	return 0;
+}
+
 /* Any socket event that matters only when it is about a tracked tuple. */
 static __always_inline int tc_on_tracked(void *ctx, const void *sk, __u32 type, __u32 hook,
 					 int oldstate, int newstate, const void *skb)
 {
 	if (!tc_sock_tracked(sk))
 		return 0;
-	{
-		/* declared here: clang zeroes a local where it is declared, and the
-		 * untracked path must not pay for a few hundred bytes of stores */
-		struct tc_event ev = {};
-
-		/* counted on tracked tuples only, to keep the untracked path to one
-		 * lookup: the self-test's collision exercises every such hook */
-		tc_fired(hook);
-		if (tc_fill_sock(sk, &ev))
-			return 0;
-		ev.type = type;
-		ev.hook = hook;
-		if (type == TC_EV_RST_SENT)
-			ev.seq = tc_rst_seq(skb);
-		if (oldstate >= 0)
-			ev.oldstate = oldstate;
-		if (newstate >= 0)
-			ev.newstate = newstate;
-		tc_submit(ctx, &ev);
-		return 0;
-	}
+	/* counted on tracked tuples only, to keep the untracked path to one
+	 * lookup: the self-test's collision exercises every such hook */
+	tc_fired(hook);
+	return tc_emit(ctx, sk, type, hook, oldstate, newstate, skb);
 }
 
 /* tcp_set_state(): report transitions of tracked tuples. Every state change
  * of the host comes through here, so outside a collision it costs one array
- * lookup (tc_sock_tracked). `oldstate` < 0: still in sk, read it only for a
+ * lookup (tc_tracking). `oldstate` < 0: still in sk, read it only for a
  * tracked socket. Nothing is kept per transition: the age of a lingering
  * socket is read from the socket itself when a SYN hits it (tp->rcv_tstamp,
- * tc_on_syn_challenged). */
+ * tc_on_syn_challenged).
+ *
+ * Once an end of the new connection was streamed arriving in ESTABLISHED,
+ * the rest of its life (ESTABLISHED -> FIN_WAIT1 -> FIN_WAIT2 -> CLOSE, or
+ * -> CLOSE_WAIT -> LAST_ACK) stays here, counted (TC_STAT_NOT_STREAMED):
+ * user space learns nothing from it, and it was a third of a collision's
+ * events. An end whose arrival was not streamed (a BPF run the kernel
+ * skipped) still streams its departure from ESTABLISHED: that is how user
+ * space learns of the skipped run. The lingering socket's own changes
+ * always stream. */
 static __always_inline int tc_on_set_state(void *ctx, const void *sk, int oldstate, int newstate, __u32 hook)
 {
+	struct tc_tuple t = {};
+	struct tc_track *tr;
 	__u8 state = 0;
+	__u32 bit;
+	int server_end = 0;
 
-	if (oldstate < 0 && tc_sock_tracked(sk)) {
+	if (!sk || !tc_tracking() || tc_sock_tuple(sk, &t))
+		return 0;
+	tr = tc_tuple_entry(&t, &server_end);
+	if (!tr)
+		return 0;
+	tc_fired(hook);
+	if (oldstate < 0) {
 		tc_read(state, sk, OFF_SKC_STATE);
 		oldstate = state;
 	}
-	return tc_on_tracked(ctx, sk, TC_EV_STATE, hook, oldstate, newstate, 0);
+	if ((__u64)sk != tr->skaddr) {
+		bit = server_end ? TC_SEEN_SERVER : TC_SEEN_CLIENT;
+		if (newstate == K_TCP_ESTABLISHED && (oldstate == K_TCP_SYN_SENT || oldstate == K_TCP_SYN_RECV)) {
+			tr->seen |= bit; /* racing CPUs may lose a bit: then one more event streams, harmless */
+		} else if ((oldstate == K_TCP_ESTABLISHED && (tr->seen & bit)) || oldstate == K_TCP_FIN_WAIT1 ||
+			   oldstate == K_TCP_FIN_WAIT2 || oldstate == K_TCP_CLOSING ||
+			   ((oldstate == K_TCP_CLOSE_WAIT || oldstate == K_TCP_LAST_ACK) && (tr->seen & bit))) {
+			tc_stat(TC_STAT_NOT_STREAMED);
+			return 0;
+		}
+	}
+	return tc_emit(ctx, sk, TC_EV_STATE, hook, oldstate, newstate, 0);
 }

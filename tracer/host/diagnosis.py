@@ -53,6 +53,8 @@ class Diagnoser:
         # (netns, listener) -> what was last reported about its queue
         self.watched: dict[tuple[int, str], dict] = {}
         self._polled = float("-inf")
+        self.pool = sockdiag.Pool()  # sock_diag sockets by namespace, closed when idle
+        self._batch_queues: dict[tuple[int, str], dict | None] = {}  # listener queues asked in this batch
 
     def watch(self, rec: dict) -> None:
         """Follow a collision's listener while its queue holds ghosts: tell
@@ -71,7 +73,9 @@ class Diagnoser:
     def poll(self) -> list[dict]:
         """`queue` records for watched listeners whose state changed: it
         overflowed (new connections dropped while ghosts fill the queue), the
-        ghosts changed, or they are gone."""
+        ghosts changed, or they are gone. (And closes the sock_diag sockets
+        left idle.)"""
+        self.pool.close_idle()
         if not self.watched or time.monotonic() - self._polled < WATCH_INTERVAL_S:
             return []
         self._polled = time.monotonic()
@@ -99,6 +103,9 @@ class Diagnoser:
                 del self.watched[(netns, listener)]
         return out
 
+    def close(self) -> None:
+        self.pool.close()
+
     def prefetch(self, ev: Event) -> None:
         """Find the owner as soon as the collision starts: by the time the
         incident is reported, its process may be gone. The inodes of a batch
@@ -107,8 +114,12 @@ class Diagnoser:
             self.owners.want(ev.sk_ino)
 
     def resolve(self) -> None:
-        """After a batch of events: one /proc scan for the owners they asked for."""
+        """After a batch of events: one /proc scan for the owners they asked
+        for. The listener queues looked up for the incidents that ended in
+        the batch are forgotten: the ones ending next are told the queue as
+        it is then."""
         self.owners.resolve()
+        self._batch_queues.clear()
 
     def context(self, inc: Incident) -> dict:
         inode = inc.closewait.get("inode")
@@ -143,7 +154,7 @@ class Diagnoser:
             if path is None:
                 continue
             try:
-                out[end] = sockdiag.tuple_states(netns, path, local, remote)
+                out[end] = sockdiag.tuple_states(netns, path, local, remote, self.pool)
             except (OSError, sockdiag.SockDiagError):
                 continue
         out["at_ns"] = time.monotonic_ns()
@@ -156,9 +167,16 @@ class Diagnoser:
         return self._ns_paths.get(netns)
 
     def listener(self, inc: Incident) -> dict | None:
+        """The listener's queue as the incident ends: asked once for all the
+        incidents on that listener that end in one batch of events (a storm
+        ends hundreds at once)."""
         if not inc.seen_server:  # the server is elsewhere: its listener is not here to see
             return None
-        return self._queue(inc.netns, inc.server)
+        key = (inc.netns, inc.server)
+        if key not in self._batch_queues:
+            self._batch_queues[key] = self._queue(inc.netns, inc.server)
+        q = self._batch_queues[key]
+        return dict(q) if q is not None else None
 
     def _queue(self, netns: int, server: str) -> dict | None:
         """The listener's queue. The listeners alone first: a dump of them
@@ -171,7 +189,7 @@ class Diagnoser:
         port = _addr_port(server)[1]
 
         def listed(states: int) -> dict | None:
-            return queue_for(inventory.listener_queues(sockdiag.queue_sockets(netns, path, port, states)), server)
+            return queue_for(inventory.listener_queues(sockdiag.queue_sockets(netns, path, port, states, self.pool)), server)
 
         try:
             q = listed(LISTEN)

@@ -12,6 +12,7 @@ queue and its limit as the send queue (what `ss` prints as Recv-Q / Send-Q).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import ipaddress
@@ -19,6 +20,7 @@ import os
 import socket
 import struct
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -249,22 +251,70 @@ def list_sockets(states: int = ALL_STATES, netns: int | None = None, families: t
     return out
 
 
-def tuple_states(netns: int, ns_path: str, local: str, remote: str) -> list[str]:
+def tuple_states(netns: int, ns_path: str, local: str, remote: str, pool: Pool | None = None) -> list[str]:
     """The states of the sockets in a namespace with exactly this local and
     remote endpoint ("10.0.0.1:80", "[::1]:80"), of any state, TIME_WAIT
     included (filtered by local port in the kernel, without tcp_info)."""
     port = int(local.rsplit(":", 1)[1])
-    with _diag_socket_in(ns_path) as sock:
+    with (pool or Pool.once()).socket(netns, ns_path) as sock:
         return [s.state for fam in (socket.AF_INET, socket.AF_INET6)
                 for s in _dump(sock, netns, fam, ALL_STATES, info=False, port=port)
                 if s.local == local and s.remote == remote]
 
 
-def queue_sockets(netns: int, ns_path: str, port: int, states: int) -> list[Sock]:
+def queue_sockets(netns: int, ns_path: str, port: int, states: int, pool: Pool | None = None) -> list[Sock]:
     """What a listener's accept queue is made of, cheaply: the sockets in
     `states` with local port `port` (filtered in the kernel, without
     tcp_info), listeners and the children no process has accepted yet only.
     The work does not grow with the accepted sockets a leaking server holds."""
-    with _diag_socket_in(ns_path) as sock:
+    with (pool or Pool.once()).socket(netns, ns_path) as sock:
         return [s for fam in (socket.AF_INET, socket.AF_INET6)
                 for s in _dump(sock, netns, fam, states, info=False, port=port, unaccepted=True)]
+
+
+class Pool:
+    """sock_diag sockets kept open per network namespace, so that a storm's
+    queries do not each start a thread to join the namespace. An open socket
+    holds its namespace alive: each is closed once unused for IDLE_S
+    (close_idle(), called by its owner now and then) and at close(). A
+    failed dump closes the socket it used (the next query opens a new one)."""
+
+    IDLE_S = 2.0
+
+    def __init__(self, keep: bool = True):
+        self.keep = keep
+        self._open: dict[int, tuple[socket.socket, float]] = {}
+
+    @classmethod
+    def once(cls) -> Pool:
+        """A pool that keeps nothing: one socket per query."""
+        return cls(keep=False)
+
+    @contextlib.contextmanager
+    def socket(self, netns: int, ns_path: str):
+        held = self._open.pop(netns, None)
+        sock = held[0] if held is not None else _diag_socket_in(ns_path)
+        try:
+            yield sock
+        except BaseException:
+            sock.close()
+            raise
+        if self.keep:
+            self._open[netns] = (sock, time.monotonic())
+        else:
+            sock.close()
+
+    def close_idle(self) -> None:
+        now = time.monotonic()
+        for netns, (sock, used) in list(self._open.items()):
+            if now - used >= self.IDLE_S:
+                del self._open[netns]
+                sock.close()
+
+    def close(self) -> None:
+        for sock, _ in self._open.values():
+            sock.close()
+        self._open.clear()
+
+    def __len__(self) -> int:
+        return len(self._open)

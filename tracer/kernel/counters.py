@@ -10,7 +10,7 @@ from tracer.pipeline.events import ENUMS
 STATS = {name.removeprefix("TC_STAT_").lower(): n for name, n in ENUMS["tc_stat"].items() if name != "TC_STAT_MAX"}
 # the names the records give them
 NAMES = {"collisions": "collisions", "syn_hits": "syn_hits", "not_submitted": "events_not_submitted",
-         "untracked": "untracked", "uncounted": "uncounted"}
+         "untracked": "untracked", "uncounted": "uncounted", "not_streamed": "events_not_streamed"}
 FAMILIES = {2: "ipv4", 10: "ipv6"}
 
 

@@ -226,6 +226,7 @@ class Correlator:
         self.events_seen = 0
         self.lost_events = 0
         self.ignored_events = 0
+        self._due = float("inf")  # no open incident's wait is over before this (kernel ns)
 
     # -- public interface ------------------------------------------------
 
@@ -263,14 +264,26 @@ class Correlator:
         return self._expire(now_ns)
 
     def _expire(self, now_ns: int) -> list[Incident]:
+        """End the incidents whose wait is over. Called for every event: the
+        open incidents are walked only once the earliest end is due."""
+        if now_ns < self._due:
+            return []
         done = []
+        due = float("inf")
         for inc in list(self.open.values()):
             est = inc.step("established")
             if est is not None and now_ns - est.ts_ns >= self.grace_ns:
                 done.append(self._close(inc, "complete"))
             elif est is None and now_ns - inc.first_ns >= self.timeout_ns:
                 done.append(self._close(inc, "timeout"))
+            else:
+                due = min(due, est.ts_ns + self.grace_ns if est is not None else inc.first_ns + self.timeout_ns)
+        self._due = due
         return done
+
+    def _opened(self, inc: Incident) -> None:
+        self.open[inc.key] = inc
+        self._due = min(self._due, inc.first_ns + self.timeout_ns)
 
     def lost(self, count: int, at_ns: int | None = None) -> None:
         """The kernel dropped `count` events: every open incident may miss
@@ -387,7 +400,7 @@ class Correlator:
         inc.repeat_of = self._earlier(inc)
         inc.add("syn", ev.ts_ns)
         self._challenge_from_syn(inc, ev, None)
-        self.open[key] = inc
+        self._opened(inc)
         return done
 
     def _challenge_from_syn(self, inc: Incident, ev: Event, retry: Step | None) -> None:
@@ -500,6 +513,7 @@ class Correlator:
         est = inc.step("established")
         if est is None:
             inc.add("established", ev.ts_ns, end=end)
+            self._due = min(self._due, ev.ts_ns + self.grace_ns)
         else:
             est.detail[f"{end}_ms"] = round((ev.ts_ns - inc.first_ns) / 1e6, 3)
         if not local_is_server and not inc.seen_server:
@@ -580,7 +594,7 @@ class Correlator:
         if syn_ns is not None:
             inc.add("syn", syn_ns, seen_at="client", sent=True)
         inc.add("challenge_ack", ev.ts_ns, seq=ev.seq, ack=ev.ack, seen_at="client")
-        self.open[key] = inc
+        self._opened(inc)
         return done
 
     def _client_evidence(self, inc: Incident, ev: Event) -> None:

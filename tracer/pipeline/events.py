@@ -186,6 +186,9 @@ class Layout:
                 dec = enc = None
             self._decoders.append(dec)
             self._encoders.append(enc)
+        self._decoding = [(i, dec) for i, dec in enumerate(self._decoders) if dec is not None]
+        self._attrs = self.field_names + tuple(attr for _, attr, _ in self._legacy)
+        self._new = object.__new__
 
     def decode(self, raw: bytes):
         """Decode one perf-buffer record or recording record."""
@@ -197,14 +200,21 @@ class Layout:
             raise DecodeError(f"unknown event type {etype}")
         if family not in (AF_INET, AF_INET6):
             raise DecodeError(f"unknown address family {family}")
-        args = [v if dec is None else dec(v) for v, dec in zip(values, self._decoders)]
+        args = list(values)
+        for index, dec in self._decoding:
+            args[index] = dec(args[index])
         flags = values[self._flags_index]
-        legacy = []
-        for index, _, bit in self._legacy:
-            legacy.append(args[index] if flags & bit else 0)
+        for index, attr, bit in self._legacy:
             if flags & bit:
+                args.append(args[index])
                 args[index] = 0
-        return self.event(*args, *legacy, raw=bytes(raw[:self.size]))
+            else:
+                args.append(0)
+        # validated above: built without the dataclass's __init__ (frozen: a
+        # __setattr__ per field) and its __post_init__, on the hot path
+        ev = self._new(self.event)
+        ev.__dict__.update(zip(self._attrs, args), raw=bytes(raw[:self.size]))
+        return ev
 
     def encode(self, ev) -> bytes:
         """The inverse of decode(), for synthetic streams in tests and replays."""
