@@ -363,6 +363,43 @@ def test_lost_marks_incidents_whose_start_was_still_on_its_way():
     assert c.lost_events == 7
 
 
+def test_a_client_side_incident_started_within_a_loss_is_marked():
+    """Synthetic stream. A loss reported at T0 + 5 ms, then the client's side
+    of a collision whose server side (its SYN challenged) is the event that
+    was lost: reported from the client's evidence alone, it must say it may
+    miss events, not pass for a complete client-view report. Found by
+    bench-storm at 5,000 collisions/s."""
+    a = Collision()
+    d = Collision(client_port=40001, closewait_sk=0xFFFF8881000B0000, client_sk=0xFFFF8881000C0000)
+    c = Correlator(STATES, HZ)
+    c.lost(3, at_ns=T0 + 5 * MS)
+    c.feed(a.client_challenged(T0 + 2 * MS, syn_ts=T0))  # before the loss report, fed after it
+    c.feed(d.client_challenged(T0 + 9 * MS, syn_ts=T0 + 8 * MS))  # after it
+    by_client = {i.client: i for i in c.flush()}
+    assert by_client[a.client].view == "client" and by_client[a.client].incomplete_reasons == ["events_lost"]
+    assert by_client[d.client].incomplete is False
+
+
+def test_skipped_runs_mark_like_a_loss():
+    """Synthetic stream. The kernel skipped runs of the programs (reported at
+    T0 + 5 ms without knowing whose): the open incident and the one whose
+    start was on its way are marked runs_skipped, a later one is not, and a
+    loss is not claimed."""
+    a = Collision()
+    b = Collision(client_port=40000, closewait_sk=0xFFFF8881000A0000)
+    d = Collision(client_port=40001, closewait_sk=0xFFFF8881000B0000)
+    c = Correlator(STATES, HZ)
+    c.feed(a.syn_challenged(T0))
+    c.skipped(2, at_ns=T0 + 5 * MS)
+    c.feed(b.client_challenged(T0 + 2 * MS, syn_ts=T0 + MS))
+    c.feed(d.syn_challenged(T0 + 6 * MS))
+    by_client = {i.client: i for i in c.flush()}
+    assert by_client[a.client].incomplete_reasons == ["runs_skipped"]
+    assert by_client[b.client].incomplete_reasons == ["runs_skipped"]
+    assert by_client[d.client].incomplete is False
+    assert c.skipped_runs == 2 and c.lost_events == 0
+
+
 def test_lost_without_time_is_placed_by_the_next_tick():
     """Synthetic stream. A loss reported without a time: incidents fed before
     the next tick(), and those starting up to loss_window_ns after that tick's

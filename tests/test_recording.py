@@ -259,3 +259,27 @@ def test_an_establishment_confirmed_from_the_socket_list_replays_the_same(tmp_pa
     path.write_bytes(buf.getvalue())
     got, summary, err = run(path)
     assert err is None and got == [live]
+
+
+def test_skipped_runs_replay_like_the_live_run(tmp_path):
+    """Synthetic stream: the live run was told of skipped BPF runs while a
+    collision was open; the recording keeps it (a skipped frame), so the
+    replay marks the same incident."""
+    buf = io.BytesIO()
+    w = recording.Writer(buf, {"kernel": "test", "backend": "tracepoint", "tcp_states": {str(k): v for k, v in
+                               STATES.items()}, "hz": HZ, "clock_offset_ns": 0, **Settings().header()})
+    printed: list[dict] = []
+    pipeline = Pipeline(Correlator(STATES, HZ), Clock(0), "tracepoint", printed.append, recorder=w)
+    events = Collision().seed_sequence()
+    pipeline.feed(events[0])
+    pipeline.skipped(3)
+    for ev in events[1:]:
+        pipeline.feed(ev)
+    pipeline.flush()
+    pipeline.finish("SIGINT")
+    [live] = [r for r in printed if r["type"] == "collision"]
+    assert live["incomplete_reasons"] == ["runs_skipped"]
+    path = tmp_path / "skip.rec"
+    path.write_bytes(buf.getvalue())
+    got, summary, err = run(path)
+    assert err is None and got == [live] and summary["skipped_runs"] == 3

@@ -229,9 +229,6 @@ class Session:
         if not force and now - self._checked < CHECK_S:
             return None
         self._checked = now
-        new = self.skipped.new()
-        if new:
-            self.pipeline.skipped(new)
         counts = self.kernel_counts.read()
         self.tracking.sweep(self.pipeline.correlator.open.keys(), force=force)
         counts.update(self.tracking.counts())
@@ -255,6 +252,9 @@ class Session:
 
     def _step(self) -> None:
         self._account_lost(self.kernel_counts.refused())  # before incidents it may touch can end
+        skipped = self.skipped.new()
+        if skipped:
+            self.pipeline.skipped(skipped)
         self.pipeline.pump(time.monotonic_ns())
         busy = self.pipeline.busy
         self.tracking.keep(busy)

@@ -42,7 +42,7 @@ OUTCOME_DETAILS = (
 # Why an incident may miss kernel events (`incomplete_reasons`), each explained by tracer/pipeline/explain.py.
 INCOMPLETE_REASONS = (
     "events_lost",  # the perf buffer was full: events lost while it was open or on their way
-    "runs_skipped",  # an end left ESTABLISHED unseen arriving: the kernel skipped a BPF run (recursion_misses)
+    "runs_skipped",  # the kernel skipped BPF runs (recursion_misses) while it was open, or an end left ESTABLISHED unseen arriving
     "state_hook_off",  # it began while the lazy state hook was detached and never got established
     "established_unseen",  # so, but sock_diag found it established afterwards: the delay is not known
 )
@@ -207,12 +207,14 @@ class Correlator:
         self.timeout_ns = settings.timeout_ns
         self.max_open = settings.max_open
         self.loss_window_ns = settings.loss_window_ns
-        # A loss is reported after events that preceded it may still wait in
-        # the caller's reorder buffer: incidents starting up to `_lost_until`
-        # (kernel time) may miss events too. `_loss_unplaced`: a loss came with
-        # no time; the next tick() places it.
-        self._lost_until = -1
-        self._loss_unplaced = False
+        # A loss (events lost, or BPF runs the kernel skipped) is reported
+        # after events that preceded it may still wait in the caller's reorder
+        # buffer: incidents starting up to `_marks[reason]` (kernel time) may
+        # miss events too. `_unplaced`: the reasons reported with no time;
+        # the next tick() places them.
+        self._marks = {"events_lost": -1, "runs_skipped": -1}
+        self._unplaced: set[str] = set()
+        self.skipped_runs = 0
         # When the state-change hook was not attached (a live session attaches
         # it only while collisions are in progress): the start of the current
         # gap (None: attached), and the gaps that ended, latest last.
@@ -255,12 +257,12 @@ class Correlator:
 
     def tick(self, now_ns: int) -> list[Incident]:
         """Time passed (kernel clock): end incidents whose wait is over."""
-        if self._loss_unplaced:
+        for reason in self._unplaced:
             # the events fed so far reach about now_ns; the ones the loss may
             # have cut short are older than the loss report, which the caller's
             # reorder delay (< loss_window_ns) puts at most that far ahead
-            self._loss_unplaced = False
-            self._lost_until = max(self._lost_until, now_ns + self.loss_window_ns)
+            self._marks[reason] = max(self._marks[reason], now_ns + self.loss_window_ns)
+        self._unplaced.clear()
         return self._expire(now_ns)
 
     def _expire(self, now_ns: int) -> list[Incident]:
@@ -294,12 +296,23 @@ class Correlator:
         starting before the next tick() plus loss_window_ns (conservative:
         a few complete incidents may be marked too)."""
         self.lost_events += count
+        self._mark("events_lost", at_ns)
+
+    def skipped(self, runs: int, at_ns: int | None = None) -> None:
+        """The kernel skipped `runs` runs of the tracer's programs (a hook
+        that fired while another BPF program ran on that CPU): their events
+        were never made, and no perf buffer counts them. Marked like a loss
+        (runs_skipped), since which incident they belonged to is not known."""
+        self.skipped_runs += runs
+        self._mark("runs_skipped", at_ns)
+
+    def _mark(self, reason: str, at_ns: int | None) -> None:
         for inc in self.open.values():
-            inc.mark_incomplete("events_lost")
+            inc.mark_incomplete(reason)
         if at_ns is None:
-            self._loss_unplaced = True
+            self._unplaced.add(reason)
         else:
-            self._lost_until = max(self._lost_until, at_ns)
+            self._marks[reason] = max(self._marks[reason], at_ns)
 
     def state_hook(self, attached: bool, at_ns: int) -> None:
         """The state-change hook was attached (detached) at `at_ns` (kernel
@@ -322,8 +335,11 @@ class Correlator:
             return True  # older than every gap remembered: assume the worst
         return any(start <= ts_ns < end for start, end in self._state_gaps)
 
-    def _touched_by_loss(self, ts_ns: int) -> bool:
-        return self._loss_unplaced or ts_ns <= self._lost_until
+    def _mark_new(self, inc: Incident, ts_ns: int) -> None:
+        """A new incident starting at ts_ns: may a loss reported already have touched it?"""
+        for reason, until in self._marks.items():
+            if reason in self._unplaced or ts_ns <= until:
+                inc.mark_incomplete(reason)
 
     def flush(self) -> list[Incident]:
         """The stream ended: close every open incident with what is known."""
@@ -394,8 +410,7 @@ class Correlator:
             events=[ev],
         )
         inc.closewait["unread_bytes"] = ev.unread
-        if self._touched_by_loss(ev.ts_ns):
-            inc.mark_incomplete("events_lost")
+        self._mark_new(inc, ev.ts_ns)
         self.next_id += 1
         inc.repeat_of = self._earlier(inc)
         inc.add("syn", ev.ts_ns)
@@ -588,6 +603,7 @@ class Correlator:
             events=[ev],
             seen_server=False,
         )
+        self._mark_new(inc, ev.ts_ns)  # its server end's events may be the ones lost
         self.next_id += 1
         self._client_evidence(inc, ev)
         inc.repeat_of = self._earlier(inc)

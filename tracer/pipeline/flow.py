@@ -126,11 +126,16 @@ class Pipeline:
         self.losses.undecodable += 1
 
     def skipped(self, runs: int) -> None:
+        """The kernel skipped `runs` runs of the programs (recursion_misses):
+        the incidents they may have touched are marked, as for a loss."""
         if self.losses.skipped_runs is None:
             self.losses.skipped_runs = 0
         self.losses.skipped_runs += runs
+        if self.recorder is not None:
+            self.recorder.skipped(runs)
         if self.metrics is not None:
             self.metrics.skipped.inc(runs)
+        self.correlator.skipped(runs)
 
     # -- inputs: in order (live after ordering, and a replay) -------------------
 

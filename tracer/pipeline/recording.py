@@ -31,9 +31,9 @@ FORMAT = 1
 MAX_HEADER = 1 << 20
 MAX_FRAME = 1 << 24
 
-EVENT, LOST, TICK, CONTEXT, QUEUE, END, FLUSH, STATE_HOOK = 1, 2, 3, 4, 5, 6, 7, 8
+EVENT, LOST, TICK, CONTEXT, QUEUE, END, FLUSH, STATE_HOOK, SKIPPED = 1, 2, 3, 4, 5, 6, 7, 8, 9
 KINDS = {EVENT: "event", LOST: "lost", TICK: "tick", CONTEXT: "context", QUEUE: "queue", END: "end", FLUSH: "flush",
-         STATE_HOOK: "state_hook"}
+         STATE_HOOK: "state_hook", SKIPPED: "skipped"}
 _FRAME = struct.Struct("<BI")
 _U64 = struct.Struct("<Q")
 
@@ -77,6 +77,9 @@ class Writer:
 
     def lost(self, count: int) -> None:
         self._frame(LOST, _U64.pack(count))
+
+    def skipped(self, runs: int) -> None:
+        self._frame(SKIPPED, _U64.pack(runs))
 
     def tick(self, now_ns: int) -> None:
         self._frame(TICK, _U64.pack(now_ns))
@@ -155,7 +158,7 @@ def frames(f: BinaryIO, start: int) -> Iterator[Frame]:
             raise RecordingError(offset, f"event frame of {length} bytes, expected {EVENT_SIZE}")
         if kind == FLUSH and length:
             raise RecordingError(offset, f"flush frame of {length} bytes, expected 0")
-        if kind in (LOST, TICK) and length != _U64.size:
+        if kind in (LOST, TICK, SKIPPED) and length != _U64.size:
             raise RecordingError(offset, f"{KINDS[kind]} frame of {length} bytes, expected 8")
         if kind in (CONTEXT, QUEUE, END, STATE_HOOK):
             try:

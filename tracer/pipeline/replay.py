@@ -46,6 +46,8 @@ def replay(path: str, sink: Callable[[dict], None], verbose: bool = False, all_e
                 pipeline.feed(decode(fr.payload))
             elif fr.kind == recording.LOST:
                 pipeline.lost(fr.u64())
+            elif fr.kind == recording.SKIPPED:
+                pipeline.skipped(fr.u64())
             elif fr.kind == recording.STATE_HOOK:
                 hook = fr.json()
                 pipeline.state_hook(hook["attached"], hook["at_ns"])
