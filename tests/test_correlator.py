@@ -23,6 +23,8 @@ import pytest
 
 from tests import synthetic
 from tests.synthetic import HZ, MS, S, STATES, T0, Collision, churn, correlate
+
+STATE_NUM = {v: k for k, v in STATES.items()}
 from tracer.pipeline.correlator import MAX_RAW_EVENTS, STEPS, Correlator, Incident
 from tracer.pipeline.explain import explain
 from tracer.pipeline.reorder import Reorderer
@@ -398,6 +400,28 @@ def test_skipped_runs_mark_like_a_loss():
     assert by_client[b.client].incomplete_reasons == ["runs_skipped"]
     assert by_client[d.client].incomplete is False
     assert c.skipped_runs == 2 and c.lost_events == 0
+
+
+def test_skipped_runs_of_the_state_hook_mark_only_unfinished_incidents():
+    """Synthetic stream. Skipped runs of the state hook alone can only hide
+    state changes: an incident open at the time that was then seen whole
+    (both ends established, queued) stays complete; one that never got its
+    establishment seen is marked."""
+    a = Collision()
+    b = Collision(client_port=40000, closewait_sk=0xFFFF8881000A0000, client_sk=0xFFFF8881000C0000)
+    c = Correlator(STATES, HZ)
+    whole = a.seed_sequence()
+    cut = [ev for ev in b.seed_sequence(t0=T0 + MS) if ev.type != "state" or ev.oldstate == STATE_NUM["CLOSE_WAIT"]]
+    events = sorted(whole + cut, key=lambda e: e.ts_ns)
+    done = []
+    for i, ev in enumerate(events):
+        done += c.feed(ev)
+        if i == 1:
+            c.skipped(4, at_ns=T0 + 2 * MS, only_state_hook=True)
+    done += c.tick(T0 + 20 * S)
+    by_client = {i.client: i for i in done}
+    assert by_client[a.client].incomplete is False and by_client[a.client].outcome == "recovered"
+    assert by_client[b.client].incomplete_reasons == ["runs_skipped"]
 
 
 def test_lost_without_time_is_placed_by_the_next_tick():

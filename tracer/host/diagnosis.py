@@ -55,6 +55,7 @@ class Diagnoser:
         self._polled = float("-inf")
         self.pool = sockdiag.Pool()  # sock_diag sockets by namespace, closed when idle
         self._batch_queues: dict[tuple[int, str], dict | None] = {}  # listener queues asked in this batch
+        self._batch_ports: dict[tuple[int, int, bool], dict | None] = {}  # by (netns, server port, client end)
 
     def watch(self, rec: dict) -> None:
         """Follow a collision's listener while its queue holds ghosts: tell
@@ -120,6 +121,7 @@ class Diagnoser:
         it is then."""
         self.owners.resolve()
         self._batch_queues.clear()
+        self._batch_ports.clear()
 
     def context(self, inc: Incident) -> dict:
         inode = inc.closewait.get("inode")
@@ -141,22 +143,29 @@ class Diagnoser:
         incident whose establishment the state hook may have missed: the
         states of the sockets on its tuple at each traced end (None: that end
         is not traced here, or its namespace could not be listed), and when
-        they were asked for (CLOCK_MONOTONIC, the kernel events' clock)."""
+        they were asked for (CLOCK_MONOTONIC, the kernel events' clock). One
+        dump per namespace and port serves every incident ending in a batch
+        (a tracer that was stopped through a storm ends thousands at once)."""
         ends = {"server": (inc.netns, inc.server, inc.client) if inc.seen_server else None,
                 "client": (inc.client_netns, inc.client, inc.server) if inc.client_netns is not None else None}
+        server_port = int(inc.server.rsplit(":", 1)[1])
         out: dict = {}
         for end, where in ends.items():
             out[end] = None
             if where is None:
                 continue
             netns, local, remote = where
-            path = self._ns_path(netns)
-            if path is None:
-                continue
-            try:
-                out[end] = sockdiag.tuple_states(netns, path, local, remote, self.pool)
-            except (OSError, sockdiag.SockDiagError):
-                continue
+            key = (netns, server_port, end == "client")  # the client's sockets by their remote port: one dump too
+            if key not in self._batch_ports:
+                path = self._ns_path(netns)
+                try:
+                    self._batch_ports[key] = (sockdiag.port_states(netns, path, server_port, self.pool, remote=key[2])
+                                              if path else None)
+                except (OSError, sockdiag.SockDiagError):
+                    self._batch_ports[key] = None
+            listed = self._batch_ports[key]
+            if listed is not None:
+                out[end] = list(listed.get((local, remote), []))
         out["at_ns"] = time.monotonic_ns()
         return out
 

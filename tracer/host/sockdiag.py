@@ -31,6 +31,7 @@ NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
 INET_DIAG_INFO = 2
 INET_DIAG_REQ_BYTECODE = 1  # request attribute: a filter program the kernel runs on each socket
 INET_DIAG_BC_S_GE, INET_DIAG_BC_S_LE = 2, 3  # filter ops (ABI, linux/inet_diag.h): local port >= / <= the next op's `no`
+INET_DIAG_BC_D_GE, INET_DIAG_BC_D_LE = 4, 5  # the same for the remote port
 CLONE_NEWNET = 0x40000000
 
 # The TCP state numbers of the inet_diag ABI (include/net/tcp_states.h; the
@@ -92,18 +93,20 @@ def _endpoint(family: str, addr: str, port: int) -> str:
     return f"[{addr}]:{port}" if family == "ipv6" else f"{addr}:{port}"
 
 
-def _port_filter(port: int) -> bytes:
-    """inet_diag bytecode keeping the sockets whose local port is `port`
-    (S_GE and S_LE: on every kernel since 2.6; a failed test jumps past the
-    end, which rejects the socket)."""
-    return (_BC_OP.pack(INET_DIAG_BC_S_GE, 8, 20) + _BC_OP.pack(0, 0, port)
-            + _BC_OP.pack(INET_DIAG_BC_S_LE, 8, 12) + _BC_OP.pack(0, 0, port))
+def _port_filter(port: int, remote: bool = False) -> bytes:
+    """inet_diag bytecode keeping the sockets whose local (remote) port is
+    `port` (S_GE and S_LE, D_GE and D_LE: on every kernel since 2.6; a failed
+    test jumps past the end, which rejects the socket)."""
+    ge, le = (INET_DIAG_BC_D_GE, INET_DIAG_BC_D_LE) if remote else (INET_DIAG_BC_S_GE, INET_DIAG_BC_S_LE)
+    return (_BC_OP.pack(ge, 8, 20) + _BC_OP.pack(0, 0, port)
+            + _BC_OP.pack(le, 8, 12) + _BC_OP.pack(0, 0, port))
 
 
-def _request(family: int, states: int, seq: int, info: bool = True, port: int | None = None) -> bytes:
+def _request(family: int, states: int, seq: int, info: bool = True, port: int | None = None,
+             remote: bool = False) -> bytes:
     req = _REQ.pack(family, socket.IPPROTO_TCP, 1 << (INET_DIAG_INFO - 1) if info else 0, states, bytes(48))
     if port is not None:
-        bc = _port_filter(port)
+        bc = _port_filter(port, remote)
         req += _NLATTR.pack(_NLATTR.size + len(bc), INET_DIAG_REQ_BYTECODE) + bc
     return _NLMSG.pack(_NLMSG.size + len(req), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + req
 
@@ -130,12 +133,13 @@ def parse_message(netns: int, payload: bytes) -> Sock:
 
 
 def _dump(sock: socket.socket, netns: int, family: int, states: int, info: bool = True, port: int | None = None,
-          unaccepted: bool = False) -> list[Sock]:
+          unaccepted: bool = False, remote: bool = False) -> list[Sock]:
     """One sock_diag dump. `port`: only sockets with that local port (filtered
     by the kernel); `unaccepted`: of the non-listening ones, only those no
     process holds yet (no inode: queued on their listener), skipped before
-    they are parsed (a leaking server may hold 100,000 accepted ones)."""
-    sock.send(_request(family, states, 1, info, port))
+    they are parsed (a leaking server may hold 100,000 accepted ones);
+    `remote`: `port` is the remote port."""
+    sock.send(_request(family, states, 1, info, port, remote))
     out: list[Sock] = []
     while True:
         data = sock.recv(65536)
@@ -251,15 +255,18 @@ def list_sockets(states: int = ALL_STATES, netns: int | None = None, families: t
     return out
 
 
-def tuple_states(netns: int, ns_path: str, local: str, remote: str, pool: Pool | None = None) -> list[str]:
-    """The states of the sockets in a namespace with exactly this local and
-    remote endpoint ("10.0.0.1:80", "[::1]:80"), of any state, TIME_WAIT
-    included (filtered by local port in the kernel, without tcp_info)."""
-    port = int(local.rsplit(":", 1)[1])
-    with (pool or Pool.once()).socket(netns, ns_path) as sock:
-        return [s.state for fam in (socket.AF_INET, socket.AF_INET6)
-                for s in _dump(sock, netns, fam, ALL_STATES, info=False, port=port)
-                if s.local == local and s.remote == remote]
+def port_states(netns: int, ns_path: str, port: int, pool: Pool | None = None,
+                remote: bool = False) -> dict[tuple[str, str], list[str]]:
+    """The states of the sockets in a namespace with local (`remote`: remote)
+    port `port`, of any state, TIME_WAIT included, by (local, remote)
+    endpoint ("10.0.0.1:80", "[::1]:80"): filtered by port in the kernel,
+    without tcp_info."""
+    out: dict[tuple[str, str], list[str]] = {}
+    with (pool if pool is not None else Pool.once()).socket(netns, ns_path) as sock:
+        for fam in (socket.AF_INET, socket.AF_INET6):
+            for s in _dump(sock, netns, fam, ALL_STATES, info=False, port=port, remote=remote):
+                out.setdefault((s.local, s.remote), []).append(s.state)
+    return out
 
 
 def queue_sockets(netns: int, ns_path: str, port: int, states: int, pool: Pool | None = None) -> list[Sock]:
@@ -267,7 +274,7 @@ def queue_sockets(netns: int, ns_path: str, port: int, states: int, pool: Pool |
     `states` with local port `port` (filtered in the kernel, without
     tcp_info), listeners and the children no process has accepted yet only.
     The work does not grow with the accepted sockets a leaking server holds."""
-    with (pool or Pool.once()).socket(netns, ns_path) as sock:
+    with (pool if pool is not None else Pool.once()).socket(netns, ns_path) as sock:
         return [s for fam in (socket.AF_INET, socket.AF_INET6)
                 for s in _dump(sock, netns, fam, states, info=False, port=port, unaccepted=True)]
 

@@ -115,28 +115,33 @@ def prog_info(prog_fd: int) -> dict[str, int] | None:
 class SkippedRuns:
     """Runs of the tracer's programs the kernel skipped (the sum of their
     recursion_misses): events nobody will ever see, which no perf buffer
-    counts. `total` is None where the kernel does not say (before 5.12)."""
+    counts. `total` is None where the kernel does not say (before 5.12).
+    `state_fds`: the state hook's programs, told apart (new() returns their
+    skips and the others' separately)."""
 
-    def __init__(self, prog_fds: list[int]):
+    def __init__(self, prog_fds: list[int], state_fds: list[int] = ()):
         self.prog_fds = prog_fds
+        self.state_fds = set(state_fds)
         self._base = self._read()
         self.total = None if self._base is None else 0
+        self._seen = self._base
 
-    def _read(self) -> int | None:
-        infos = [prog_info(fd) for fd in self.prog_fds]
-        if not infos or any(i is None for i in infos):
+    def _read(self) -> tuple[int, int] | None:
+        """(state hook's recursion_misses, the other programs')."""
+        infos = {fd: prog_info(fd) for fd in self.prog_fds}
+        if not infos or any(i is None for i in infos.values()):
             return None
-        return sum(i["recursion_misses"] for i in infos)
+        state = sum(i["recursion_misses"] for fd, i in infos.items() if fd in self.state_fds)
+        return state, sum(i["recursion_misses"] for i in infos.values()) - state
 
-    def new(self) -> int:
-        """Runs skipped since the last call."""
-        if self._base is None:
-            return 0
+    def new(self) -> tuple[int, int]:
+        """Runs skipped since the last call: (of the state hook, of the others)."""
+        if self._seen is None:
+            return 0, 0
         now = self._read()
         if now is None:
-            return 0
-        new = now - self._base - self.total
-        if new <= 0:
-            return 0
-        self.total += new
-        return new
+            return 0, 0
+        state, other = max(0, now[0] - self._seen[0]), max(0, now[1] - self._seen[1])
+        self._seen = now
+        self.total += state + other
+        return state, other

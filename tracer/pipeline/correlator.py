@@ -113,6 +113,7 @@ class Incident:
     client_inode: int | None = None  # its struct socket's inode, to find the connecting process
     challenges_received: int = 0  # challenge ACKs the client received (and answered with RST)
     client_syn_ns: int | None = None  # when the client sent its first SYN (tp->retrans_stamp)
+    skips_near: bool = False  # the kernel skipped BPF runs while it was open or about to start
 
     @property
     def view(self) -> str:
@@ -212,7 +213,7 @@ class Correlator:
         # buffer: incidents starting up to `_marks[reason]` (kernel time) may
         # miss events too. `_unplaced`: the reasons reported with no time;
         # the next tick() places them.
-        self._marks = {"events_lost": -1, "runs_skipped": -1}
+        self._marks = {"events_lost": -1, "runs_skipped": -1, "state_runs_skipped": -1}
         self._unplaced: set[str] = set()
         self.skipped_runs = 0
         # When the state-change hook was not attached (a live session attaches
@@ -298,17 +299,20 @@ class Correlator:
         self.lost_events += count
         self._mark("events_lost", at_ns)
 
-    def skipped(self, runs: int, at_ns: int | None = None) -> None:
+    def skipped(self, runs: int, at_ns: int | None = None, only_state_hook: bool = False) -> None:
         """The kernel skipped `runs` runs of the tracer's programs (a hook
         that fired while another BPF program ran on that CPU): their events
         were never made, and no perf buffer counts them. Marked like a loss
-        (runs_skipped), since which incident they belonged to is not known."""
+        (runs_skipped), since which incident they belonged to is not known.
+        `only_state_hook`: all were runs of the state hook, which can only
+        hide state changes: an incident then counts as touched only if it
+        ends without every traced end seen established and queued."""
         self.skipped_runs += runs
-        self._mark("runs_skipped", at_ns)
+        self._mark("runs_skipped" if not only_state_hook else "state_runs_skipped", at_ns)
 
     def _mark(self, reason: str, at_ns: int | None) -> None:
         for inc in self.open.values():
-            inc.mark_incomplete(reason)
+            self._may_miss(inc, reason)
         if at_ns is None:
             self._unplaced.add(reason)
         else:
@@ -339,7 +343,20 @@ class Correlator:
         """A new incident starting at ts_ns: may a loss reported already have touched it?"""
         for reason, until in self._marks.items():
             if reason in self._unplaced or ts_ns <= until:
-                inc.mark_incomplete(reason)
+                self._may_miss(inc, reason)
+
+    @staticmethod
+    def _may_miss(inc: Incident, reason: str) -> None:
+        """A loss may have touched it. Lost events, and skipped runs of any
+        program, can be any of its steps: marked at once. Skipped runs of the
+        state hook alone (the program that nests on a CPU in a storm: a state
+        change in a softirq interrupting one in process context) can only
+        hide state changes: they mark it only if it ends without every traced
+        end seen established and queued (_close)."""
+        if reason == "state_runs_skipped":
+            inc.skips_near = True
+        else:
+            inc.mark_incomplete(reason)
 
     def flush(self) -> list[Incident]:
         """The stream ended: close every open incident with what is known."""
@@ -690,6 +707,8 @@ class Correlator:
     def _close(self, inc: Incident, why: str) -> Incident:
         self.open.pop(inc.key, None)
         inc.ended_by = why
+        if inc.skips_near and not self._complete(inc):
+            inc.mark_incomplete("runs_skipped")
         if not inc.has("established") and self._state_blind(inc.first_ns):
             inc.mark_incomplete("state_hook_off")  # its establishment may have come before the hook was back
         inc.steps.sort(key=lambda s: (s.ts_ns, STEPS.index(s.name)))

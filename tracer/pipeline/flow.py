@@ -125,17 +125,18 @@ class Pipeline:
     def undecodable(self) -> None:
         self.losses.undecodable += 1
 
-    def skipped(self, runs: int) -> None:
-        """The kernel skipped `runs` runs of the programs (recursion_misses):
-        the incidents they may have touched are marked, as for a loss."""
+    def skipped(self, runs: int, only_state_hook: bool = False) -> None:
+        """The kernel skipped `runs` runs of the programs (recursion_misses;
+        `only_state_hook`: all of them the state hook's): the incidents they
+        may have touched are marked, as for a loss."""
         if self.losses.skipped_runs is None:
             self.losses.skipped_runs = 0
         self.losses.skipped_runs += runs
         if self.recorder is not None:
-            self.recorder.skipped(runs)
+            self.recorder.skipped(runs, only_state_hook)
         if self.metrics is not None:
             self.metrics.skipped.inc(runs)
-        self.correlator.skipped(runs)
+        self.correlator.skipped(runs, only_state_hook=only_state_hook)
 
     # -- inputs: in order (live after ordering, and a replay) -------------------
 

@@ -58,6 +58,9 @@ class Frame:
     def u64(self) -> int:
         return _U64.unpack(self.payload)[0]
 
+    def u64s(self) -> tuple[int, ...]:
+        return tuple(_U64.unpack_from(self.payload, i)[0] for i in range(0, len(self.payload), _U64.size))
+
 
 class Writer:
     """Appends frames; flushed at every frame boundary that matters (an
@@ -78,8 +81,8 @@ class Writer:
     def lost(self, count: int) -> None:
         self._frame(LOST, _U64.pack(count))
 
-    def skipped(self, runs: int) -> None:
-        self._frame(SKIPPED, _U64.pack(runs))
+    def skipped(self, runs: int, only_state_hook: bool) -> None:
+        self._frame(SKIPPED, _U64.pack(runs) + _U64.pack(int(only_state_hook)))
 
     def tick(self, now_ns: int) -> None:
         self._frame(TICK, _U64.pack(now_ns))
@@ -158,8 +161,10 @@ def frames(f: BinaryIO, start: int) -> Iterator[Frame]:
             raise RecordingError(offset, f"event frame of {length} bytes, expected {EVENT_SIZE}")
         if kind == FLUSH and length:
             raise RecordingError(offset, f"flush frame of {length} bytes, expected 0")
-        if kind in (LOST, TICK, SKIPPED) and length != _U64.size:
+        if kind in (LOST, TICK) and length != _U64.size:
             raise RecordingError(offset, f"{KINDS[kind]} frame of {length} bytes, expected 8")
+        if kind == SKIPPED and length != 2 * _U64.size:
+            raise RecordingError(offset, f"skipped frame of {length} bytes, expected 16")
         if kind in (CONTEXT, QUEUE, END, STATE_HOOK):
             try:
                 doc = json.loads(payload)

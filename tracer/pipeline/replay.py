@@ -47,7 +47,8 @@ def replay(path: str, sink: Callable[[dict], None], verbose: bool = False, all_e
             elif fr.kind == recording.LOST:
                 pipeline.lost(fr.u64())
             elif fr.kind == recording.SKIPPED:
-                pipeline.skipped(fr.u64())
+                runs, only_state_hook = fr.u64s()
+                pipeline.skipped(runs, only_state_hook=bool(only_state_hook))
             elif fr.kind == recording.STATE_HOOK:
                 hook = fr.json()
                 pipeline.state_hook(hook["attached"], hook["at_ns"])
