@@ -18,6 +18,8 @@ def worktree(ref: str) -> Path:
     """A checkout of `ref` (made once, kept for the next run)."""
     path = Path(f"/tmp/tcpcollide-peer-{ref}")
     if not (path / "tracer").exists():
+        # a worktree whose directory went (a wiped /tmp) is still registered until pruned
+        subprocess.run(["git", "-C", str(REPO), "worktree", "prune"], check=True, capture_output=True)
         subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(path), ref], check=True,
                        capture_output=True)
     return path
