@@ -322,6 +322,3 @@ class Pool:
         for sock, _ in self._open.values():
             sock.close()
         self._open.clear()
-
-    def __len__(self) -> int:
-        return len(self._open)
