@@ -65,6 +65,14 @@ PR_SET_NAME, PR_SET_PDEATHSIG = 15, 1
 TCP_FIN_WAIT2 = 5  # tcp_info.tcpi_state (include/net/tcp_states.h: ABI)
 
 
+
+def latency_summary(lat: list[float]) -> dict:
+    """Median, p99, min and max of sorted connect() latencies (ms); None each when there are none."""
+    if not lat:
+        return {"median": None, "p99": None, "min": None, "max": None}
+    return {"median": round(statistics.median(lat), 3), "p99": round(lat[int(0.99 * (len(lat) - 1))], 3),
+            "min": round(lat[0], 3), "max": round(lat[-1], 3)}
+
 def say(kind: str, **kw) -> None:
     sys.stdout.write(json.dumps({"type": kind, **kw}) + "\n")
     sys.stdout.flush()
@@ -235,9 +243,7 @@ def burst(args: argparse.Namespace, server_pid: int, nofile: int) -> int:
         seconds=round(t_issued - t0, 4), rate=round(len(made) / (t_issued - t0), 1) if t_issued > t0 else 0.0,
         kernel={k: after.get(k, 0) - before.get(k, 0) for k in KERNEL_COUNTERS},
         per_port={str(p): c for p, c in sorted(made.items())},
-        connect_ms={"median": round(statistics.median(lat), 3) if lat else None,
-                    "p99": round(lat[int(0.99 * (len(lat) - 1))], 3) if lat else None,
-                    "min": round(lat[0], 3) if lat else None, "max": round(lat[-1], 3) if lat else None})
+        connect_ms=latency_summary(lat))
     if args.hold:
         time.sleep(args.hold)
     for s, _t0 in second.values():
@@ -333,9 +339,7 @@ def clients(args: argparse.Namespace, server_pid: int, nofile: int) -> int:
     say("done", collisions=n, attempted=total, failed=failed, unfinished=total - n - failed,
         seconds=round(elapsed, 3), rate=round(n / elapsed, 1) if elapsed else 0.0,
         per_port={str(p): c for p, c in sorted(made.items())},
-        connect_ms={"median": round(statistics.median(lat), 3) if lat else None,
-                    "p99": round(lat[int(0.99 * (len(lat) - 1))], 3) if lat else None,
-                    "min": round(lat[0], 3) if lat else None, "max": round(lat[-1], 3) if lat else None})
+        connect_ms=latency_summary(lat))
     if args.hold:
         time.sleep(args.hold)
     return 0

@@ -198,7 +198,8 @@ class Diagnoser:
         port = _addr_port(server)[1]
 
         def listed(states: int) -> dict | None:
-            return queue_for(inventory.listener_queues(sockdiag.queue_sockets(netns, path, port, states, self.pool)), server)
+            socks = sockdiag.queue_sockets(netns, path, port, states, self.pool)
+            return queue_for(inventory.listener_queues(socks), server)
 
         try:
             q = listed(LISTEN)

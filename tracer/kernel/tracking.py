@@ -28,7 +28,7 @@ class Tracking:
         n = 16 if fam == 10 else 4
         return (fam, bytes(key.saddr)[:n], key.sport, bytes(key.caddr)[:n], key.cport)
 
-    def sweep(self, open_keys, now_ns: int | None = None, force: bool = False) -> int:
+    def sweep(self, open_keys, force: bool = False) -> int:
         """Delete the entries of collisions that no incident in user space
         will ever end: registered at least STALE_NS ago, on a tuple with no
         incident open (their first event was lost, or the user's filters left
@@ -40,7 +40,7 @@ class Tracking:
         if not force and now - self._swept_at < SWEEP_S:
             return 0
         self._swept_at = now
-        now_ns = time.monotonic_ns() if now_ns is None else now_ns
+        now_ns = time.monotonic_ns()  # the clock of bpf_ktime_get_ns()
         stale = []
         count = 0
         for key, tr in self.tracked.items():

@@ -42,7 +42,8 @@ OUTCOME_DETAILS = (
 # Why an incident may miss kernel events (`incomplete_reasons`), each explained by tracer/pipeline/explain.py.
 INCOMPLETE_REASONS = (
     "events_lost",  # the perf buffer was full: events lost while it was open or on their way
-    "runs_skipped",  # the kernel skipped BPF runs (recursion_misses) while it was open, or an end left ESTABLISHED unseen arriving
+    # the kernel skipped BPF runs (recursion_misses) while it was open, or an end left ESTABLISHED unseen arriving
+    "runs_skipped",
     "state_hook_off",  # it began while the lazy state hook was detached and never got established
     "established_unseen",  # so, but sock_diag found it established afterwards: the delay is not known
 )
@@ -148,11 +149,21 @@ class Incident:
             self.incomplete_reasons.append(reason)
 
     @property
+    def established_unseen(self) -> bool:
+        """Established, as the kernel's socket list showed afterwards
+        (confirm()): when is not known."""
+        est = self.step("established")
+        return est is not None and est.detail.get("seen_by") == "sock_diag"
+
+    @property
     def penalty_ns(self) -> int | None:
         est = self.step("established")
-        if est is None or est.detail.get("seen_by") == "sock_diag":  # when it happened is not known
+        if est is None or self.established_unseen:
             return None
         return est.ts_ns - self.first_ns
+
+    def sort_steps(self) -> None:
+        self.steps.sort(key=lambda s: (s.ts_ns, STEPS.index(s.name)))
 
     def add(self, name: str, ts_ns: int, **detail) -> Step:
         s = Step(name, ts_ns, detail)
@@ -280,13 +291,18 @@ class Correlator:
             elif est is None and now_ns - inc.first_ns >= self.timeout_ns:
                 done.append(self._close(inc, "timeout"))
             else:
-                due = min(due, est.ts_ns + self.grace_ns if est is not None else inc.first_ns + self.timeout_ns)
+                due = min(due, self._deadline(inc))
         self._due = due
         return done
 
+    def _deadline(self, inc: Incident) -> int:
+        """When its wait is over: the grace after it was established, else the timeout."""
+        est = inc.step("established")
+        return est.ts_ns + self.grace_ns if est is not None else inc.first_ns + self.timeout_ns
+
     def _opened(self, inc: Incident) -> None:
         self.open[inc.key] = inc
-        self._due = min(self._due, inc.first_ns + self.timeout_ns)
+        self._due = min(self._due, self._deadline(inc))
 
     def lost(self, count: int, at_ns: int | None = None) -> None:
         """The kernel dropped `count` events: every open incident may miss
@@ -545,7 +561,7 @@ class Correlator:
         est = inc.step("established")
         if est is None:
             inc.add("established", ev.ts_ns, end=end)
-            self._due = min(self._due, ev.ts_ns + self.grace_ns)
+            self._due = min(self._due, self._deadline(inc))
         else:
             est.detail[f"{end}_ms"] = round((ev.ts_ns - inc.first_ns) / 1e6, 3)
         if not local_is_server and not inc.seen_server:
@@ -711,7 +727,7 @@ class Correlator:
             inc.mark_incomplete("runs_skipped")
         if not inc.has("established") and self._state_blind(inc.first_ns):
             inc.mark_incomplete("state_hook_off")  # its establishment may have come before the hook was back
-        inc.steps.sort(key=lambda s: (s.ts_ns, STEPS.index(s.name)))
+        inc.sort_steps()
         inc.outcome, inc.outcome_detail = self._outcome(inc)
         self._remember(inc)
         return inc
@@ -728,9 +744,11 @@ class Correlator:
         proof = {"server": set(ESTABLISHED_SINCE["server"]), "client": set(ESTABLISHED_SINCE["client"])}
         if not inc.has("closewait_closed"):  # the old socket may still be there, in one of these
             proof["server"] -= set(LINGERING_NEXT.get(inc.lingering_state, ESTABLISHED_SINCE["server"][1:]))
-        found = {end: next(st for st in connection[end] if st in proof[end])
-                 for end in ("server", "client")
-                 if connection.get(end) and any(st in proof[end] for st in connection[end])}
+        found = {}
+        for end in ("server", "client"):
+            st = next((st for st in connection.get(end) or () if st in proof[end]), None)
+            if st is not None:
+                found[end] = st
         if not found:
             return
         at_ns = connection["at_ns"]
@@ -738,15 +756,14 @@ class Correlator:
         inc.add("established", at_ns, seen_by="sock_diag", by_ms=round((at_ns - inc.first_ns) / 1e6, 3),
                 **{f"{end}_state": st for end, st in found.items()})
         inc.incomplete_reasons[inc.incomplete_reasons.index("state_hook_off")] = "established_unseen"
-        inc.steps.sort(key=lambda s: (s.ts_ns, STEPS.index(s.name)))
+        inc.sort_steps()
         inc.stuck_reason = None
         inc.outcome, inc.outcome_detail = self._outcome(inc)
 
     def _outcome(self, inc: Incident) -> tuple[str, str]:
-        est = inc.step("established")
-        if est is not None and est.detail.get("seen_by") == "sock_diag":
+        if inc.established_unseen:
             return "recovered", "recovered_unseen"
-        if est is not None:
+        if inc.has("established"):
             fast = inc.penalty_ns is not None and inc.penalty_ns < FAST_RETRY_NS
             return "recovered", "recovered_fast" if fast else "recovered_after_rto"
         knocking = inc.syn_hits > 1 or (not inc.has("rst") and any(s.name == "retry_syn" for s in inc.steps))
