@@ -41,13 +41,15 @@ static __always_inline __u32 tc_rst_seq(const void *skb)
 /* The flags byte of the segment `skb` when socket `sk` is in one of the
  * states of the mask `states` (TC_STATE_BIT), else -1: the first question of
  * every hook on received or answered segments, asked with the fewest reads
- * (the state first: most calls stop there). */
+ * (no segment, no read at all: a socket's own reset, tcp_send_active_reset(),
+ * has none, and it is most of a host's resets; then the state: most other
+ * calls stop there). */
 static __always_inline int tc_segment_flags(const void *sk, const void *skb, __u32 states)
 {
 	const unsigned char *th;
 	__u8 state = 0, flags = 0;
 
-	if (!sk)
+	if (!sk || !skb)
 		return -1;
 	tc_read(state, sk, OFF_SKC_STATE);
 	if (state >= 32 || !(TC_STATE_BIT(state) & states))
