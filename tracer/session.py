@@ -46,6 +46,16 @@ PERF_BUDGET = 16 << 20
 PERF_PAGES_MIN, PERF_PAGES_MAX = 64, 512
 
 
+def _trim_heap() -> None:
+    """Give the C heap's free pages back to the kernel (glibc's malloc_trim):
+    the compile leaves tens of MiB that LLVM freed but glibc keeps, counted
+    in the tracer's resident memory for as long as it runs. Nothing where the
+    C library has no malloc_trim (not glibc)."""
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
 def perf_pages(cpus: int, page: int = 4096) -> int:
     """Pages per CPU for the perf buffer."""
     want = max(1, PERF_BUDGET // (max(1, cpus) * page))
@@ -185,6 +195,7 @@ class Session:
         del types, plan, state_choice
         gc.collect()
         gc.freeze()
+        _trim_heap()
         if self.state_hook is not None:
             self.state_hook.rest()  # proven by the self-test; back when a collision starts
         stages.done("settle")
