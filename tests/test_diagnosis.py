@@ -330,3 +330,24 @@ def test_socket_owners_finds_our_own_socket():
     with open("/proc/self/comm") as f:
         comm = f.read().strip()
     assert found == {ino: [Owner(os.getpid(), comm, fd)]}
+
+
+def test_owner_cache_forgets_a_storms_sockets_and_scans_again():
+    """(Synthetic scans.) What the tracer does when quiet again: the owners a
+    storm's scans found are dropped, and the next collision's lookup scans the
+    host as it is then, not as it was."""
+    hosts = [{ino: [Owner(1, "storm", ino)] for ino in range(1, 501)}, {7: [Owner(2, "later", 3)]}]
+    scans = []
+
+    def scan():
+        scans.append(1)
+        return dict(hosts[min(len(scans), 2) - 1])  # the storm, then the host without it
+
+    cache = OwnerCache(min_interval_s=0, scan=scan)
+    cache.SCAN_SHARE = 0
+    assert cache.lookup(500) == [Owner(1, "storm", 500)]
+    assert len(cache._known) == 500
+    cache.forget()
+    assert cache._known == {}
+    assert cache.lookup(7) == [Owner(2, "later", 3)] and len(scans) == 2
+    assert cache.lookup(500) == []  # gone from the host: not served from the storm's scan

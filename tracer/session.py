@@ -33,6 +33,7 @@ from tracer.pipeline.flow import Pipeline
 from tracer.pipeline.records import Clock, ready_record
 
 POLL_MS = 100
+REST_AFTER_S = 10.0  # quiet this long: caches dropped, heap trimmed (Session._rest_when_quiet)
 CHECK_S = 1.0  # how often the kernel's counts (collisions, skipped runs, refused events) are read
 # The perf buffer: a budget shared by the CPUs, each CPU's part a power of two
 # pages between the bounds. A burst of collisions lands on few CPUs on a
@@ -48,9 +49,9 @@ PERF_PAGES_MIN, PERF_PAGES_MAX = 64, 512
 
 def _trim_heap() -> None:
     """Give the C heap's free pages back to the kernel (glibc's malloc_trim):
-    the compile leaves tens of MiB that LLVM freed but glibc keeps, counted
-    in the tracer's resident memory for as long as it runs. Nothing where the
-    C library has no malloc_trim (not glibc)."""
+    the compile leaves tens of MiB that LLVM freed but glibc keeps (and a
+    storm's records some more), counted in the tracer's resident memory for as
+    long as it runs. Nothing where the C library has no malloc_trim (not glibc)."""
     trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
     if trim is not None:
         trim(0)
@@ -107,6 +108,9 @@ class Session:
         self._record_file = None
         self._checked = 0.0
         self._checked_ns = 0
+        self._events_last = 0
+        self._quiet_since = 0.0
+        self._rested = True  # start() trims the heap before ready
         self._losses_seen: dict[str, int] = {}
         self._lost_notices = 0  # events the perf buffer's loss notices told of
         self._lost_told = 0  # events the pipeline was told were lost
@@ -261,7 +265,23 @@ class Session:
             self.pipeline.storm(at_ns, self._checked_ns or at_ns, fresh, counts)
         self._losses_seen = losses
         self._checked_ns = at_ns
+        self._rest_when_quiet(now)
         return counts
+
+    def _rest_when_quiet(self, now: float) -> None:
+        """Quiet for REST_AFTER_S after a collision or a storm: the host
+        lookups' caches are dropped and the C heap trimmed, so that memory at
+        rest goes back to where start-up left it."""
+        events = self.pipeline.correlator.events_seen
+        if self.pipeline.busy or events != self._events_last:
+            self._events_last = events
+            self._quiet_since = now
+            self._rested = False
+        elif not self._rested and now - self._quiet_since >= REST_AFTER_S:
+            self._rested = True
+            self.diagnoser.rest()
+            gc.collect()
+            _trim_heap()
 
     def _step(self) -> None:
         self._account_lost(self.kernel_counts.refused())  # before incidents it may touch can end

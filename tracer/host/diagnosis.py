@@ -107,6 +107,14 @@ class Diagnoser:
     def close(self) -> None:
         self.pool.close()
 
+    def rest(self) -> None:
+        """The tracer is quiet (no incident, no event for a while): drop the
+        owners found so far and the namespaces' paths, so that memory at rest
+        does not keep what a storm brought."""
+        self.owners.forget()
+        self._ns_paths = {}
+        self._ns_scanned = float("-inf")
+
     def prefetch(self, ev: Event) -> None:
         """Find the owner as soon as the collision starts: by the time the
         incident is reported, its process may be gone. The inodes of a batch

@@ -113,6 +113,12 @@ class OwnerCache:
         took = time.monotonic() - t0
         self._next_scan = time.monotonic() + max(self.min_interval_s, self.SCAN_SHARE * took)
 
+    def forget(self) -> None:
+        """Drop what earlier scans found (the tracer is quiet: the next
+        collision's scan sees the host as it is then). A storm's sockets, held
+        or long closed, are not kept for the rest of the run."""
+        self._known = {}
+
     def lookup(self, inode: int) -> list[Owner]:
         if not inode:
             return []
