@@ -17,7 +17,7 @@ from tracer.host import inventory, sockdiag
 from tracer.pipeline.correlator import Correlator
 from tracer.host.diagnosis import queue_for
 from tracer.host.procfs import Owner, OwnerCache, socket_owners
-from tracer.pipeline.records import Clock, collision_record
+from tracer.pipeline.records import Clock, collision_record, culprit_of
 
 CLOCK = Clock(0)
 
@@ -135,6 +135,25 @@ def test_ghost_is_a_never_accepted_socket_that_died():
                                    "ghosts": 8, "full": True}})
     assert rec["closewait_socket"]["ghost"] is True
     assert "ghost" in rec["explanation"] and "Its queue is full" in rec["explanation"]
+
+
+def test_a_never_accepted_socket_blames_the_listeners_owner():
+    """(Synthetic seed sequence.) No process holds a socket that was never
+    accepted: the culprit is the process holding the listener, named in the
+    explanation, the fix and the culprit line; without it the text says only
+    the listener's address."""
+    _, [inc] = run(Collision().seed_sequence())
+    listener = {"listener": "127.0.0.1:12345", "recv_q": 2, "limit": 8, "alive": 1, "ghosts": 1, "full": False,
+                "owners": [{"pid": 11637, "comm": "nc", "fd": 3}]}
+    rec = collision_record(inc, CLOCK, "tracepoint", context={"owners": [], "listener": listener})
+    assert rec["listener"]["owners"] == [{"pid": 11637, "comm": "nc", "fd": 3}]
+    assert "listening on 127.0.0.1:12345 (the program nc (pid 11637), fd 3) does not call accept()" \
+        in rec["explanation"]
+    assert "(the program nc (pid 11637), fd 3) leaves connections in its accept queue" in rec["explanation"]
+    assert culprit_of(rec) == "nc (pid 11637) not accepting on 127.0.0.1:12345"
+    bare = collision_record(inc, CLOCK, "tracepoint", context={"owners": [], "listener": {**listener, "owners": []}})
+    assert "listening on 127.0.0.1:12345 does not call accept()" in bare["explanation"]
+    assert culprit_of(bare) == "not accepted on 127.0.0.1:12345"
 
 
 def test_owner_named_in_the_fix():

@@ -173,7 +173,8 @@ def test_seed_leaves_a_ghost_that_ss_counts(ns):
     try:
         tracer.wait_ready()
         proc = scenario("--server-ns", ns.name, "--fast", "--hold", "4")
-        read_steps(proc, until="connected")
+        listen = read_steps(proc, until="connected")[0]
+        comm = open(f"/proc/{proc.pid}/comm").read().strip()
         rec = tracer.wait_for("collision", 15 * SLOW)
         ss = subprocess.run(["ip", "netns", "exec", ns.name, "ss", "-tlnH", "sport", "= :12345"],
                             capture_output=True, text=True, check=True).stdout.split()
@@ -184,10 +185,15 @@ def test_seed_leaves_a_ghost_that_ss_counts(ns):
     assert rec is not None
     assert rec["closewait_socket"]["ghost"] is True
     recv_q, send_q = int(ss[1]), int(ss[2])
+    # the listener's owner is the process that does not accept(): the scenario itself
+    assert listen["step"] == "listen" and listen["pid"] == proc.pid
+    owner = {"pid": proc.pid, "comm": comm, "fd": listen["fd"]}
     assert rec["listener"] == {"listener": "127.0.0.1:12345", "recv_q": recv_q, "limit": send_q, "alive": 1,
-                               "ghosts": 1, "full": False}
+                               "ghosts": 1, "full": False, "owners": [owner]}
+    assert rec["closewait_socket"]["owners"] == []
     assert recv_q == 2  # the dead socket and the new connection
     assert "ghost" in rec["explanation"]
+    assert f"the program {comm} (pid {proc.pid}), fd {listen['fd']}" in rec["explanation"]
 
 
 def test_last_ack_collision(ns):

@@ -184,7 +184,8 @@ class Diagnoser:
         return self._ns_paths.get(netns)
 
     def listener(self, inc: Incident) -> dict | None:
-        """The listener's queue as the incident ends: asked once for all the
+        """The listener's queue as the incident ends, and the processes that
+        hold the listening socket (`owners`): asked once for all the
         incidents on that listener that end in one batch of events (a storm
         ends hundreds at once)."""
         if not inc.seen_server:  # the server is elsewhere: its listener is not here to see
@@ -193,7 +194,12 @@ class Diagnoser:
         if key not in self._batch_queues:
             self._batch_queues[key] = self._queue(inc.netns, inc.server)
         q = self._batch_queues[key]
-        return dict(q) if q is not None else None
+        if q is None:
+            return None
+        out = {k: v for k, v in q.items() if k != "inodes"}
+        # who holds the listening socket: the process that does not accept()
+        out["owners"] = [o.as_dict() for ino in q["inodes"] for o in self.owners.lookup(ino)]
+        return out
 
     def _queue(self, netns: int, server: str) -> dict | None:
         """The listener's queue. The listeners alone first: a dump of them
@@ -217,7 +223,7 @@ class Diagnoser:
             return None
         if q is None:
             return None
-        return {k: q[k] for k in ("listener", "recv_q", "limit", "alive", "ghosts", "full")}
+        return {k: q[k] for k in ("listener", "recv_q", "limit", "alive", "ghosts", "full", "inodes")}
 
 
 def _overflows(path: str | None) -> int | None:

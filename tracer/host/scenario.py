@@ -143,7 +143,8 @@ def run(args: argparse.Namespace) -> int:
             say("listen", addr=f"{args.server_ip}:{args.server_port}", server_pid=server_pid,
                 note="a server process accepts and never closes")
         else:
-            say("listen", addr=f"{args.server_ip}:{args.server_port}", note="never calls accept()")
+            say("listen", addr=f"{args.server_ip}:{args.server_port}", pid=os.getpid(), fd=listener.fileno(),
+                note="never calls accept()")
         return clients(args, fam)
 
 

@@ -192,6 +192,10 @@ class TextWriter:
             facts.append("\n")
             facts.append(inert(f"listener {q['listener']}: Recv-Q {q['recv_q']} of {q['limit']}, "
                                f"{q['alive']} alive, {q['ghosts']} dead" + (" (FULL)" if q["full"] else "")))
+            for o in q.get("owners", []):
+                facts.append("\n")
+                facts.append(inert(f"listener held by: {o['comm']} (pid {o['pid']}) fd {o['fd']}"),
+                             style="bold" if sock.get("inode") is None else None)
         if rec.get("repeat_of"):
             facts.append(f"\nrepeat of collision #{rec['repeat_of']['id']} (same {rec['repeat_of']['same']})")
         if rec["incomplete"]:

@@ -55,7 +55,17 @@ def _owner_text(owner: dict) -> str:
     return f"{owner['comm']} (pid {owner['pid']})"
 
 
-def _culprit(inc: Incident, owners: list[dict]) -> str:
+def _listening(listener: dict | None) -> str:
+    """` (the program X (pid N), fd F)`: who holds the listening socket."""
+    held = (listener or {}).get("owners") or []
+    if not held:
+        return ""
+    o = held[0]
+    more = f" and {len(held) - 1} more" if len(held) > 1 else ""
+    return f" (the program {_owner_text(o)}, fd {o['fd']}{more})"
+
+
+def _culprit(inc: Incident, owners: list[dict], listener: dict | None = None) -> str:
     unread = inc.closewait.get("unread_bytes")
     unread_text = f", with {unread} unread bytes in it" if unread else ""
     if owners:
@@ -64,8 +74,8 @@ def _culprit(inc: Incident, owners: list[dict]) -> str:
         return (f"The program {_owner_text(o)} holds that socket as fd {o['fd']}{more}{unread_text} and never "
                 f"closed it after the peer hung up.")
     if inc.closewait.get("inode") is None:
-        return (f"That socket was never accept()ed{unread_text}: the application listening on {inc.server} does "
-                f"not call accept() for every connection the kernel queues for it.")
+        return (f"That socket was never accept()ed{unread_text}: the application listening on {inc.server}"
+                f"{_listening(listener)} does not call accept() for every connection the kernel queues for it.")
     return (f"No process holding that socket (inode {inc.closewait['inode']}) was found{unread_text}: "
             f"its owner may have exited or passed it on.")
 
@@ -146,7 +156,7 @@ def _listener(inc: Incident, listener: dict | None, ghost: bool) -> list[str]:
     return out
 
 
-def _fix(inc: Incident, owners: list[dict]) -> str:
+def _fix(inc: Incident, owners: list[dict], listener: dict | None = None) -> str:
     lingering = inc.lingering_state
     if inc.stuck_reason == "stuck_challenge_ack_lost":
         path = ("Fix now: let the challenge ACK (a bare ACK from the server port) through the firewall or NAT "
@@ -162,7 +172,7 @@ def _fix(inc: Incident, owners: list[dict]) -> str:
         who = f"the program {_owner_text(o)} never closes fd {o['fd']} after the peer hangs up"
         what = f"make {o['comm']} close its sockets when read() returns 0 (or on EPOLLRDHUP)"
     elif inc.closewait.get("inode") is None:
-        who = f"the application listening on {inc.server} leaves connections in its accept queue"
+        who = f"the application listening on {inc.server}{_listening(listener)} leaves connections in its accept queue"
         what = "make it accept() every connection it queues (and close them when the peer hangs up)"
     else:
         who = f"an application behind {inc.server} never closes its socket after the peer hangs up"
@@ -222,7 +232,7 @@ def explain(inc: Incident, context: dict | None = None) -> str:
     if lingering in WHY_LINGERING:
         parts.append(WHY_LINGERING[lingering])
     if lingering == "CLOSE_WAIT":
-        parts.append(_culprit(inc, owners))
+        parts.append(_culprit(inc, owners, context.get("listener")))
     if inc.repeat_of:
         same = "the same socket" if inc.repeat_of["same"] == "socket" else "the same port pair (a new lingering socket)"
         parts.append(f"It happened before on {same}: incident #{inc.repeat_of['id']}.")
@@ -259,7 +269,7 @@ def explain(inc: Incident, context: dict | None = None) -> str:
     parts += _outcome(inc)
     parts += _listener(inc, context.get("listener"), inc.ghost)
     parts += _incomplete(inc)
-    fix = _fix(inc, owners)
+    fix = _fix(inc, owners, context.get("listener"))
     if fix:
         parts.append(fix)
     return " ".join(parts)

@@ -163,13 +163,16 @@ def ready_record(backend: str, hooks: list[dict], types_source: str, filters: di
 
 def culprit_of(rec: dict) -> str:
     """Who a collision record blames, in a few words: the process holding the
-    lingering socket, or the listener's application when it never accepted."""
+    lingering socket, or the listener's owner when it never accepted."""
     if rec.get("view") == "client":
         return f"remote server {rec['server']}"
     sock = rec["closewait_socket"]
     if sock.get("owners"):
         return f"{sock['owners'][0]['comm']} (pid {sock['owners'][0]['pid']})"
     if rec["lingering_state"] == "CLOSE_WAIT" and sock.get("inode") is None:
+        held = (rec.get("listener") or {}).get("owners") or []
+        if held:  # the process holding the listener is the one that does not accept()
+            return f"{held[0]['comm']} (pid {held[0]['pid']}) not accepting on {rec['server']}"
         return f"not accepted on {rec['server']}"
     return f"{rec['lingering_state']} on {rec['server']}"
 
