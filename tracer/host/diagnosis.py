@@ -11,7 +11,8 @@ import time
 from tracer.host import inventory, sockdiag
 from tracer.pipeline.correlator import Incident
 from tracer.pipeline.events import Event
-from tracer.host.procfs import OwnerCache
+from tracer.host.procfs import Owner, OwnerCache
+from tracer.host.workload import Workloads
 
 LISTEN = sockdiag.STATE_BITS["LISTEN"]
 QUEUE_STATES = LISTEN | sockdiag.STATE_BITS["ESTABLISHED"] | sockdiag.STATE_BITS["CLOSE_WAIT"]
@@ -46,8 +47,9 @@ WATCH_INTERVAL_S = 1.0
 
 
 class Diagnoser:
-    def __init__(self, owners: OwnerCache | None = None):
+    def __init__(self, owners: OwnerCache | None = None, workloads: Workloads | None = None):
         self.owners = owners or OwnerCache()
+        self.workloads = workloads or Workloads()
         self._ns_paths: dict[int, str] = {}
         self._ns_scanned = float("-inf")
         # (netns, listener) -> what was last reported about its queue
@@ -112,6 +114,7 @@ class Diagnoser:
         owners found so far and the namespaces' paths, so that memory at rest
         does not keep what a storm brought."""
         self.owners.forget()
+        self.workloads.forget()
         self._ns_paths = {}
         self._ns_scanned = float("-inf")
 
@@ -131,9 +134,15 @@ class Diagnoser:
         self._batch_queues.clear()
         self._batch_ports.clear()
 
+    def owner(self, o: Owner) -> dict:
+        """An owner as reported: pid, comm, fd and its workload (unit,
+        container, pod; None when its cgroups could not be read)."""
+        w = self.workloads.of(o.pid, o.comm)
+        return {**o.as_dict(), "workload": w.as_dict() if w is not None else None}
+
     def context(self, inc: Incident) -> dict:
         inode = inc.closewait.get("inode")
-        owners = [o.as_dict() for o in self.owners.lookup(inode)] if inode else []
+        owners = [self.owner(o) for o in self.owners.lookup(inode)] if inode else []
         ctx = {"owners": owners, "listener": self.listener(inc)}
         if "state_hook_off" in inc.incomplete_reasons and not inc.has("established"):
             ctx["connection"] = self.connection(inc)
@@ -144,6 +153,10 @@ class Diagnoser:
             found = self.owners.lookup(inc.client_inode)
             if found:
                 ctx["client_process"] = {"pid": found[0].pid, "comm": found[0].comm}
+        proc = ctx.get("client_process") or inc.client_process
+        if proc:
+            w = self.workloads.of(proc["pid"], proc["comm"])
+            ctx["client_process"] = {**proc, "workload": w.as_dict() if w is not None else None}
         return ctx
 
     def connection(self, inc: Incident) -> dict:
@@ -198,7 +211,7 @@ class Diagnoser:
             return None
         out = {k: v for k, v in q.items() if k != "inodes"}
         # who holds the listening socket: the process that does not accept()
-        out["owners"] = [o.as_dict() for ino in q["inodes"] for o in self.owners.lookup(ino)]
+        out["owners"] = [self.owner(o) for ino in q["inodes"] for o in self.owners.lookup(ino)]
         return out
 
     def _queue(self, netns: int, server: str) -> dict | None:

@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from tracer.host import inventory
+from tracer.pipeline.records import culprit_workload
 
 PENALTY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.5, 7.0, 15.0, 30.0)
 SNAPSHOT_TTL_S = 5.0
@@ -114,6 +115,9 @@ class Metrics:
         r = self.registry
         self.collisions = Counter("tcpcollide_collisions", "Collisions reported, by server port and outcome",
                                   ["server_port", "outcome", "outcome_detail", "lingering_state"], registry=r)
+        self.by_workload = Counter("tcpcollide_collisions_by_workload", "Collisions reported, by the culprit's "
+                                   "workload: namespace/pod, container name, or systemd unit (empty: not known)",
+                                   ["workload"], registry=r)
         self.penalty = Histogram("tcpcollide_penalty_seconds", "Delay a colliding client paid: first SYN to "
                                  "established", buckets=PENALTY_BUCKETS, registry=r)
         self.events = Counter("tcpcollide_events", "Kernel events received", registry=r)
@@ -146,6 +150,7 @@ class Metrics:
         port = rec["server"].rpartition(":")[2]
         self.collisions.labels(port, rec["outcome"], rec.get("outcome_detail") or "",
                                rec["lingering_state"] or "unknown").inc()
+        self.by_workload.labels(culprit_workload(rec) or "").inc()
         if rec["penalty_ms"] is not None:
             self.penalty.observe(rec["penalty_ms"] / 1000)
         self.sockets.invalidate()

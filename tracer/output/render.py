@@ -18,6 +18,8 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from tracer.pipeline.records import short_name
+
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 STEP_LABELS = {
@@ -57,6 +59,12 @@ LOSS_WORDS = {
     "untracked": "collisions the kernel could not track",
     "uncounted": "collisions the kernel's per-port counts had no room for",
 }
+
+
+def _in(proc: dict) -> str:
+    """`  [workload]` after a process, where its unit, container or pod is known."""
+    short = short_name(proc.get("workload"))
+    return f"  [{short}]" if short else ""
 
 
 def storm_line(rec: dict) -> str:
@@ -176,13 +184,13 @@ class TextWriter:
         proc = rec.get("client_process")
         if proc:
             facts.append("\n")
-            facts.append(inert(f"connecting process: {proc['comm']} (pid {proc['pid']})"))
+            facts.append(inert(f"connecting process: {proc['comm']} (pid {proc['pid']})" + _in(proc)))
         sock = rec["closewait_socket"]
         if sock["inode"]:
             facts.append(f"   socket inode: {sock['inode']}")
         for o in sock.get("owners", []):
             facts.append("\n")
-            facts.append(inert(f"held by: {o['comm']} (pid {o['pid']}) fd {o['fd']}"), style="bold")
+            facts.append(inert(f"held by: {o['comm']} (pid {o['pid']}) fd {o['fd']}" + _in(o)), style="bold")
         if sock.get("unread_bytes"):
             facts.append(f"   unread: {sock['unread_bytes']} B")
         if sock.get("ghost"):
@@ -194,7 +202,7 @@ class TextWriter:
                                f"{q['alive']} alive, {q['ghosts']} dead" + (" (FULL)" if q["full"] else "")))
             for o in q.get("owners", []):
                 facts.append("\n")
-                facts.append(inert(f"listener held by: {o['comm']} (pid {o['pid']}) fd {o['fd']}"),
+                facts.append(inert(f"listener held by: {o['comm']} (pid {o['pid']}) fd {o['fd']}" + _in(o)),
                              style="bold" if sock.get("inode") is None else None)
         if rec.get("repeat_of"):
             facts.append(f"\nrepeat of collision #{rec['repeat_of']['id']} (same {rec['repeat_of']['same']})")

@@ -126,7 +126,7 @@ def collision_record(inc: Incident, clock: Clock, backend: str, verbose: bool = 
         "listener": context.get("listener"),
         "repeat_of": inc.repeat_of,
         "client_netns": inc.client_netns,
-        "client_process": inc.client_process or context.get("client_process"),
+        "client_process": context.get("client_process") or inc.client_process,
         "challenge_acks_sent": inc.challenges_sent,
         "challenge_acks_received": inc.challenges_received,
         "challenge_acks_limited": inc.challenges_limited,
@@ -161,6 +161,40 @@ def ready_record(backend: str, hooks: list[dict], types_source: str, filters: di
     }
 
 
+def short_name(workload: dict | None) -> str | None:
+    """A workload (its JSON form) in a few words, of low cardinality (never a
+    pid): namespace/pod, else the container's name (or runtime and short id),
+    else the systemd unit; None when nothing is known."""
+    if not workload:
+        return None
+    pod, container = workload.get("pod"), workload.get("container")
+    if pod:
+        return f"{pod['namespace']}/{pod['name']}" if pod.get("name") else f"pod {pod['uid']}"
+    if container:
+        if container.get("name"):
+            return container["name"]
+        if container.get("id"):
+            return f"{container.get('runtime') or 'container'} {container['id'][:12]}"
+    return workload.get("unit")
+
+
+def _who(o: dict) -> str:
+    """`comm (pid N)`, and its workload's short name where known."""
+    short = short_name(o.get("workload"))
+    return f"{o['comm']} (pid {o['pid']})" + (f" in {short}" if short else "")
+
+
+def culprit_workload(rec: dict) -> str | None:
+    """The culprit's workload in a few words (a metrics label: never a pid),
+    None when not known."""
+    if rec.get("view") == "client":
+        return None
+    held = rec["closewait_socket"].get("owners") or []
+    if not held and rec["lingering_state"] == "CLOSE_WAIT" and rec["closewait_socket"].get("inode") is None:
+        held = (rec.get("listener") or {}).get("owners") or []
+    return short_name(held[0].get("workload")) if held else None
+
+
 def culprit_of(rec: dict) -> str:
     """Who a collision record blames, in a few words: the process holding the
     lingering socket, or the listener's owner when it never accepted."""
@@ -168,11 +202,11 @@ def culprit_of(rec: dict) -> str:
         return f"remote server {rec['server']}"
     sock = rec["closewait_socket"]
     if sock.get("owners"):
-        return f"{sock['owners'][0]['comm']} (pid {sock['owners'][0]['pid']})"
+        return _who(sock["owners"][0])
     if rec["lingering_state"] == "CLOSE_WAIT" and sock.get("inode") is None:
         held = (rec.get("listener") or {}).get("owners") or []
         if held:  # the process holding the listener is the one that does not accept()
-            return f"{held[0]['comm']} (pid {held[0]['pid']}) not accepting on {rec['server']}"
+            return f"{_who(held[0])} not accepting on {rec['server']}"
         return f"not accepted on {rec['server']}"
     return f"{rec['lingering_state']} on {rec['server']}"
 
