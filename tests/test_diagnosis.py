@@ -235,7 +235,25 @@ def test_closewait_groups_by_process_and_port():
     assert (leaky["oldest_age_s"], leaky["newest_age_s"], leaky["unread_bytes"]) == (5.0, 1.0, 7)
     assert [s["fd"] for s in leaky["sockets"]] == [5, 6]
     assert orphan["pid"] is None and orphan["comm"] == inventory.NO_PROCESS
+    assert leaky["workload"] is None and orphan["workload"] is None  # no workload_of given
     assert inventory.build(socks, owners, 1, port=9090)["closewait_total"] == 1
+
+
+def test_inventory_groups_processes_by_workload():
+    """(Synthetic sockets, owners and workloads.) The workload holding the
+    most CLOSE_WAIT sockets comes first, its processes together, biggest first."""
+    socks = [sock("CLOSE_WAIT", 8080, i, inode=100 + i) for i in range(5)]
+    owners = {100: [Owner(1, "a", 3)], 101: [Owner(2, "b", 3)], 102: [Owner(2, "b", 4)],
+              103: [Owner(3, "c", 3)], 104: [Owner(3, "c", 4)]}
+    pods = {1: {"unit": None, "container": None, "pod": {"namespace": "shop", "name": "cart", "uid": "u",
+                                                          "container": "app"}},
+            2: {"unit": None, "container": None, "pod": {"namespace": "shop", "name": "cart", "uid": "u",
+                                                          "container": "sidecar"}},
+            3: {"unit": "nginx.service", "container": None, "pod": None}}
+    rec = inventory.build(socks, owners, 1, workload_of=lambda pid, comm: pods[pid])
+    # shop/cart holds 3 sockets (two processes), nginx.service 2
+    assert [(g["pid"], g["count"]) for g in rec["closewait"]] == [(2, 2), (1, 1), (3, 2)]
+    assert rec["closewait"][0]["workload"] == pods[2]
 
 
 def test_queue_for_finds_the_listener_of_a_server_end():

@@ -19,9 +19,15 @@ import datetime as dt
 import ipaddress
 from collections import defaultdict
 
+from collections.abc import Callable
+
 from tracer.host import procfs, sockdiag
 from tracer.host.procfs import Owner
 from tracer.host.sockdiag import Sock
+from tracer.host.workload import Workloads
+from tracer.pipeline.records import short_name
+
+WorkloadOf = Callable[[int, str], dict | None]  # (pid, comm) -> the workload's JSON form
 
 QUEUED_ALIVE_STATES = ("ESTABLISHED", "CLOSE_WAIT")
 NO_PROCESS = "no process: never accept()ed"
@@ -84,9 +90,11 @@ def _count(items) -> dict[str, int]:
     return out
 
 
-def closewait_groups(socks: list[Sock], owners: dict[int, list[Owner]]) -> list[dict]:
-    """CLOSE_WAIT sockets grouped by holding process and local port, the
-    biggest groups first."""
+def closewait_groups(socks: list[Sock], owners: dict[int, list[Owner]],
+                     workload_of: WorkloadOf | None = None) -> list[dict]:
+    """CLOSE_WAIT sockets grouped by holding process and local port, and the
+    processes by workload (unit, container, pod): the workloads holding the
+    most first, then their biggest groups."""
     groups: dict[tuple, list[tuple[Sock, Owner | None]]] = defaultdict(list)
     for s in socks:
         if s.state != "CLOSE_WAIT":
@@ -101,6 +109,7 @@ def closewait_groups(socks: list[Sock], owners: dict[int, list[Owner]]) -> list[
         out.append({
             "pid": pid,
             "comm": comm,
+            "workload": workload_of(pid, comm) if workload_of is not None and pid is not None else None,
             "netns": netns,
             "local": local,
             "count": len(members),
@@ -112,14 +121,19 @@ def closewait_groups(socks: list[Sock], owners: dict[int, list[Owner]]) -> list[
                 "age_s": _age_s(s), "unread_bytes": s.unread_bytes,
             } for s, o in sorted(members, key=lambda m: -(m[0].last_ack_recv_ms or 0))],
         })
-    out.sort(key=lambda g: (-g["count"], g["pid"] or 0, g["local"]))
+    per_workload: dict[str, int] = defaultdict(int)
+    for g in out:
+        per_workload[short_name(g["workload"]) or ""] += g["count"]
+    out.sort(key=lambda g: (-per_workload[short_name(g["workload"]) or ""], short_name(g["workload"]) or "",
+                            -g["count"], g["pid"] or 0, g["local"]))
     return out
 
 
-def build(socks: list[Sock], owners: dict[int, list[Owner]], namespaces: int, port: int | None = None) -> dict:
+def build(socks: list[Sock], owners: dict[int, list[Owner]], namespaces: int, port: int | None = None,
+          workload_of: WorkloadOf | None = None) -> dict:
     if port is not None:
         socks = [s for s in socks if port in (s.lport, s.rport)]
-    cw = closewait_groups(socks, owners)
+    cw = closewait_groups(socks, owners, workload_of)
     listeners = listener_queues(socks)
     return {
         "type": "inventory",
@@ -142,4 +156,10 @@ def snapshot(port: int | None = None, netns: int | None = None, family: str | No
     socks = sockdiag.list_sockets(SNAPSHOT_STATES, netns, families, paths)
     wanted = {s.inode for s in socks if s.state == "CLOSE_WAIT" and s.inode}
     owners = procfs.socket_owners(wanted) if wanted else {}
-    return build(socks, owners, len(paths) if netns is None else int(netns in paths), port)
+    workloads = Workloads()
+
+    def workload_of(pid: int, comm: str) -> dict | None:
+        w = workloads.of(pid, comm)
+        return w.as_dict() if w is not None else None
+
+    return build(socks, owners, len(paths) if netns is None else int(netns in paths), port, workload_of)

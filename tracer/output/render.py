@@ -261,13 +261,15 @@ class TextWriter:
         if rec["closewait"]:
             table = Table(box=None, header_style="bold", pad_edge=False, title="CLOSE_WAIT sockets by process",
                           title_justify="left")
-            for col, just in (("pid", "right"), ("command", "left"), ("netns", "right"), ("local", "left"),
+            for col, just in (("pid", "right"), ("command", "left"), ("workload", "left"), ("netns", "right"),
+                              ("local", "left"),
                               ("sockets", "right"), ("oldest", "right"), ("newest", "right"), ("unread", "right"),
                               ("fds", "left")):
                 table.add_column(col, justify=just, overflow="fold")
             for g in rec["closewait"]:
                 fds = ",".join(str(s["fd"]) for s in g["sockets"] if s["fd"] is not None)
-                table.add_row("-" if g["pid"] is None else str(g["pid"]), inert(g["comm"]), str(g["netns"]),
+                table.add_row("-" if g["pid"] is None else str(g["pid"]), inert(g["comm"]),
+                              inert(short_name(g.get("workload")) or "-"), str(g["netns"]),
                               inert(g["local"]), str(g["count"]), age(g["oldest_age_s"]), age(g["newest_age_s"]),
                               f"{g['unread_bytes']} B", inert(fds[:60] + ("..." if len(fds) > 60 else "")))
             self.console.print(table)
