@@ -262,11 +262,12 @@ def test_inventory_agrees_with_ss(ns):
     assert inv["closewait_total"] == len(cw) == 3
     mine = next(g for g in inv["closewait"] if g["comm"] == "leakyinv")
     assert mine["pid"] == leaky.pid and mine["local"] == "127.0.0.1:8080" and mine["count"] == 2
+    assert mine["workload"] == HOST
     assert sorted(s["fd"] for s in mine["sockets"]) == fds
     assert mine["unread_bytes"] == 14
     assert sum(int(r[1]) - 1 for r in cw if r[3] == "127.0.0.1:8080") == 14  # ss counts the FIN as 1
     orphan = next(g for g in inv["closewait"] if g["pid"] is None)
-    assert orphan["local"] == "127.0.0.1:9090" and orphan["count"] == 1
+    assert orphan["local"] == "127.0.0.1:9090" and orphan["count"] == 1 and orphan["workload"] is None
     listener = next(r for r in rows if r[0] == "LISTEN" and r[3] == "127.0.0.1:9090")
     (q,) = [q for q in inv["listeners"] if q["listener"] == "127.0.0.1:9090"]
     assert (q["recv_q"], q["limit"]) == (int(listener[1]), int(listener[2])) == (3, 8)

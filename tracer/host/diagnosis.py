@@ -137,8 +137,7 @@ class Diagnoser:
     def owner(self, o: Owner) -> dict:
         """An owner as reported: pid, comm, fd and its workload (unit,
         container, pod; None when its cgroups could not be read)."""
-        w = self.workloads.of(o.pid, o.comm)
-        return {**o.as_dict(), "workload": w.as_dict() if w is not None else None}
+        return {**o.as_dict(), "workload": self.workloads.as_dict(o.pid, o.comm)}
 
     def context(self, inc: Incident) -> dict:
         inode = inc.closewait.get("inode")
@@ -155,8 +154,7 @@ class Diagnoser:
                 ctx["client_process"] = {"pid": found[0].pid, "comm": found[0].comm}
         proc = ctx.get("client_process") or inc.client_process
         if proc:
-            w = self.workloads.of(proc["pid"], proc["comm"])
-            ctx["client_process"] = {**proc, "workload": w.as_dict() if w is not None else None}
+            ctx["client_process"] = {**proc, "workload": self.workloads.as_dict(proc["pid"], proc["comm"])}
         return ctx
 
     def connection(self, inc: Incident) -> dict:

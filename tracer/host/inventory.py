@@ -156,10 +156,4 @@ def snapshot(port: int | None = None, netns: int | None = None, family: str | No
     socks = sockdiag.list_sockets(SNAPSHOT_STATES, netns, families, paths)
     wanted = {s.inode for s in socks if s.state == "CLOSE_WAIT" and s.inode}
     owners = procfs.socket_owners(wanted) if wanted else {}
-    workloads = Workloads()
-
-    def workload_of(pid: int, comm: str) -> dict | None:
-        w = workloads.of(pid, comm)
-        return w.as_dict() if w is not None else None
-
-    return build(socks, owners, len(paths) if netns is None else int(netns in paths), port, workload_of)
+    return build(socks, owners, len(paths) if netns is None else int(netns in paths), port, Workloads().as_dict)

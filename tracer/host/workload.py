@@ -135,6 +135,11 @@ class Workloads:
             self._by_proc[key] = self._read(pid)
         return self._by_proc[key]
 
+    def as_dict(self, pid: int, comm: str = "") -> dict | None:
+        """The workload's JSON form (None: the process's cgroups could not be read)."""
+        w = self.of(pid, comm)
+        return w.as_dict() if w is not None else None
+
     def forget(self) -> None:
         self._by_proc.clear()
         self._names.clear()

@@ -184,15 +184,26 @@ def _who(o: dict) -> str:
     return f"{o['comm']} (pid {o['pid']})" + (f" in {short}" if short else "")
 
 
-def culprit_workload(rec: dict) -> str | None:
-    """The culprit's workload in a few words (a metrics label: never a pid),
-    None when not known."""
+def _never_accepted(rec: dict) -> bool:
+    return rec["lingering_state"] == "CLOSE_WAIT" and rec["closewait_socket"].get("inode") is None
+
+
+def _culprit_process(rec: dict) -> dict | None:
+    """The process to blame (server view): the lingering socket's holder, or,
+    for a socket never accept()ed, the listener's (the one not accepting)."""
     if rec.get("view") == "client":
         return None
     held = rec["closewait_socket"].get("owners") or []
-    if not held and rec["lingering_state"] == "CLOSE_WAIT" and rec["closewait_socket"].get("inode") is None:
+    if not held and _never_accepted(rec):
         held = (rec.get("listener") or {}).get("owners") or []
-    return short_name(held[0].get("workload")) if held else None
+    return held[0] if held else None
+
+
+def culprit_workload(rec: dict) -> str | None:
+    """The culprit's workload in a few words (a metrics label: never a pid),
+    None when not known."""
+    proc = _culprit_process(rec)
+    return short_name(proc.get("workload")) if proc else None
 
 
 def culprit_of(rec: dict) -> str:
@@ -200,14 +211,11 @@ def culprit_of(rec: dict) -> str:
     lingering socket, or the listener's owner when it never accepted."""
     if rec.get("view") == "client":
         return f"remote server {rec['server']}"
-    sock = rec["closewait_socket"]
-    if sock.get("owners"):
-        return _who(sock["owners"][0])
-    if rec["lingering_state"] == "CLOSE_WAIT" and sock.get("inode") is None:
-        held = (rec.get("listener") or {}).get("owners") or []
-        if held:  # the process holding the listener is the one that does not accept()
-            return f"{_who(held[0])} not accepting on {rec['server']}"
-        return f"not accepted on {rec['server']}"
+    proc = _culprit_process(rec)
+    if _never_accepted(rec):
+        return f"{_who(proc)} not accepting on {rec['server']}" if proc else f"not accepted on {rec['server']}"
+    if proc:
+        return _who(proc)
     return f"{rec['lingering_state']} on {rec['server']}"
 
 
