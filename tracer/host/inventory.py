@@ -18,7 +18,6 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 from collections import defaultdict
-
 from collections.abc import Callable
 
 from tracer.host import procfs, sockdiag
@@ -121,12 +120,12 @@ def closewait_groups(socks: list[Sock], owners: dict[int, list[Owner]],
                 "age_s": _age_s(s), "unread_bytes": s.unread_bytes,
             } for s, o in sorted(members, key=lambda m: -(m[0].last_ack_recv_ms or 0))],
         })
+    named = [(short_name(g["workload"]) or "", g) for g in out]  # each group's workload named once
     per_workload: dict[str, int] = defaultdict(int)
-    for g in out:
-        per_workload[short_name(g["workload"]) or ""] += g["count"]
-    out.sort(key=lambda g: (-per_workload[short_name(g["workload"]) or ""], short_name(g["workload"]) or "",
-                            -g["count"], g["pid"] or 0, g["local"]))
-    return out
+    for name, g in named:
+        per_workload[name] += g["count"]
+    named.sort(key=lambda ng: (-per_workload[ng[0]], ng[0], -ng[1]["count"], ng[1]["pid"] or 0, ng[1]["local"]))
+    return [g for _, g in named]
 
 
 def build(socks: list[Sock], owners: dict[int, list[Owner]], namespaces: int, port: int | None = None,
