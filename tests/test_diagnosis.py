@@ -388,3 +388,84 @@ def test_owner_cache_forgets_a_storms_sockets_and_scans_again():
     assert cache._known == {}
     assert cache.lookup(7) == [Owner(2, "later", 3)] and len(scans) == 2
     assert cache.lookup(500) == []  # gone from the host: not served from the storm's scan
+
+
+def test_owner_cache_tells_pending_from_not_held():
+    """(Synthetic scans.) An inode asked for is `pending` until the next scan,
+    then `found` or `not_held`; a socket no process held is not scanned for
+    again on every lookup."""
+    scans = []
+
+    def scan():
+        scans.append(1)
+        return {5: [Owner(1, "a", 3)]}
+
+    cache = OwnerCache(min_interval_s=0, scan=scan)
+    cache.SCAN_SHARE = 0
+    cache.want(5)
+    cache.want(6)
+    assert cache.status(5) == cache.status(6) == "pending" and cache.status(7) == "unasked"
+    cache.resolve()
+    assert cache.status(5) == "found" and cache.status(6) == "not_held"
+    assert cache.lookup(6) == [] and len(scans) == 1
+
+
+def test_a_report_waits_for_the_owner_scan_and_says_why_one_is_missing(monkeypatch):
+    """(Synthetic stream, fake /proc scans, synthetic clock.) In a storm the
+    scans are spaced out: an incident ending between two scans waits for the
+    next one and is reported with its owner; one whose scan does not come
+    within OWNER_WAIT_S is reported `lookup_deferred`; one whose socket no
+    process held, `not_held`."""
+    from tracer.host import diagnosis
+    from tracer.pipeline.flow import Pipeline
+
+    clock = [1000.0]
+    monkeypatch.setattr("tracer.host.procfs.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("tracer.host.diagnosis.time.monotonic", lambda: clock[0])
+    held = {4242: [Owner(77, "leakysrv", 9)]}
+    slow = [0.0]  # how long a scan takes
+
+    def scan():
+        clock[0] += slow[0]
+        return dict(held)
+
+    cache = OwnerCache(min_interval_s=0.5, scan=scan)
+    diag = diagnosis.Diagnoser(owners=cache)
+    printed: list[dict] = []
+    pipeline = Pipeline(Correlator(STATES, 250), CLOCK, "tracepoint", printed.append, host=diag)
+
+    def collide(port: int, ino: int):
+        col = Collision(client_port=port, closewait_sk=0xFFFF888100000000 + port * 0x1000)
+        events = col.seed_sequence()
+        events[0] = events[0].__class__(**{**events[0].__dict__, "sk_ino": ino})
+        for ev in events:
+            pipeline.feed(ev)
+        diag.resolve()
+        pipeline.release()
+
+    collide(40001, 4242)  # the first scan is due: reported at once, with its owner
+    assert [r["closewait_socket"]["owners"][0]["pid"] for r in printed] == [77]
+    held[4343] = [Owner(78, "leakysrv", 10)]
+    collide(40002, 4343)  # the next scan is not due: the report waits
+    assert len(printed) == 1 and pipeline.held == 1
+    clock[0] += 0.6
+    diag.resolve()
+    pipeline.release()
+    assert len(printed) == 2 and printed[1]["closewait_socket"]["owners"][0]["pid"] == 78
+    assert printed[1]["closewait_socket"]["owners_unknown"] is None
+    collide(40003, 4444)  # nobody holds it: found missing by the next scan
+    clock[0] += 0.6
+    slow[0] = 1.0  # a host where a scan takes 1 s: the next one only 4 s later
+    diag.resolve()
+    pipeline.release()
+    assert printed[2]["closewait_socket"]["owners"] == []
+    assert printed[2]["closewait_socket"]["owners_unknown"] == "not_held"
+    assert "No process held that socket (inode 4444)" in printed[2]["explanation"]
+    held[4545] = [Owner(79, "leakysrv", 11)]
+    collide(40004, 4545)
+    assert len(printed) == 3  # waits for the next scan
+    clock[0] += diagnosis.OWNER_WAIT_S  # and it is still not due
+    diag.resolve()
+    pipeline.release()
+    assert printed[3]["closewait_socket"]["owners_unknown"] == "lookup_deferred"
+    assert "not looked up in time" in printed[3]["explanation"]

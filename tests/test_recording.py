@@ -283,3 +283,55 @@ def test_skipped_runs_replay_like_the_live_run(tmp_path):
     path.write_bytes(buf.getvalue())
     got, summary, err = run(path)
     assert err is None and got == [live] and summary["skipped_runs"] == 3
+
+
+class Slow(NoHost):
+    """A live host whose lookups for the first incident are not done until
+    `done` (as an owner scan spaced out in a storm)."""
+
+    def __init__(self):
+        self.done = False
+
+    def waiting(self, inc):
+        return inc.id == 1 and not self.done
+
+    def context(self, inc):
+        return {"owners": [{"pid": 100 + inc.id, "comm": "leaky", "fd": 4}], "listener": None}
+
+
+def test_reports_wait_for_the_hosts_lookups_in_order_and_replay_the_same(tmp_path):
+    """Synthetic stream: the first incident's report waits for its host
+    lookups; the second, ended meanwhile, is reported after it, not before.
+    The replay waits the same way and writes the same records."""
+    buf = io.BytesIO()
+    w = recording.Writer(buf, {"kernel": "test", "backend": "tracepoint", "tcp_states": {str(k): v for k, v in
+                               STATES.items()}, "hz": HZ, "clock_offset_ns": 0, **Settings().header()})
+    printed: list[dict] = []
+    host = Slow()
+    pipeline = Pipeline(Correlator(STATES, HZ), Clock(0), "tracepoint", printed.append, host=host, recorder=w)
+    for ev in two_collisions():
+        pipeline.feed(ev)
+    assert printed == [] and pipeline.held == 2
+    host.done = True
+    pipeline.release()
+    assert [r["id"] for r in printed] == [1, 2] and pipeline.held == 0
+    assert [r["closewait_socket"]["owners"][0]["pid"] for r in printed] == [101, 102]
+    pipeline.flush()
+    pipeline.finish("SIGINT")
+    path = tmp_path / "slow.rec"
+    path.write_bytes(buf.getvalue())
+    got, summary, err = run(path)
+    live = [r for r in printed if r["type"] == "collision"]
+    assert err is None and got == live and summary["collisions"] == 2
+
+
+def test_the_end_reports_what_still_waits():
+    """Synthetic stream: lookups that never finish do not keep a report back
+    past the end of the run."""
+    printed: list[dict] = []
+    pipeline = Pipeline(Correlator(STATES, HZ), Clock(0), "tracepoint", printed.append, host=Slow())
+    for ev in two_collisions():
+        pipeline.feed(ev)
+    assert printed == []
+    pipeline.flush()
+    assert [r["id"] for r in printed] == [1, 2]

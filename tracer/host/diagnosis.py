@@ -43,6 +43,9 @@ def queue_for(queues: list[dict], server: str) -> dict | None:
 
 
 MAX_WATCHED = 256  # listeners with ghosts followed at once
+# The longest an ended incident's report waits for the /proc scan that names
+# its sockets' owners (scans are spaced out in a storm: OwnerCache).
+OWNER_WAIT_S = 3.0
 WATCH_INTERVAL_S = 1.0
 
 
@@ -58,6 +61,7 @@ class Diagnoser:
         self.pool = sockdiag.Pool()  # sock_diag sockets by namespace, closed when idle
         self._batch_queues: dict[tuple[int, str], dict | None] = {}  # listener queues asked in this batch
         self._batch_ports: dict[tuple[int, int, bool], dict | None] = {}  # by (netns, server port, client end)
+        self._waiting: dict[int, float] = {}  # incident id -> when its report began to wait for a scan
 
     def watch(self, rec: dict) -> None:
         """Follow a collision's listener while its queue holds ghosts: tell
@@ -125,14 +129,42 @@ class Diagnoser:
         if ev.type in ("syn_challenged", "client_challenged") and ev.sk_ino:
             self.owners.want(ev.sk_ino)
 
-    def resolve(self) -> None:
+    def resolve(self, force: bool = False) -> None:
         """After a batch of events: one /proc scan for the owners they asked
-        for. The listener queues looked up for the incidents that ended in
-        the batch are forgotten: the ones ending next are told the queue as
-        it is then."""
-        self.owners.resolve()
+        for (when one is due; force: now). The listener queues looked up for
+        the incidents that ended in the batch are forgotten: the ones ending
+        next are told the queue as it is then."""
+        self.owners.resolve(force)
         self._batch_queues.clear()
         self._batch_ports.clear()
+
+    def _inodes(self, inc: Incident) -> list[int]:
+        """The sockets whose owners an incident's report names."""
+        out = [inc.closewait.get("inode"), inc.client_inode if inc.client_process is None else None]
+        q = self._listener_queue(inc)
+        if q is not None:
+            out.extend(q["inodes"])
+        return [i for i in out if i]
+
+    def waiting(self, inc: Incident) -> bool:
+        """Whether the incident's report should wait: the owner of one of
+        its sockets was asked for and the /proc scan that finds it is not due
+        yet (at most OWNER_WAIT_S: then it is reported as `lookup_deferred`)."""
+        for ino in self._inodes(inc):
+            self.owners.want(ino)
+        if not any(self.owners.status(ino) == "pending" for ino in self._inodes(inc)):
+            self._waiting.pop(inc.id, None)
+            return False
+        now = time.monotonic()
+        return now - self._waiting.setdefault(inc.id, now) < OWNER_WAIT_S
+
+    def _unknown(self, inode: int | None, owners: list) -> str | None:
+        """Why a socket's owners are not named (None: they are)."""
+        if owners:
+            return None
+        if not inode:
+            return "never_accepted"
+        return "lookup_deferred" if self.owners.status(inode) == "pending" else "not_held"
 
     def owner(self, o: Owner) -> dict:
         """An owner as reported: pid, comm, fd and its workload (unit,
@@ -140,9 +172,11 @@ class Diagnoser:
         return {**o.as_dict(), "workload": self.workloads.as_dict(o.pid, o.comm)}
 
     def context(self, inc: Incident) -> dict:
+        self._waiting.pop(inc.id, None)
         inode = inc.closewait.get("inode")
-        owners = [self.owner(o) for o in self.owners.lookup(inode)] if inode else []
-        ctx = {"owners": owners, "listener": self.listener(inc)}
+        found = self.owners.lookup(inode) if inode else []
+        owners = [self.owner(o) for o in found]
+        ctx = {"owners": owners, "owners_unknown": self._unknown(inode, found), "listener": self.listener(inc)}
         if "state_hook_off" in inc.incomplete_reasons and not inc.has("established"):
             ctx["connection"] = self.connection(inc)
         if inc.client_inode and inc.client_process is None:
@@ -199,18 +233,23 @@ class Diagnoser:
         hold the listening socket (`owners`): asked once for all the
         incidents on that listener that end in one batch of events (a storm
         ends hundreds at once)."""
-        if not inc.seen_server:  # the server is elsewhere: its listener is not here to see
-            return None
-        key = (inc.netns, inc.server)
-        if key not in self._batch_queues:
-            self._batch_queues[key] = self._queue(inc.netns, inc.server)
-        q = self._batch_queues[key]
+        q = self._listener_queue(inc)
         if q is None:
             return None
         out = {k: v for k, v in q.items() if k != "inodes"}
         # who holds the listening socket: the process that does not accept()
         out["owners"] = [self.owner(o) for ino in q["inodes"] for o in self.owners.lookup(ino)]
+        out["owners_unknown"] = None if out["owners"] else next(
+            (self._unknown(ino, []) for ino in q["inodes"]), "not_held")
         return out
+
+    def _listener_queue(self, inc: Incident) -> dict | None:
+        if not inc.seen_server:  # the server is elsewhere: its listener is not here to see
+            return None
+        key = (inc.netns, inc.server)
+        if key not in self._batch_queues:
+            self._batch_queues[key] = self._queue(inc.netns, inc.server)
+        return self._batch_queues[key]
 
     def _queue(self, netns: int, server: str) -> dict | None:
         """The listener's queue. The listeners alone first: a dump of them

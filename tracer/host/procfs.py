@@ -89,16 +89,27 @@ class OwnerCache:
         self._scan = scan
         self._known: dict[int, list[Owner]] = {}
         self._pending: set[int] = set()
+        self._missing: set[int] = set()  # asked for, and no process held them at the scan after
         self._next_scan = float("-inf")
 
     def want(self, inode: int) -> None:
         """An inode whose owner will be asked for: found by the next scan."""
-        if inode and inode not in self._known:
+        if inode and inode not in self._known and inode not in self._missing:
             self._pending.add(inode)
 
-    def resolve(self) -> None:
-        """Scan for the pending inodes, if a scan is due."""
-        if not self._pending or time.monotonic() < self._next_scan:
+    def status(self, inode: int) -> str:
+        """What is known of an inode's owners: "found", "pending" (asked for,
+        the next scan is not due yet), "not_held" (no process held it at the
+        scan after it was asked for) or "unasked"."""
+        if inode in self._known:
+            return "found"
+        if inode in self._pending:
+            return "pending"
+        return "not_held" if inode in self._missing else "unasked"
+
+    def resolve(self, force: bool = False) -> None:
+        """Scan for the pending inodes, if a scan is due (force: now)."""
+        if not self._pending or (not force and time.monotonic() < self._next_scan):
             return
         t0 = time.monotonic()
         found = self._scan()
@@ -109,6 +120,9 @@ class OwnerCache:
         if len(self._known) + len(found) > self.max_entries:
             self._known.clear()
         self._known.update(found)
+        if len(self._missing) > self.max_entries:
+            self._missing.clear()
+        self._missing.update(ino for ino in self._pending if ino not in found)
         self._pending.clear()
         took = time.monotonic() - t0
         self._next_scan = time.monotonic() + max(self.min_interval_s, self.SCAN_SHARE * took)
@@ -118,11 +132,12 @@ class OwnerCache:
         collision's scan sees the host as it is then). A storm's sockets, held
         or long closed, are not kept for the rest of the run."""
         self._known = {}
+        self._missing = set()
 
     def lookup(self, inode: int) -> list[Owner]:
         if not inode:
             return []
-        if inode not in self._known:
+        if inode not in self._known and inode not in self._missing:
             self.want(inode)
             self.resolve()
         return self._known.get(inode, [])

@@ -35,6 +35,12 @@ STEP_LABELS = {
     "queued": "new connection queued on the listener",
 }
 
+# why a socket's owners are not named (`owners_unknown`, docs/json-schema.md)
+OWNER_UNKNOWN = {
+    "not_held": "no process held it when /proc was scanned: closed, or its process exited",
+    "lookup_deferred": "not looked up in time: /proc scans are spaced out in a storm",
+}
+
 
 def inert(s: object) -> str:
     """Escape control characters (terminal escape sequences included)."""
@@ -191,6 +197,9 @@ class TextWriter:
         for o in sock.get("owners", []):
             facts.append("\n")
             facts.append(inert(f"held by: {o['comm']} (pid {o['pid']}) fd {o['fd']}" + _in(o)), style="bold")
+        if sock["inode"] and not sock.get("owners") and sock.get("owners_unknown") in OWNER_UNKNOWN:
+            facts.append("\n")
+            facts.append(f"held by: unknown ({OWNER_UNKNOWN[sock['owners_unknown']]})", style="yellow")
         if sock.get("unread_bytes"):
             facts.append(f"   unread: {sock['unread_bytes']} B")
         if sock.get("ghost"):
@@ -204,6 +213,9 @@ class TextWriter:
                 facts.append("\n")
                 facts.append(inert(f"listener held by: {o['comm']} (pid {o['pid']}) fd {o['fd']}" + _in(o)),
                              style="bold" if sock.get("inode") is None else None)
+            if not q.get("owners") and q.get("owners_unknown") in OWNER_UNKNOWN:
+                facts.append("\n")
+                facts.append(f"listener held by: unknown ({OWNER_UNKNOWN[q['owners_unknown']]})", style="yellow")
         if rec.get("repeat_of"):
             facts.append(f"\nrepeat of collision #{rec['repeat_of']['id']} (same {rec['repeat_of']['same']})")
         if rec["incomplete"]:

@@ -65,7 +65,7 @@ def _listening(listener: dict | None) -> str:
     return f" (the program {_owner_text(o)}, fd {o['fd']}{more})"
 
 
-def _culprit(inc: Incident, owners: list[dict], listener: dict | None = None) -> str:
+def _culprit(inc: Incident, owners: list[dict], listener: dict | None = None, unknown: str | None = None) -> str:
     unread = inc.closewait.get("unread_bytes")
     unread_text = f", with {unread} unread bytes in it" if unread else ""
     if owners:
@@ -76,8 +76,11 @@ def _culprit(inc: Incident, owners: list[dict], listener: dict | None = None) ->
     if inc.closewait.get("inode") is None:
         return (f"That socket was never accept()ed{unread_text}: the application listening on {inc.server}"
                 f"{_listening(listener)} does not call accept() for every connection the kernel queues for it.")
-    return (f"No process holding that socket (inode {inc.closewait['inode']}) was found{unread_text}: "
-            f"its owner may have exited or passed it on.")
+    if unknown == "lookup_deferred":
+        return (f"The owner of that socket (inode {inc.closewait['inode']}){unread_text} was not looked up in time: "
+                "the scans of /proc are spaced out while collisions come this fast.")
+    return (f"No process held that socket (inode {inc.closewait['inode']}) when /proc was scanned after the "
+            f"collision{unread_text}: its owner had closed it, or exited.")
 
 
 def _outcome(inc: Incident) -> list[str]:
@@ -232,7 +235,7 @@ def explain(inc: Incident, context: dict | None = None) -> str:
     if lingering in WHY_LINGERING:
         parts.append(WHY_LINGERING[lingering])
     if lingering == "CLOSE_WAIT":
-        parts.append(_culprit(inc, owners, context.get("listener")))
+        parts.append(_culprit(inc, owners, context.get("listener"), context.get("owners_unknown")))
     if inc.repeat_of:
         same = "the same socket" if inc.repeat_of["same"] == "socket" else "the same port pair (a new lingering socket)"
         parts.append(f"It happened before on {same}: incident #{inc.repeat_of['id']}.")

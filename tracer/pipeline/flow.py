@@ -20,6 +20,7 @@ input as it is fed; `metrics` (tracer/output/metrics.py) counts.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -36,8 +37,13 @@ class Host(Protocol):
     def prefetch(self, ev: Event) -> None:
         """An event was fed: start looking up what its incident will need."""
 
-    def resolve(self) -> None:
-        """A batch of events was fed: finish the lookups they asked for."""
+    def resolve(self, force: bool = False) -> None:
+        """A batch of events was fed: finish the lookups they asked for
+        (force: the last batch, finish them now)."""
+
+    def waiting(self, inc: Incident) -> bool:
+        """Whether an ended incident's report should wait for lookups in
+        progress (it is asked again after each batch)."""
 
     def context(self, inc: Incident) -> dict | None:
         """The host's part of an incident's report, as it ends (None: nothing known)."""
@@ -52,8 +58,11 @@ class NoHost:
     def prefetch(self, ev: Event) -> None:
         pass
 
-    def resolve(self) -> None:
+    def resolve(self, force: bool = False) -> None:
         pass
+
+    def waiting(self, inc: Incident) -> bool:
+        return False
 
     def context(self, inc: Incident) -> dict | None:
         return None
@@ -65,11 +74,17 @@ class NoHost:
 class RecordedHost(NoHost):
     """A replay's host: the context the live run recorded for each incident.
     The replay hands it the context frames that follow a frame before it
-    feeds that frame (they were written as the incidents it ended were
-    reported)."""
+    feeds that frame (they were written as the incidents reported after it
+    was fed were reported: those it ended, and those whose reports had
+    waited for the live host's lookups). An incident waits for its context
+    as it waited live; the end of the recording releases every one."""
 
     def __init__(self):
         self.contexts: dict[int, dict] = {}
+        self.ended = False
+
+    def waiting(self, inc: Incident) -> bool:
+        return not self.ended and inc.id not in self.contexts
 
     def context(self, inc: Incident) -> dict | None:
         return self.contexts.pop(inc.id, None)
@@ -102,6 +117,9 @@ class Pipeline:
         self.on_close = on_close  # an incident ended (before it is reported)
         self.summary = Summary()
         self.losses = Losses()
+        # Ended incidents in the order they ended, each reported once the
+        # host's lookups for it are done and those before it are reported.
+        self._held: deque[Incident] = deque()
 
     @property
     def busy(self) -> bool:
@@ -121,6 +139,7 @@ class Pipeline:
             self.feed(ev)
         self.host.resolve()
         self.tick(now_ns - self.reorder.delay_ns)
+        self.release()
 
     def undecodable(self) -> None:
         self.losses.undecodable += 1
@@ -181,6 +200,8 @@ class Pipeline:
         if self.recorder is not None:
             self.recorder.flush()
         self._report(self.correlator.flush())
+        self.host.resolve(force=True)
+        self.release(force=True)
 
     def storm(self, at_ns: int, since_ns: int, lost: dict[str, int], kernel: dict) -> None:
         """Loss since `since_ns` (kernel time; `lost`: what went missing, by
@@ -208,18 +229,34 @@ class Pipeline:
 
     # -- outputs ------------------------------------------------------------------
 
+    @property
+    def held(self) -> int:
+        """Ended incidents whose reports wait for the host's lookups."""
+        return len(self._held)
+
+    def release(self, force: bool = False) -> None:
+        """Report the ended incidents that no longer wait (force: all), in
+        the order they ended."""
+        while self._held and (force or not self.host.waiting(self._held[0])):
+            self._emit(self._held.popleft())
+
     def _report(self, incidents: list[Incident]) -> None:
         for inc in incidents:
             if self.on_close is not None:
                 self.on_close(inc)
-            context = self.host.context(inc)
-            if context is not None and self.recorder is not None:
-                self.recorder.context(inc.id, context)
-            if context and context.get("connection"):
-                self.correlator.confirm(inc, context["connection"])
-            rec = collision_record(inc, self.clock, self.backend, self.verbose, context, self.correlator.states)
-            self.summary.add(rec)
-            if self.metrics is not None:
-                self.metrics.collision(rec)
-            self.sink(rec)
-            self.host.watch(rec)
+            self._held.append(inc)
+        if incidents:
+            self.release()
+
+    def _emit(self, inc: Incident) -> None:
+        context = self.host.context(inc)
+        if context is not None and self.recorder is not None:
+            self.recorder.context(inc.id, context)
+        if context and context.get("connection"):
+            self.correlator.confirm(inc, context["connection"])
+        rec = collision_record(inc, self.clock, self.backend, self.verbose, context, self.correlator.states)
+        self.summary.add(rec)
+        if self.metrics is not None:
+            self.metrics.collision(rec)
+        self.sink(rec)
+        self.host.watch(rec)

@@ -121,6 +121,7 @@ def collision_record(inc: Incident, clock: Clock, backend: str, verbose: bool = 
             "rcv_nxt": inc.closewait["rcv_nxt"],
             "unread_bytes": inc.closewait.get("unread_bytes"),
             "owners": context.get("owners", []),
+            "owners_unknown": context.get("owners_unknown"),
             "ghost": inc.ghost,
         },
         "listener": context.get("listener"),

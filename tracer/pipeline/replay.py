@@ -41,7 +41,7 @@ def replay(path: str, sink: Callable[[dict], None], verbose: bool = False, all_e
         end: dict = {}
 
         def apply(fr: recording.Frame, contexts: dict[int, dict]) -> None:
-            host.contexts = contexts  # for the incidents this frame ends
+            host.contexts.update(contexts)  # for the incidents reported after this frame
             if fr.kind == recording.EVENT:
                 pipeline.feed(decode(fr.payload))
             elif fr.kind == recording.LOST:
@@ -60,6 +60,7 @@ def replay(path: str, sink: Callable[[dict], None], verbose: bool = False, all_e
                 pipeline.queue(fr.json())
             elif fr.kind == recording.END:
                 end.update(fr.json())
+            pipeline.release()
 
         error = None
         held: recording.Frame | None = None  # applied once the context frames after it are read
@@ -80,8 +81,10 @@ def replay(path: str, sink: Callable[[dict], None], verbose: bool = False, all_e
                 apply(held, contexts)
         except Exception as e:  # noqa: BLE001 - a frame that decodes but cannot be analysed
             error = recording.RecordingError(f.tell(), f"unusable frame ({e})")
+        host.ended = True
         if error is not None or not end:
             pipeline.flush()
+        pipeline.release(force=True)
         pipeline.losses.undecodable = end.get("undecodable_events", 0)
         pipeline.losses.skipped_runs = end.get("skipped_runs")
         kernel = end.get("kernel")
