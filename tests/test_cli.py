@@ -113,6 +113,8 @@ BAD_USAGE = {
     "metrics-no-port": (["--metrics", "localhost"], "--metrics"),
     "metrics-port-too-big": (["--metrics", "0.0.0.0:70000"], "--metrics"),
     "replay-no-file": (["replay"], "RECORDING"),
+    "pod-without-namespace": (["trace", "--pod", "cart"], "--pod"),
+    "container-with-a-newline": (["trace", "--container", "a\nb"], "--container"),
 }
 
 
@@ -141,6 +143,8 @@ MISPLACED = {
     "port-before-and-after": (["-p", "80", "inventory", "-p", "81"], "given before 'inventory' as 80 and after it as 81"),
     "family-before-and-after": (["-6", "demo", "-4"], "-4 and -6"),
     "json-before-doctor-and-verbose": (["-v", "doctor"], "option -v/--verbose does not apply to 'doctor'"),
+    "unit-for-demo": (["demo", "--unit", "nginx"], "--unit"),
+    "pod-before-inventory": (["--pod", "shop/cart", "inventory"], "option --pod does not apply to 'inventory'"),
 }
 
 
@@ -155,7 +159,9 @@ def test_an_option_that_does_not_apply_is_a_usage_error(args, mentions):
 
 @pytest.mark.parametrize("args", [["doctor", "--json", "--help"], ["inventory", "-p", "8080", "--json", "--help"],
                                   ["replay", "x.rec", "-v", "--json", "--help"], ["top", "-p", "8080", "--help"],
-                                  ["demo", "-6", "--json", "--help"], ["trace", "-p", "8080", "--json", "--help"]])
+                                  ["demo", "-6", "--json", "--help"], ["trace", "-p", "8080", "--json", "--help"],
+                                  ["trace", "--container", "leaky", "--pod", "shop/cart", "--unit", "nginx", "--help"],
+                                  ["top", "--unit", "nginx", "--help"]])
 def test_every_subcommand_takes_its_options_after_its_name(args):
     result = invoke(args)
     assert result.exit_code == 0, stderr_of(result)

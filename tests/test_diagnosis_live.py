@@ -195,8 +195,8 @@ def test_seed_leaves_a_ghost_that_ss_counts(ns):
     assert listen["step"] == "listen" and listen["pid"] == proc.pid
     owner = {"pid": proc.pid, "comm": comm, "fd": listen["fd"], "workload": HOST}
     assert rec["listener"] == {"listener": "127.0.0.1:12345", "recv_q": recv_q, "limit": send_q, "alive": 1,
-                               "ghosts": 1, "full": False, "owners": [owner]}
-    assert rec["closewait_socket"]["owners"] == []
+                               "ghosts": 1, "full": False, "owners": [owner], "owners_unknown": None}
+    assert rec["closewait_socket"]["owners"] == [] and rec["closewait_socket"]["owners_unknown"] == "never_accepted"
     assert recv_q == 2  # the dead socket and the new connection
     assert "ghost" in rec["explanation"]
     assert f"the program {comm} (pid {proc.pid}), fd {listen['fd']}" in rec["explanation"]

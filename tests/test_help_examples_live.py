@@ -22,9 +22,12 @@ with --duration like trace, so it runs with pipes like the others.
 An example fails when it exits non-zero (2: a usage error, the usual way an
 example goes stale), prints a Python traceback, writes a JSON example's
 stdout that is not JSON lines, or does not write the file it says it records.
-One exit 1 is an answer, not a failure: doctor asked about a forced backend
+Two exits 1 are answers, not failures: doctor asked about a forced backend
 this kernel cannot serve (`doctor --backend kprobe` on a kernel without
-kprobes) says so, with its reasons, and exits 1 as documented.
+kprobes) says so, with its reasons, and exits 1 as documented; and a
+workload filter naming a workload that does not run on this machine
+(`--pod shop/cart-7d4b9`) says so in its one error line (the filters are run
+for real in test_workload_live.py, on workloads that tests make).
 """
 
 from __future__ import annotations
@@ -116,6 +119,9 @@ def answers_no(argv: list[str], r: subprocess.CompletedProcess) -> bool:
     With the automatic choice, exit 1 means the tracer cannot work here at all:
     a failure."""
     forced = "--backend" in argv and argv[argv.index("--backend") + 1] != "auto"
+    if any(a in argv for a in ("--container", "--pod", "--unit")):
+        return r.returncode == 1 and r.stderr.startswith(f"{PROG}: error: no running process belongs to --") \
+            and len(r.stderr.splitlines()) == 1
     return (subcommand(argv).name == "doctor" and forced and r.returncode == 1 and not r.stderr
             and "problem: " in r.stdout and r.stdout.rstrip().endswith("the tracer cannot work here"))
 

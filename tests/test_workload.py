@@ -109,3 +109,76 @@ def test_a_reused_pid_is_read_again(tmp_path):
     assert ws.of(9, "b").unit == "b.service"  # another program under that pid
     ws.forget()
     assert ws.of(9, "a").unit == "b.service"
+
+
+# -- selecting workloads (synthetic workloads and /proc trees) ---------------------------
+
+from tracer.host.workload import Selection, Selector, SelectorError  # noqa: E402
+
+CART = {"unit": None, "container": {"runtime": "containerd", "id": ID, "name": None},
+        "pod": {"namespace": "shop", "name": "cart-7d9f", "uid": UID, "container": "app"}}
+NGINX = {"unit": "nginx.service", "container": None, "pod": None}
+LEAKY = {"unit": None, "container": {"runtime": "podman", "id": ID, "name": "leaky"}, "pod": None}
+
+
+@pytest.mark.parametrize("kind, value, selected", [
+    ("unit", "nginx", [NGINX]), ("unit", "nginx.service", [NGINX]), ("unit", "nginx.socket", []),
+    ("pod", "shop/cart-7d9f", [CART]), ("pod", UID, [CART]), ("pod", "shop/cart", []),
+    ("container", "leaky", [LEAKY]), ("container", ID[:12], [CART, LEAKY]), ("container", ID[:11], []),
+    ("container", ID.upper(), [CART, LEAKY]),
+])
+def test_selectors_match_workloads(kind, value, selected):
+    sel = Selector(kind, value)
+    assert [x for x in (CART, NGINX, LEAKY, None) if sel.matches(x)] == selected
+
+
+@pytest.mark.parametrize("kind, value", [("pod", "cart"), ("unit", ""), ("container", "a b"), ("container", "\x1b[2J"),
+                                         ("image", "x")])
+def test_bad_selectors_are_refused(kind, value):
+    with pytest.raises(SelectorError):
+        Selector(kind, value)
+
+
+def fake_proc(root, procs: dict[int, tuple[str, str, int]]) -> None:
+    """/proc/PID/{cgroup,comm,ns/net} under root: pid -> (cgroup text,
+    comm, netns); the namespace is a file whose inode stands for it."""
+    nets = {}
+    for pid, (cgroup, comm, net) in procs.items():
+        d = root / "proc" / str(pid)
+        (d / "ns").mkdir(parents=True)
+        (d / "cgroup").write_text(cgroup)
+        (d / "comm").write_text(comm + "\n")
+        if net not in nets:
+            nets[net] = root / f"net{net}"
+            nets[net].write_text("")
+        (d / "ns" / "net").hardlink_to(nets[net])
+    return {net: path.stat().st_ino for net, path in nets.items()}
+
+
+def test_a_selection_finds_its_namespaces_and_whether_they_are_shared(tmp_path):
+    """(Synthetic /proc.) A pod's namespace holds only its own processes; a
+    unit on the host's network shares the host's namespace; a container of a
+    pod shares the pod's namespace with its siblings."""
+    ino = fake_proc(tmp_path, {
+        1: ("0::/init.scope\n", "init", 1),
+        10: ("0::/system.slice/nginx.service\n", "nginx", 1),
+        20: (f"0::/kubepods/besteffort/pod{UID}/{ID}\n", "app", 2),
+        21: (f"0::/kubepods/besteffort/pod{UID}/{'b' * 64}\n", "sidecar", 2),
+    })
+    pods = tmp_path / "var/log/pods" / f"shop_cart-7d9f_{UID}"
+    pods.mkdir(parents=True)
+    assert Selection([Selector("pod", "shop/cart-7d9f")], root=str(tmp_path)).refresh() == {ino[2]: False}
+    assert Selection([Selector("unit", "nginx")], root=str(tmp_path)).refresh() == {ino[1]: True}
+    assert Selection([Selector("container", ID[:12])], root=str(tmp_path)).refresh() == {ino[2]: True}
+    assert Selection([Selector("unit", "nothing")], root=str(tmp_path)).refresh() == {}
+
+
+def test_a_collision_in_a_shared_namespace_is_the_selections_only_if_its_processes_are():
+    sel = Selection([Selector("unit", "nginx")])
+    sel.netns = {111: True, 222: False}
+    nginx, other = {"pid": 10, "workload": NGINX}, {"pid": 11, "workload": LEAKY}
+    assert sel.outside([222, None], []) is None  # a namespace of the selection's own: nothing to check
+    assert sel.outside([111], [other, nginx]) is None
+    assert sel.outside([111], [other]) == "not_selected"
+    assert sel.outside([111], []) == "unattributed"
+    assert sel.outside([333], [other]) == "not_selected"  # a namespace the selection has left since

@@ -27,6 +27,7 @@ from tracer.kernel.statehook import LazyStateHook
 from tracer.kernel.tracking import Tracking
 from tracer.pipeline import recording
 from tracer.host.diagnosis import Diagnoser
+from tracer.host.workload import Selection, SelectionError, Selector
 from tracer.pipeline.correlator import Correlator, Settings
 from tracer.pipeline.events import DecodeError, decode
 from tracer.pipeline.flow import Pipeline
@@ -35,6 +36,7 @@ from tracer.pipeline.records import Clock, ready_record
 POLL_MS = 100
 REST_AFTER_S = 10.0  # quiet this long: caches dropped, heap trimmed (Session._rest_when_quiet)
 CHECK_S = 1.0  # how often the kernel's counts (collisions, skipped runs, refused events) are read
+SELECTION_S = 2.0  # how often --container/--pod/--unit are resolved to namespaces again
 # The perf buffer: a budget shared by the CPUs, each CPU's part a power of two
 # pages between the bounds. A burst of collisions lands on few CPUs on a
 # small host (a 1,000-collision burst on 2 CPUs fills 256 KiB per CPU, not
@@ -116,6 +118,8 @@ class Session:
         self._lost_told = 0  # events the pipeline was told were lost
         self._stop_reason: str | None = None
         self._stopping = False
+        self.selection: Selection | None = None  # --container/--pod/--unit
+        self._selected_at = 0.0
 
     @property
     def ready(self) -> bool:
@@ -137,7 +141,14 @@ class Session:
             except OSError as e:
                 raise capabilities.KernelError(f"cannot write the recording {self.options.record}: {e.strerror}") from None
         stages = Stages()
+        if self.options.filters.workloads:
+            self.selection = Selection([Selector(k, v) for k, v in self.options.filters.workloads])
+            if not self.selection.refresh():
+                raise SelectionError(f"no running process belongs to {self.selection.describe()}")
+            self.diagnoser.selection = self.selection
+            stages.done("selection")
         plan, types, self.bpf = attach(self.options, stages)
+        self._select()
         self.bpf["events"].open_perf_buffer(self._on_raw, page_cnt=PERF_PAGES, lost_cb=self._on_lost)
         self.skipped = SkippedRuns([f.fd for f in self.bpf.funcs.values()],
                                    [f.fd for name, f in self.bpf.funcs.items() if b"set_state" in name])
@@ -167,7 +178,8 @@ class Session:
             backend=self.backend,
             hooks=[c.as_dict() for c in plan.choices],
             types_source=types.source,
-            filters=self.options.filters.as_dict(),
+            filters={**self.options.filters.as_dict(), **({"workload_namespaces": self.selection.namespaces()}
+                                                           if self.selection is not None else {})},
             startup_s=time.monotonic() - t0,
             stages_s=stages.took,
         )
@@ -266,7 +278,25 @@ class Session:
         self._losses_seen = losses
         self._checked_ns = at_ns
         self._rest_when_quiet(now)
+        if self.selection is not None and now - self._selected_at >= SELECTION_S:
+            self.selection.refresh()
+            self._select()
         return counts
+
+    def _select(self) -> None:
+        """Map `netns_allowed` to the namespaces the selection's processes run
+        in now (a restarted container comes back in a new one)."""
+        if self.selection is None:
+            return
+        self._selected_at = time.monotonic()
+        table = self.bpf["netns_allowed"]
+        want = set(self.selection.netns)
+        have = {k.value for k in table.keys()}
+        for ino in have - want:
+            with contextlib.suppress(KeyError):
+                del table[table.Key(ino)]
+        for ino in want - have:
+            table[table.Key(ino)] = table.Leaf(1)
 
     def _rest_when_quiet(self, now: float) -> None:
         """Quiet for REST_AFTER_S after a collision or a storm: the host

@@ -45,6 +45,11 @@ BPF_PERCPU_ARRAY(hook_fired, __u64, TC_HOOK_MAX);
 BPF_ARRAY(tracking, __u64, 2);
 /* connecting socket -> the process that called connect() (connect hook) */
 BPF_TABLE("lru_hash", __u64, struct tc_conn, connectors, TC_CONN_MAP_SIZE);
+#ifdef TC_FILTER_NETNS_SET
+/* --container/--pod/--unit: the network namespaces their processes run in,
+ * kept current by user space (tracer/host/workload.py Selection) */
+BPF_HASH(netns_allowed, __u32, __u8, TC_NETNS_SET_SIZE);
+#endif
 /* collisions in progress; user space deletes an entry when its incident ends */
 BPF_TABLE("lru_hash", struct tc_tuple, struct tc_track, tracked, TC_TRACK_MAP_SIZE);
 

@@ -46,6 +46,10 @@ static __always_inline int tc_fill_sock_tw(const void *sk, struct tc_event *ev, 
 	if (ev->netns != TC_FILTER_NETNS)
 		return 1;
 #endif
+#ifdef TC_FILTER_NETNS_SET
+	if (!netns_allowed.lookup(&ev->netns))
+		return 1;
+#endif
 	if (family == TC_AF_INET) {
 		bpf_probe_read_kernel(ev->laddr, 4, (const char *)sk + OFF_SKC_RCV_SADDR);
 		bpf_probe_read_kernel(ev->raddr, 4, (const char *)sk + OFF_SKC_DADDR);

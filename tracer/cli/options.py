@@ -16,14 +16,15 @@ import sys
 import click
 from click.core import ParameterSource
 
-from tracer.host import netns
+from tracer.host import netns, workload
 from tracer.kernel import capabilities, hooks, program
 from tracer.output.render import JsonWriter, TextWriter, inert
 from tracer.pipeline.correlator import Settings
 
 PROG = "tcpcollide-trace"
 GIVEN = "tcpcollide.given"  # ctx.meta key: {param name: (value, label)} given before the subcommand
-RUNTIME_ERRORS = (capabilities.KernelError, program.BuildError, hooks.BackendError, netns.NetnsError)
+RUNTIME_ERRORS = (capabilities.KernelError, program.BuildError, hooks.BackendError, netns.NetnsError,
+                  workload.SelectionError)
 EXIT_STATUS = ("Exit status: 0 success (also after Ctrl-C, SIGTERM, SIGHUP), 1 the tracer\n"
                "cannot run here or its input is bad (one line on stderr), 2 bad usage.")
 
@@ -52,6 +53,17 @@ def _listen(ctx, param, value):
     return value
 
 
+def _selectors(kind: str):
+    def check(ctx, param, values):
+        for v in values:
+            try:
+                workload.Selector(kind, v)
+            except workload.SelectorError as e:
+                raise click.BadParameter(str(e)) from None
+        return values
+    return check
+
+
 # name -> (declarations, keyword arguments of click.option)
 OPTIONS: dict[str, tuple[tuple[str, ...], dict]] = {
     "port": (("-p", "--port"), dict(type=int, callback=_port, metavar="PORT",
@@ -59,6 +71,17 @@ OPTIONS: dict[str, tuple[tuple[str, ...], dict]] = {
     "netns": (("--netns",), dict(type=int, callback=positive, metavar="INODE",
                                  help="Only sockets in this network namespace (inode, as `ls -Li /proc/PID/ns/net` "
                                       "shows).")),
+    "container": (("--container",), dict(
+        multiple=True, callback=_selectors("container"), metavar="NAME|ID",
+        help="Only collisions of this container (its name, or its id or a prefix of 12+ hex digits; docker, podman, "
+             "containerd, CRI-O): in its network namespace, applied in the kernel. Repeat for more.")),
+    "pod": (("--pod",), dict(
+        multiple=True, callback=_selectors("pod"), metavar="NAMESPACE/NAME",
+        help="Only collisions of this Kubernetes pod (or its UID), as the kubelet's /var/log/pods names it: in "
+             "its network namespace, applied in the kernel. Repeat for more.")),
+    "unit": (("--unit",), dict(
+        multiple=True, callback=_selectors("unit"), metavar="UNIT",
+        help="Only collisions of this systemd unit or slice (nginx: nginx.service). Repeat for more.")),
     "ipv4": (("-4", "ipv4"), dict(is_flag=True, help="IPv4 only.")),
     "ipv6": (("-6", "ipv6"), dict(is_flag=True, help="IPv6 only.")),
     "duration": (("--duration",), dict(type=float, callback=positive, metavar="SECONDS",
@@ -99,6 +122,7 @@ OPTIONS: dict[str, tuple[tuple[str, ...], dict]] = {
 # The options of a tracing run, shared by trace, demo and top.
 LOADING = ("backend", "no_selftest", "btf", "kernel_types", "state_hook")
 FILTERS = ("port", "netns", "ipv4", "ipv6")
+WORKLOAD_FILTERS = ("container", "pod", "unit")  # resolved to namespaces: trace and top
 
 
 def option(name: str, hidden: bool = False):
@@ -160,8 +184,10 @@ def family(ipv4: bool, ipv6: bool) -> str | None:
     return "ipv4" if ipv4 else "ipv6" if ipv6 else None
 
 
-def filters(port=None, netns=None, ipv4=False, ipv6=False, **_) -> program.Filters:
-    return program.Filters(port=port, netns=netns, family=family(ipv4, ipv6))
+def filters(port=None, netns=None, ipv4=False, ipv6=False, container=(), pod=(), unit=(), **_) -> program.Filters:
+    workloads = tuple(("container", v) for v in container) + tuple(("pod", v) for v in pod) + tuple(
+        ("unit", v) for v in unit)
+    return program.Filters(port=port, netns=netns, family=family(ipv4, ipv6), workloads=workloads)
 
 
 def writer(as_json: bool, no_color: bool):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from tracer.cli.live import run, session_options
-from tracer.cli.options import FILTERS, LOADING, Command, examples, takes
+from tracer.cli.options import FILTERS, LOADING, WORKLOAD_FILTERS, Command, examples, takes
 from tracer.output.dashboard import Dashboard
 
 EXAMPLES = examples(
@@ -16,7 +16,7 @@ EXAMPLES = examples(
 
 
 @click.command("top", cls=Command, epilog=EXAMPLES)
-@takes(*FILTERS, "duration", "count", *LOADING, "incident_timeout", "record", "metrics", "no_color")
+@takes(*FILTERS, *WORKLOAD_FILTERS, "duration", "count", *LOADING, "incident_timeout", "record", "metrics", "no_color")
 def top(no_color, **params):
     """A live dashboard: collisions as they complete, counters by outcome,
     server port, culprit process and client, CLOSE_WAIT sockets and ghosts

@@ -5,9 +5,9 @@ from __future__ import annotations
 import click
 
 from tracer.cli.live import run, session_options
-from tracer.cli.options import FILTERS, LOADING, Command, examples, takes, writer
+from tracer.cli.options import FILTERS, LOADING, WORKLOAD_FILTERS, Command, examples, takes, writer
 
-TRACE_OPTIONS = (*FILTERS, "duration", "count", "as_json", "verbose", "all_events", *LOADING, "incident_timeout",
+TRACE_OPTIONS = (*FILTERS, *WORKLOAD_FILTERS, "duration", "count", "as_json", "verbose", "all_events", *LOADING, "incident_timeout",
                  "record", "metrics", "no_color")
 
 EXAMPLES = examples(
@@ -17,6 +17,8 @@ EXAMPLES = examples(
     ("tcpcollide-trace trace --duration 60 --record run.rec", "trace for a minute, keep what the kernel said"),
     ("tcpcollide-trace trace -v --all-events --json", "for kernel research: every raw event too"),
     ("tcpcollide-trace trace --metrics 0.0.0.0:9465", "serve Prometheus metrics while tracing"),
+    ("tcpcollide-trace trace --pod shop/cart-7d4b9 --json", "collisions of one Kubernetes pod"),
+    ("tcpcollide-trace trace --container leaky --unit nginx", "collisions of a container, and of a systemd unit"),
 )
 
 
@@ -26,7 +28,10 @@ def trace(as_json, no_color, **params):
     """Trace the host: report each connection whose SYN hits a socket left in CLOSE_WAIT.
 
     Every network namespace, IPv4 and IPv6, until Ctrl-C, --duration or
-    --count, unless filtered (-p, --netns, -4, -6: applied in the kernel).
+    --count, unless filtered (-p, --netns, -4, -6: applied in the kernel;
+    --container, --pod, --unit: the network namespaces their processes run
+    in, kept current, applied in the kernel, and in a namespace shared with
+    other workloads only the collisions whose processes are theirs).
     Each collision is reported as it completes: both ends, the lingering
     socket and the process that leaked it, a timeline (SYN, challenge ACK,
     RST, the retried SYN, the new connection), the penalty the client paid,

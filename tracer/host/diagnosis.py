@@ -62,6 +62,7 @@ class Diagnoser:
         self._batch_queues: dict[tuple[int, str], dict | None] = {}  # listener queues asked in this batch
         self._batch_ports: dict[tuple[int, int, bool], dict | None] = {}  # by (netns, server port, client end)
         self._waiting: dict[int, float] = {}  # incident id -> when its report began to wait for a scan
+        self.selection = None  # --container/--pod/--unit (tracer/host/workload.py Selection)
 
     def watch(self, rec: dict) -> None:
         """Follow a collision's listener while its queue holds ghosts: tell
@@ -189,6 +190,11 @@ class Diagnoser:
         proc = ctx.get("client_process") or inc.client_process
         if proc:
             ctx["client_process"] = {**proc, "workload": self.workloads.as_dict(proc["pid"], proc["comm"])}
+        if self.selection is not None:
+            named = owners + (ctx["listener"] or {}).get("owners", []) + ([ctx["client_process"]] if proc else [])
+            outside = self.selection.outside([inc.netns, inc.client_netns], named)
+            if outside is not None:
+                ctx["outside_selection"] = outside
         return ctx
 
     def connection(self, inc: Incident) -> dict:

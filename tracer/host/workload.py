@@ -140,6 +140,10 @@ class Workloads:
         w = self.of(pid, comm)
         return w.as_dict() if w is not None else None
 
+    def keep(self, keys: set[tuple[int, str]]) -> None:
+        """Forget every process but these (the ones a scan of /proc just saw)."""
+        self._by_proc = {k: v for k, v in self._by_proc.items() if k in keys}
+
     def forget(self) -> None:
         self._by_proc.clear()
         self._names.clear()
@@ -210,3 +214,115 @@ class Workloads:
         except OSError:
             pass
         return None
+
+
+# -- selecting workloads: --container, --pod, --unit -------------------------------
+
+SELECTOR_KINDS = ("container", "pod", "unit")
+_MIN_ID_PREFIX = 12  # as `docker ps` shortens an id
+
+
+class SelectorError(ValueError):
+    """A workload filter that cannot be understood."""
+
+
+class SelectionError(Exception):
+    """No running process belongs to the workloads asked for."""
+
+
+@dataclass(frozen=True)
+class Selector:
+    """One workload filter as the operator gave it: `container` NAME or ID
+    (a prefix of at least 12 hex digits), `pod` NAMESPACE/NAME (or its UID),
+    `unit` a systemd unit or slice (`nginx` stands for `nginx.service`)."""
+
+    kind: str
+    value: str
+
+    def __post_init__(self):
+        if self.kind not in SELECTOR_KINDS:
+            raise SelectorError(f"unknown workload filter {self.kind!r}")
+        if not self.value or any(c.isspace() or not c.isprintable() for c in self.value):
+            raise SelectorError(f"--{self.kind} {self.value!r}: not a name")
+        if self.kind == "pod" and "/" not in self.value and not _POD_CGROUPFS.match("pod" + self.value):
+            raise SelectorError(f"--pod {self.value!r}: give NAMESPACE/NAME (or the pod's UID)")
+
+    def matches(self, workload: dict | None) -> bool:
+        """Whether a workload (its JSON form, Workloads.as_dict) is selected."""
+        if not workload:
+            return False
+        v = self.value
+        if self.kind == "unit":
+            return workload.get("unit") in (v, f"{v}.service")
+        if self.kind == "container":
+            c = workload.get("container") or {}
+            cid = c.get("id") or ""
+            return c.get("name") == v or (len(v) >= _MIN_ID_PREFIX and cid.startswith(v.lower()))
+        pod = workload.get("pod") or {}
+        return pod.get("uid") == v or f"{pod.get('namespace')}/{pod.get('name')}" == v
+
+    def __str__(self) -> str:
+        return f"--{self.kind} {self.value}"
+
+
+class Selection:
+    """The network namespaces the selected workloads' processes run in, as a
+    scan of /proc finds them (`refresh()`, again and again: a container that
+    restarts comes back in a new namespace). A namespace is `shared` when
+    processes outside the selection run in it too (a pod's other containers,
+    the host's namespace for a hostNetwork pod or a unit without a private
+    network): there a collision is the selection's only when one of the
+    processes it names belongs to it (`outside()`)."""
+
+    def __init__(self, selectors: list[Selector], workloads: Workloads | None = None, root: str = "/"):
+        self.selectors = selectors
+        self.workloads = workloads or Workloads(root, max_entries=1 << 20)  # every process of the host, kept
+        self.root = root
+        self.netns: dict[int, bool] = {}  # namespace inode -> shared with processes outside the selection
+
+    def matches(self, workload: dict | None) -> bool:
+        return any(s.matches(workload) for s in self.selectors)
+
+    def refresh(self) -> dict[int, bool]:
+        """Scan /proc; returns (and keeps) the namespaces found."""
+        found: dict[int, bool] = {}
+        others: set[int] = set()
+        seen: set[tuple[int, str]] = set()
+        proc = os.path.join(self.root, "proc")
+        try:
+            pids = [p for p in os.listdir(proc) if p.isdigit()]
+        except OSError:
+            pids = []
+        for pid in pids:
+            try:
+                ino = os.stat(os.path.join(proc, pid, "ns", "net")).st_ino
+                with open(os.path.join(proc, pid, "comm"), "rb") as f:
+                    comm = f.read().rstrip(b"\n").decode("utf-8", "replace")
+            except OSError:
+                continue  # gone, or a kernel thread without a namespace to show
+            seen.add((int(pid), comm))
+            if self.matches(self.workloads.as_dict(int(pid), comm)):
+                found[ino] = False
+            else:
+                others.add(ino)
+        self.workloads.keep(seen)  # processes seen before are not read again; the gone ones are dropped
+        self.netns = {ino: ino in others for ino in found}
+        return self.netns
+
+    def outside(self, netns: list[int], processes: list[dict]) -> str | None:
+        """Why a collision in these namespaces, naming these processes (each
+        with its `workload`), is not the selection's (None: it is):
+        `not_selected`, none of its processes belongs to the selection in a
+        shared namespace; `unattributed`, none of them is known there."""
+        if any(self.netns.get(n) is False for n in netns if n is not None):
+            return None  # a namespace of the selection's own
+        if any(self.matches(p.get("workload")) for p in processes):
+            return None
+        return "not_selected" if processes else "unattributed"
+
+    def describe(self) -> str:
+        return " or ".join(map(str, self.selectors))
+
+    def namespaces(self) -> list[dict]:
+        """The namespaces as the ready record tells them."""
+        return [{"netns": ino, "shared": shared} for ino, shared in sorted(self.netns.items())]

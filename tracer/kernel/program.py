@@ -26,6 +26,7 @@ AF_BY_NAME = {"ipv4": 2, "ipv6": 10}
 TRACK_MAP_SIZE = 4096  # collisions in progress (LRU)
 CONN_MAP_SIZE = 65536  # connecting sockets and their process (LRU)
 COUNT_MAP_SIZE = 16384  # (network namespace, server port, lingering state) with collisions
+NETNS_SET_SIZE = 1024  # `netns_allowed`: the namespaces of --container/--pod/--unit
 # How long after a collision starts the hooks keep looking tuples up in
 # `tracked` (map `tracking`), in jiffies: 30 s at HZ 1000, longer at lower
 # HZ; user space keeps the window open while it has incidents open.
@@ -45,6 +46,9 @@ class Filters:
     port: int | None = None
     netns: int | None = None
     family: str | None = None  # "ipv4" / "ipv6"
+    # --container/--pod/--unit as ((kind, value), ...): only the namespaces
+    # user space puts in map `netns_allowed` (tracer/host/workload.py Selection)
+    workloads: tuple[tuple[str, str], ...] = ()
 
     def defines(self) -> dict[str, int]:
         out = {}
@@ -54,10 +58,13 @@ class Filters:
             out["TC_FILTER_NETNS"] = self.netns
         if self.family is not None:
             out["TC_FILTER_FAMILY"] = AF_BY_NAME[self.family]
+        if self.workloads:
+            out["TC_FILTER_NETNS_SET"] = 1
         return out
 
     def as_dict(self) -> dict:
-        return {"port": self.port, "netns": self.netns, "family": self.family}
+        return {"port": self.port, "netns": self.netns, "family": self.family,
+                "workloads": [{kind: value} for kind, value in self.workloads]}
 
 
 @dataclass
@@ -116,7 +123,7 @@ def build_spec(plan: Plan, types: KernelTypes, filters: Filters) -> BuildSpec:
     source = bpf_dir() / MAIN_SOURCE
     defines: dict[str, int | str] = {
         "TC_TRACK_MAP_SIZE": TRACK_MAP_SIZE, "TC_CONN_MAP_SIZE": CONN_MAP_SIZE, "TC_COUNT_MAP_SIZE": COUNT_MAP_SIZE,
-        "TC_TRACKING_J": TRACKING_JIFFIES,
+        "TC_TRACKING_J": TRACKING_JIFFIES, "TC_NETNS_SET_SIZE": NETNS_SET_SIZE,
     }
     defines.update(types.defines)
     defines.update(plan.defines())

@@ -312,6 +312,12 @@ class TextWriter:
             for what in ("events_not_submitted", "untracked", "uncounted"):
                 if kernel.get(what):
                     self.console.print(Text(f"warning: {kernel[what]} {LOSS_WORDS[what]}", style="red"))
+        outside = rec.get("outside_selection") or {}
+        if outside:
+            self.console.print(Text(
+                f"not shown: {sum(outside.values())} collision(s) in a network namespace the selected workloads "
+                f"share with others, not theirs ({outside.get('not_selected', 0)} named other processes, "
+                f"{outside.get('unattributed', 0)} named none)", style="dim"))
         if rec["lost_events"]:
             self.console.print(Text(f"warning: {rec['lost_events']} kernel events were lost", style="red"))
         if rec.get("skipped_runs"):

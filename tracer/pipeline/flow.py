@@ -252,6 +252,10 @@ class Pipeline:
         context = self.host.context(inc)
         if context is not None and self.recorder is not None:
             self.recorder.context(inc.id, context)
+        if context and context.get("outside_selection"):
+            # in a namespace shared with other workloads, and not the selection's (--container/--pod/--unit)
+            self.summary.outside(context["outside_selection"], inc.view)
+            return
         if context and context.get("connection"):
             self.correlator.confirm(inc, context["connection"])
         rec = collision_record(inc, self.clock, self.backend, self.verbose, context, self.correlator.states)

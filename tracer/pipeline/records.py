@@ -230,6 +230,7 @@ class Summary:
     worst_penalty_ms: float | None = None
     collisions: int = 0
     server_seen: int = 0  # collisions whose server end was seen (what the kernel's counts count)
+    outside_selection: Counter = field(default_factory=Counter)  # not reported: not the --container/--pod/--unit's
 
     def add(self, rec: dict) -> None:
         self.collisions += 1
@@ -240,6 +241,13 @@ class Summary:
         p = rec["penalty_ms"]
         if p is not None and (self.worst_penalty_ms is None or p > self.worst_penalty_ms):
             self.worst_penalty_ms = p
+
+    def outside(self, reason: str, view: str) -> None:
+        """A collision not reported: not the selection's. The kernel counted
+        it (its namespace is the selection's), so it is not `unreported`."""
+        self.outside_selection[reason] += 1
+        if view != "client":
+            self.server_seen += 1
 
     def kernel(self, counts: dict | None) -> dict | None:
         """The kernel's own counts (tracer/kernel/counters.py) beside what was
@@ -265,6 +273,7 @@ class Summary:
             "skipped_runs": skipped,
             "state_hook": state_hook,
             "kernel": self.kernel(kernel),
+            "outside_selection": dict(self.outside_selection),
             "duration_s": round((time.monotonic_ns() - self.started_ns) / 1e9, 3),
             "stopped_by": reason,
         }
