@@ -16,7 +16,6 @@ import textwrap
 import time
 
 import pytest
-from pathlib import Path
 
 from tests.live import BIN, REPO, SLOW, Tracer, ns_name, read_steps, require_live, scenario
 from tracer.host import inventory, netns, sockdiag
@@ -423,83 +422,3 @@ def test_queue_sockets_lists_only_what_a_listeners_queue_is_made_of(ns):
 
     assert queue(fast) == queue(everything)
     assert (queue(fast)["recv_q"], queue(fast)["alive"], queue(fast)["ghosts"]) == (3, 2, 1)
-
-
-def _v2_hierarchy() -> tuple[Path, str] | None:
-    """The cgroup v2 mount (pure v2 or the hybrid's unified tree) and this
-    process's path in it, or None."""
-    own = next((line.split(":", 2)[2] for line in Path("/proc/self/cgroup").read_text().splitlines()
-                if line.startswith("0::")), None)
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        fields = line.split()
-        if own is not None and fields[fields.index("-") + 1] == "cgroup2":
-            return Path(fields[4]), own
-    return None
-
-
-def test_the_culprit_is_named_by_its_pod_and_container(ns):
-    """The leaking server runs in a Kubernetes-shaped cgroup (cgroupfs driver:
-    kubepods/besteffort/pod<UID>/<container id>, made beneath this test's own
-    v2 cgroup, as on a node that runs in a container), and the kubelet's log
-    layout names the pod: the report's owner carries the pod's namespace,
-    name, UID and container name, the container's id, and `top`'s culprit
-    its namespace/pod."""
-    found = _v2_hierarchy()
-    if found is None:
-        pytest.skip("no cgroup v2 hierarchy")
-    mount, own = found
-    uid, cid = "6a1c3f0e-2b4d-4e8f-9a7b-1c2d3e4f5a6b", "c0ffee" + "1" * 58
-    dirs = [mount / own.lstrip("/") / "kubepods", mount / own.lstrip("/") / "kubepods" / "besteffort"]
-    dirs += [dirs[-1] / f"pod{uid}", dirs[-1] / f"pod{uid}" / cid]
-    pods, containers = Path("/var/log/pods"), Path("/var/log/containers")
-    made = [p for p in (pods, containers) if not p.exists()]
-    pod_dir = pods / f"shop_cart-7d9f_{uid}"
-    log = containers / f"cart-7d9f_shop_app-{cid}.log"
-    proc = scenario("--server-ns", ns.name, "--fast", "--accept", "--server-comm", "leakysrv",
-                    "--wait-stdin", "--hold", "0.5", stdin=subprocess.PIPE)
-    tracer = None
-    try:
-        for d in dirs:
-            d.mkdir()
-        (pod_dir / "app").mkdir(parents=True)
-        containers.mkdir(exist_ok=True)
-        log.write_text("")
-        before = read_steps(proc, until="waiting")
-        server_pid = next(s for s in before if s["step"] == "listen")["server_pid"]
-        (dirs[-1] / "cgroup.procs").write_text(str(server_pid))
-        tracer = Tracer("--netns", str(ns.inode))
-        tracer.wait_ready()
-        proc.stdin.write("go\n")
-        proc.stdin.flush()
-        read_steps(proc)
-        assert proc.wait(timeout=30 * SLOW) == 0
-        time.sleep(1.0)
-        rc, records, stderr = tracer.stop()
-    finally:
-        proc.kill()
-        proc.wait()
-        if tracer is not None:
-            tracer.kill()
-        for d in reversed(dirs):
-            for _ in range(50):  # the server child leaves its cgroup as it exits
-                try:
-                    d.rmdir()
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError:
-                    time.sleep(0.1)
-        log.unlink(missing_ok=True)
-        for d in (pod_dir / "app", pod_dir, *made):
-            try:
-                d.rmdir()
-            except OSError:
-                pass
-    assert rc == 0, stderr
-    [rec] = [r for r in records if r["type"] == "collision"]
-    [owner] = rec["closewait_socket"]["owners"]
-    assert owner["pid"] == server_pid
-    assert owner["workload"] == {"unit": None, "container": {"runtime": "cri", "id": cid, "name": None},
-                                 "pod": {"namespace": "shop", "name": "cart-7d9f", "uid": uid, "container": "app"}}
-    summary = next(r for r in records if r["type"] == "summary")
-    assert summary["top_culprits"][0]["culprit"] == f"leakysrv (pid {server_pid}) in shop/cart-7d9f"

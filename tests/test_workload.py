@@ -3,7 +3,7 @@
 Synthetic: the /proc/PID/cgroup texts are the shapes that systemd, Docker,
 containerd, CRI-O, podman, LXC and the kubelet write (../shared/notes/
 containers.md), and the on-disk files are made in a temporary root. The live
-test with real cgroups is in test_diagnosis_live.py.
+test with real cgroups is in test_workload_live.py.
 """
 
 from __future__ import annotations

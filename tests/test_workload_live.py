@@ -11,6 +11,8 @@ processes are another workload's is not either, and is counted."""
 from __future__ import annotations
 
 import contextlib
+import json
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -112,7 +114,7 @@ def go(proc: subprocess.Popen) -> None:
     assert proc.wait(timeout=30 * SLOW) == 0
 
 
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shape", [pytest.param("unit", marks=pytest.mark.matrix), "pod-cgroupfs", "pod-systemd"])
 def test_a_workload_filter_reports_its_collision_and_no_other(ns, shape):
     components, (option, value), workload = SHAPES[shape]
     logs = kubelet_logs() if shape.startswith("pod") else contextlib.nullcontext()
@@ -150,6 +152,8 @@ def test_a_workload_filter_reports_its_collision_and_no_other(ns, shape):
     assert summary["type"] == "summary" and summary["collisions"] == 1
     assert summary["outside_selection"] == {"not_selected": 1}  # othersrv's, beside it
     assert summary["kernel"]["unreported"] == 0  # awaysrv's namespace is not counted at all
+    short = "leaky.service" if shape == "unit" else "shop/cart-7d9f"
+    assert summary["top_culprits"] == [{"culprit": f"leakysrv (pid {mine_pid}) in {short}", "collisions": 1}]
     assert beside_pid != mine_pid
 
 
@@ -159,3 +163,89 @@ def test_a_workload_filter_that_matches_nothing_is_an_error():
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [
         "tcpcollide-trace: error: no running process belongs to --unit no-such-unit-here"]
+
+
+# -- a real container: Debian's podman with runc (../shared/notes/containers.md) ---------
+
+SERVER = """
+import socket
+listener = socket.create_server(("127.0.0.1", 12345))
+print("ready", flush=True)
+held = []
+while True:
+    held.append(listener.accept()[0])  # never closed: a leak
+"""
+
+
+def _memory_cgroup() -> str:
+    return next(line.split(":", 2)[2] for line in Path("/proc/self/cgroup").read_text().splitlines()
+                if line.split(":", 2)[1] == "memory")
+
+
+@contextlib.contextmanager
+def podman_server(name: str, ns: netns.NetNS):
+    """A leaking server in a podman container (runc, the host's filesystem as
+    its root through an overlay) joined to the test's namespace, kept beneath
+    this test's own memory cgroup; yields (id, pid); removed afterwards with
+    the cgroup directories podman made for it."""
+    if shutil.which("podman") is None or shutil.which("runc") is None:
+        pytest.fail("podman and runc are not installed (scripts/setup --for-tests installs them)")
+    parent = f"{_memory_cgroup()}/{name}"
+    cmd = ["podman", "--runtime", "runc", "--cgroup-manager=cgroupfs"]
+    try:
+        subprocess.run([*cmd, "run", "-d", "--name", name, "--cgroup-parent", parent,
+                        "--ulimit", "nofile=20000:20000", "--ulimit", "nproc=1000:1000",
+                        f"--network=ns:{ns.path}", "--rootfs", "/:O", "/usr/bin/python3", "-c", SERVER],
+                       check=True, capture_output=True, text=True, timeout=60 * SLOW)
+        deadline = time.monotonic() + 30 * SLOW
+        while "ready" not in subprocess.run([*cmd, "logs", name], capture_output=True, text=True).stdout:
+            assert time.monotonic() < deadline, "the container's server never started"
+            time.sleep(0.1)
+        info = json.loads(subprocess.run([*cmd, "inspect", name], check=True, capture_output=True, text=True).stdout)
+        yield info[0]["Id"], info[0]["State"]["Pid"]
+    finally:
+        subprocess.run([*cmd, "rm", "-f", "-t", "0", name], capture_output=True, timeout=60 * SLOW)
+        for made in sorted(Path("/sys/fs/cgroup").glob(f"**{parent}"), key=lambda p: -len(p.parts)):
+            for d in sorted((p for p in [made, *made.rglob("*")] if p.is_dir()), key=lambda p: -len(p.parts)):
+                with contextlib.suppress(OSError):
+                    d.rmdir()
+
+
+def test_a_real_podman_container_is_named_and_filtered(ns):
+    """A leaking server in a real podman container: the report carries its
+    runtime, full id and name for the lingering socket's owner and for the
+    listener's; `--container NAME` reports its collision and not one in
+    another namespace."""
+    name = ns_name("leaky")
+    tracer = None
+    procs = []
+    with netns.NetNS(ns_name("other")) as other, podman_server(name, ns) as (cid, pid):
+        try:
+            away, _ = leaky(other.name, 12345, 39836, "awaysrv")
+            procs.append(away)
+            tracer = Tracer("--container", name)
+            ready = tracer.wait_ready()
+            client = scenario("--server-ns", ns.name, "--fast", "--external-server", "--wait-stdin",
+                              "--hold", "0.5", stdin=subprocess.PIPE)
+            procs.append(client)
+            read_steps(client, until="waiting")
+            go(client)
+            go(away)
+            time.sleep(1.0)
+            rc, records, stderr = tracer.stop()
+        finally:
+            for p in procs:
+                p.kill()
+                p.wait()
+            if tracer is not None:
+                tracer.kill()
+    assert rc == 0, stderr
+    assert [n["netns"] for n in ready["filters"]["workload_namespaces"]] == [ns.inode]
+    workload = {"unit": None, "container": {"runtime": "podman", "id": cid, "name": name}, "pod": None}
+    [rec] = [r for r in records if r["type"] == "collision"]
+    assert rec["netns"] == ns.inode and rec["outcome"] == "recovered"
+    [owner] = rec["closewait_socket"]["owners"]
+    assert owner["pid"] == pid and owner["comm"] == "python3" and owner["workload"] == workload
+    [listener_owner] = rec["listener"]["owners"]
+    assert listener_owner["pid"] == pid and listener_owner["workload"] == workload
+    assert records[-1]["kernel"]["unreported"] == 0

@@ -136,6 +136,9 @@ def run(args: argparse.Namespace) -> int:
     fam = socket.AF_INET6 if ":" in args.server_ip else socket.AF_INET
     if args.server_ns:
         netns.enter(args.server_ns)
+    if args.external_server:
+        say("listen", addr=f"{args.server_ip}:{args.server_port}", note="another program's server")
+        return clients(args, fam)
     listener = listen(args.listen_ip or args.server_ip, args.server_port, args.backlog)
     with contextlib.ExitStack() as stack:
         if args.accept:
@@ -195,6 +198,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--wait-stdin", action="store_true", help="pause before the reconnect until a line is read")
     p.add_argument("--hold", type=float, default=1.0, help="seconds to keep the sockets open at the end")
     p.add_argument("--accept", action="store_true", help="a server process accepts and holds every connection")
+    p.add_argument("--external-server", action="store_true",
+                   help="the server is another program's (a container's), already listening: clients only")
     p.add_argument("--server-comm", default="leakysrv", help="the server process's name (with --accept)")
     p.add_argument("--close-on-eof", action="store_true", help="the server closes a connection when the peer does")
     p.add_argument("--unread", type=int, default=0, help="bytes the client sends and the server never reads")
