@@ -94,9 +94,10 @@ class Stop(Exception):
 
 
 class Session:
-    def __init__(self, options: Options, sink: Callable[[dict], None]):
+    def __init__(self, options: Options, sink: Callable[[dict], None], flush: Callable[[], None] | None = None):
         self.options = options
         self.sink = sink
+        self.flush = flush  # the sink buffers: flushed after each batch
         self.bpf = None
         self.backend = "tracepoint"
         self.clock = Clock.now()
@@ -219,6 +220,8 @@ class Session:
         ready["startup_s"] = round(time.monotonic() - t0, 3)
         self._checked_ns = time.monotonic_ns()
         self.sink(ready)
+        if self.flush is not None:
+            self.flush()
         return ready
 
     # -- stream ----------------------------------------------------------------
@@ -339,6 +342,8 @@ class Session:
                 self._check_kernel()
                 for rec in self.diagnoser.poll():
                     self.pipeline.queue(rec)
+                if self.flush is not None:
+                    self.flush()
                 if self._stop_reason is not None:
                     break
                 if deadline is not None and time.monotonic() >= deadline:

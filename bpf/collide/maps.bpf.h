@@ -19,12 +19,13 @@ struct tc_tuple {
 struct tc_track {
 	__u64 first_ns; /* when the tuple was registered or taken over (user space keeps a newer one) */
 	__u64 skaddr;   /* the lingering socket (the connecting one where the client registered it) */
-	__u32 seen;     /* TC_SEEN_*: the ends of the new connection streamed arriving in ESTABLISHED */
+	__u32 seen;     /* TC_SEEN_*: the ends of the new connection streamed arriving in ESTABLISHED, the RST */
 	__u32 pad;
 };
 
 #define TC_SEEN_SERVER 1
 #define TC_SEEN_CLIENT 2
+#define TC_SEEN_RST 4 /* the lingering socket's received RST was streamed: its CLOSE says nothing more */
 
 struct tc_conn {
 	__u32 pid;
@@ -79,11 +80,15 @@ static __always_inline void tc_stat(__u32 stat)
 		*n += 1;
 }
 
-/* An event to user space; one the perf buffer refuses is counted. */
-static __always_inline void tc_submit(void *ctx, struct tc_event *ev)
+/* An event to user space; one the perf buffer refuses is counted (and
+ * returns non-zero). */
+static __always_inline int tc_submit(void *ctx, struct tc_event *ev)
 {
-	if (events.perf_submit(ctx, ev, sizeof(*ev)) < 0)
+	if (events.perf_submit(ctx, ev, sizeof(*ev)) < 0) {
 		tc_stat(TC_STAT_NOT_SUBMITTED);
+		return 1;
+	}
+	return 0;
 }
 
 static __always_inline void tc_fired(__u32 hook)

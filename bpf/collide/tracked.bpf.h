@@ -83,7 +83,8 @@ static __always_inline int tc_track(const struct tc_tuple *t, __u64 skaddr)
 	return fresh;
 }
 
-/* Stream one event about a socket of a tracked tuple. */
+/* Stream one event about a socket of a tracked tuple: 0 when it went to
+ * user space. */
 static __always_inline int tc_emit(void *ctx, const void *sk, __u32 type, __u32 hook, int oldstate, int newstate,
 				   const void *skb)
 {
@@ -92,7 +93,7 @@ static __always_inline int tc_emit(void *ctx, const void *sk, __u32 type, __u32 
 	struct tc_event ev = {};
 
 	if (tc_fill_sock(sk, &ev))
-		return 0;
+		return 1;
 	ev.type = type;
 	ev.hook = hook;
 	if (type == TC_EV_RST_SENT)
@@ -101,20 +102,29 @@ static __always_inline int tc_emit(void *ctx, const void *sk, __u32 type, __u32 
 		ev.oldstate = oldstate;
 	if (newstate >= 0)
 		ev.newstate = newstate;
-	tc_submit(ctx, &ev);
-	return 0;
+	return tc_submit(ctx, &ev);
 }
 
 /* Any socket event that matters only when it is about a tracked tuple. */
 static __always_inline int tc_on_tracked(void *ctx, const void *sk, __u32 type, __u32 hook,
 					 int oldstate, int newstate, const void *skb)
 {
-	if (!tc_sock_tracked(sk))
+	struct tc_tuple t = {};
+	struct tc_track *tr;
+	int server_end;
+
+	if (!sk || !tc_tracking() || tc_sock_tuple(sk, &t))
+		return 0;
+	tr = tc_tuple_entry(&t, &server_end);
+	if (!tr)
 		return 0;
 	/* counted on tracked tuples only, to keep the untracked path to one
 	 * lookup: the self-test's collision exercises every such hook */
 	tc_fired(hook);
-	return tc_emit(ctx, sk, type, hook, oldstate, newstate, skb);
+	if (!tc_emit(ctx, sk, type, hook, oldstate, newstate, skb) && type == TC_EV_RST_RECEIVED && server_end &&
+	    (__u64)sk == tr->skaddr)
+		tr->seen |= TC_SEEN_RST; /* tcp_reset() ends in tcp_done(): user space takes the kill from this RST */
+	return 0;
 }
 
 /* tcp_set_state(): report transitions of tracked tuples. Every state change
@@ -130,8 +140,11 @@ static __always_inline int tc_on_tracked(void *ctx, const void *sk, __u32 type, 
  * user space learns nothing from it, and it was a third of a collision's
  * events. An end whose arrival was not streamed (a BPF run the kernel
  * skipped) still streams its departure from ESTABLISHED: that is how user
- * space learns of the skipped run. The lingering socket's own changes
- * always stream. */
+ * space learns of the skipped run. Nor are two changes that tell user space
+ * nothing another event does not: a child's LISTEN -> SYN_RECV (it moves
+ * to ESTABLISHED in the same softirq), and the lingering socket's CLOSE
+ * once its received RST was streamed (tcp_reset() ends in tcp_done()). The
+ * lingering socket's other changes always stream. */
 static __always_inline int tc_on_set_state(void *ctx, const void *sk, int oldstate, int newstate, __u32 hook)
 {
 	struct tc_tuple t = {};
@@ -150,7 +163,18 @@ static __always_inline int tc_on_set_state(void *ctx, const void *sk, int oldsta
 		tc_read(state, sk, OFF_SKC_STATE);
 		oldstate = state;
 	}
+	if (server_end && (__u64)sk == tr->skaddr && newstate == K_TCP_CLOSE && (tr->seen & TC_SEEN_RST)) {
+		tc_stat(TC_STAT_NOT_STREAMED); /* the kill of the lingering socket, streamed as its RST */
+		return 0;
+	}
 	if ((__u64)sk != tr->skaddr) {
+		if (oldstate == K_TCP_LISTEN && newstate == K_TCP_SYN_RECV) {
+			/* a child of the listener on the tuple: made as the handshake's
+			 * last ACK arrives, and moved to ESTABLISHED in the same softirq,
+			 * whose event tells user space all this one would */
+			tc_stat(TC_STAT_NOT_STREAMED);
+			return 0;
+		}
 		bit = server_end ? TC_SEEN_SERVER : TC_SEEN_CLIENT;
 		if (newstate == K_TCP_ESTABLISHED && (oldstate == K_TCP_SYN_SENT || oldstate == K_TCP_SYN_RECV)) {
 			tr->seen |= bit; /* racing CPUs may lose a bit: then one more event streams, harmless */
@@ -161,5 +185,6 @@ static __always_inline int tc_on_set_state(void *ctx, const void *sk, int oldsta
 			return 0;
 		}
 	}
-	return tc_emit(ctx, sk, TC_EV_STATE, hook, oldstate, newstate, 0);
+	tc_emit(ctx, sk, TC_EV_STATE, hook, oldstate, newstate, 0);
+	return 0;
 }

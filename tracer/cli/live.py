@@ -21,9 +21,10 @@ def session_options(params: dict, **overrides) -> Options:
     return Options(**settings)
 
 
-def run(options: Options, sink, on_ready=None, on_idle=None) -> dict | None:
-    """Start, stream, detach. None when a signal came before `ready`."""
-    session = Session(options, sink)
+def run(options: Options, sink, on_ready=None, on_idle=None, flush=None) -> dict | None:
+    """Start, stream, detach. None when a signal came before `ready`.
+    flush: called after each batch of records (a sink that buffers them)."""
+    session = Session(options, sink, flush)
     with session.signals():
         try:
             session.start()
@@ -36,3 +37,5 @@ def run(options: Options, sink, on_ready=None, on_idle=None) -> dict | None:
             fail(str(e))
         finally:
             session.close()
+            if flush is not None:
+                flush()

@@ -190,8 +190,9 @@ def filters(port=None, netns=None, ipv4=False, ipv6=False, container=(), pod=(),
     return program.Filters(port=port, netns=netns, family=family(ipv4, ipv6), workloads=workloads)
 
 
-def writer(as_json: bool, no_color: bool):
-    return JsonWriter() if as_json else TextWriter(color=False if no_color else None)
+def writer(as_json: bool, no_color: bool, batched: bool = False):
+    """batched: JSON lines flushed by the caller (writer.flush), not each."""
+    return JsonWriter(flush_each=not batched) if as_json else TextWriter(color=False if no_color else None)
 
 
 def fail(message: str) -> None:

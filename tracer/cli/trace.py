@@ -36,4 +36,5 @@ def trace(as_json, no_color, **params):
     socket and the process that leaked it, a timeline (SYN, challenge ACK,
     RST, the retried SYN, the new connection), the penalty the client paid,
     and what to fix. A summary follows at exit."""
-    run(session_options(params), writer(as_json, no_color).write)
+    out = writer(as_json, no_color, batched=True)
+    run(session_options(params), out.write, flush=out.flush)

@@ -46,6 +46,9 @@ MAX_WATCHED = 256  # listeners with ghosts followed at once
 # The longest an ended incident's report waits for the /proc scan that names
 # its sockets' owners (scans are spaced out in a storm: OwnerCache).
 OWNER_WAIT_S = 3.0
+# A listener's queue asked for serves the incidents on it that end within this
+# long (a storm ends hundreds a second on one listener: one dump for them all).
+QUEUE_FRESH_S = 0.1
 WATCH_INTERVAL_S = 1.0
 
 
@@ -59,7 +62,8 @@ class Diagnoser:
         self.watched: dict[tuple[int, str], dict] = {}
         self._polled = float("-inf")
         self.pool = sockdiag.Pool()  # sock_diag sockets by namespace, closed when idle
-        self._batch_queues: dict[tuple[int, str], dict | None] = {}  # listener queues asked in this batch
+        # listener queues asked for lately: (netns, listener) -> (when, queue)
+        self._queues: dict[tuple[int, str], tuple[float, dict | None]] = {}
         self._batch_ports: dict[tuple[int, int, bool], dict | None] = {}  # by (netns, server port, client end)
         self._waiting: dict[int, float] = {}  # incident id -> when its report began to wait for a scan
         self.selection = None  # --container/--pod/--unit (tracer/host/workload.py Selection)
@@ -122,6 +126,7 @@ class Diagnoser:
         self.workloads.forget()
         self._ns_paths = {}
         self._ns_scanned = float("-inf")
+        self._queues = {}
 
     def prefetch(self, ev: Event) -> None:
         """Find the owner as soon as the collision starts: by the time the
@@ -132,19 +137,23 @@ class Diagnoser:
 
     def resolve(self, force: bool = False) -> None:
         """After a batch of events: one /proc scan for the owners they asked
-        for (when one is due; force: now). The listener queues looked up for
+        for (when one is due; force: now). The sockets' states looked up for
         the incidents that ended in the batch are forgotten: the ones ending
-        next are told the queue as it is then."""
+        next are told them as they are then."""
         self.owners.resolve(force)
-        self._batch_queues.clear()
         self._batch_ports.clear()
 
     def _inodes(self, inc: Incident) -> list[int]:
-        """The sockets whose owners an incident's report names."""
-        out = [inc.closewait.get("inode"), inc.client_inode if inc.client_process is None else None]
-        q = self._listener_queue(inc)
-        if q is not None:
-            out.extend(q["inodes"])
+        """The sockets whose owners an incident's report waits for: the
+        lingering socket's and the connecting one's; the listener's when the
+        lingering socket was never accepted (its owner is the culprit then;
+        otherwise a listener, long lived, is known from any earlier scan)."""
+        inode = inc.closewait.get("inode")
+        out = [inode, inc.client_inode if inc.client_process is None else None]
+        if not inode:
+            q = self._listener_queue(inc)
+            if q is not None:
+                out.extend(q["inodes"])
         return [i for i in out if i]
 
     def waiting(self, inc: Incident) -> bool:
@@ -237,7 +246,7 @@ class Diagnoser:
     def listener(self, inc: Incident) -> dict | None:
         """The listener's queue as the incident ends, and the processes that
         hold the listening socket (`owners`): asked once for all the
-        incidents on that listener that end in one batch of events (a storm
+        incidents on that listener that end within QUEUE_FRESH_S (a storm
         ends hundreds at once)."""
         q = self._listener_queue(inc)
         if q is None:
@@ -253,9 +262,13 @@ class Diagnoser:
         if not inc.seen_server:  # the server is elsewhere: its listener is not here to see
             return None
         key = (inc.netns, inc.server)
-        if key not in self._batch_queues:
-            self._batch_queues[key] = self._queue(inc.netns, inc.server)
-        return self._batch_queues[key]
+        now = time.monotonic()
+        asked = self._queues.get(key)
+        if asked is None or now - asked[0] >= QUEUE_FRESH_S:
+            if len(self._queues) >= MAX_WATCHED:
+                self._queues = {k: v for k, v in self._queues.items() if now - v[0] < QUEUE_FRESH_S}
+            asked = self._queues[key] = (now, self._queue(inc.netns, inc.server))
+        return asked[1]
 
     def _queue(self, netns: int, server: str) -> dict | None:
         """The listener's queue. The listeners alone first: a dump of them

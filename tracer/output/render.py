@@ -48,12 +48,21 @@ def inert(s: object) -> str:
 
 
 class JsonWriter:
-    def __init__(self, out: TextIO = sys.stdout):
+    """JSON lines. flush_each: flush after every record; otherwise the
+    caller flushes (a live session does after each batch of events: one
+    write for a storm's hundreds of records, not one each)."""
+
+    def __init__(self, out: TextIO = sys.stdout, flush_each: bool = True):
         self.out = out
+        self.flush_each = flush_each
 
     def write(self, rec: dict) -> None:
         # json.dumps escapes every control character: the line is inert
         self.out.write(json.dumps(rec, separators=(",", ":")) + "\n")
+        if self.flush_each:
+            self.out.flush()
+
+    def flush(self) -> None:
         self.out.flush()
 
 
@@ -125,6 +134,9 @@ class TextWriter:
             file=out, highlight=False, markup=False, emoji=False,
             no_color=(color is False), force_terminal=color, width=width,
         )
+
+    def flush(self) -> None:
+        self.console.file.flush()
 
     def write(self, rec: dict) -> None:
         kind = rec.get("type")

@@ -129,7 +129,10 @@ class Incident:
         return self.netns if self.seen_server else self.client_netns
 
     def step(self, name: str) -> Step | None:
-        return next((s for s in self.steps if s.name == name), None)
+        for s in self.steps:  # a plain loop: on the hot path, several times per event
+            if s.name == name:
+                return s
+        return None
 
     def has(self, name: str) -> bool:
         return self.step(name) is not None
