@@ -77,7 +77,9 @@ enum tc_stat {
 	TC_STAT_UNCOUNTED = 4,     /* collisions map `counts` had no room for (the totals above still count them) */
 	TC_STAT_NOT_STREAMED = 5,  /* state changes of a new connection after its end was seen established:
 				    * left in the kernel on purpose (nothing is learnt from them), not a loss */
-	TC_STAT_MAX = 6,
+	TC_STAT_STATE_COVERED = 6, /* state changes the set_state program's run would have skipped (it was
+				    * interrupted on that CPU by a softirq changing a state), run by its twin */
+	TC_STAT_MAX = 7,
 };
 
 struct tc_event {

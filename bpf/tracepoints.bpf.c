@@ -20,7 +20,7 @@
 #ifdef TC_USE_TP_SET_STATE
 /* every tcp_set_state() goes through inet_sk_state_store() and this event */
 #ifdef TC_RAW_INET_SOCK_SET_STATE
-RAW_TRACEPOINT_PROBE(inet_sock_set_state)
+static __always_inline int tc_raw_set_state(struct bpf_raw_tracepoint_args *ctx)
 {
 	const void *sk = (const void *)TC_RAW_ARG(INET_SOCK_SET_STATE, SK);
 	__u16 protocol = 0;
@@ -32,6 +32,41 @@ RAW_TRACEPOINT_PROBE(inet_sock_set_state)
 		return 0;
 	return tc_on_set_state(ctx, sk, (int)TC_RAW_ARG(INET_SOCK_SET_STATE, OLDSTATE),
 			       (int)TC_RAW_ARG(INET_SOCK_SET_STATE, NEWSTATE), TC_HOOK_TP_SET_STATE);
+}
+
+/* Whether the set_state program is running on this CPU. The kernel runs a
+ * raw tracepoint's program only once at a time per CPU: a softirq that
+ * changes a socket's state while the program runs in process context (a
+ * connect() or a close() interrupted by the packets of a storm) skips it,
+ * and that state change would be lost (recursion_misses). Its twin below,
+ * attached to the same tracepoint (tracer/kernel/statehook.py), runs the
+ * same logic exactly then, and only then. Skipped in turn while it runs
+ * itself, it has the first program run for it: the two are never both
+ * busy on one CPU. */
+BPF_PERCPU_ARRAY(set_state_busy, __u32, 1);
+
+RAW_TRACEPOINT_PROBE(inet_sock_set_state)
+{
+	int zero = 0;
+	__u32 *busy = set_state_busy.lookup(&zero);
+
+	if (busy)
+		*busy = 1;
+	tc_raw_set_state(ctx);
+	if (busy)
+		*busy = 0;
+	return 0;
+}
+
+int tc_set_state_twin(struct bpf_raw_tracepoint_args *ctx)
+{
+	int zero = 0;
+	__u32 *busy = set_state_busy.lookup(&zero);
+
+	if (!busy || !*busy)
+		return 0; /* the first program ran, or runs, for this state change */
+	tc_stat(TC_STAT_STATE_COVERED);
+	return tc_raw_set_state(ctx);
 }
 #else
 TRACEPOINT_PROBE(sock, inet_sock_set_state)

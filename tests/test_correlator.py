@@ -450,7 +450,9 @@ def test_an_end_leaving_established_unseen_marks_the_incident_incomplete(end):
     ends ESTABLISHED) was never produced (the kernel skipped the BPF programs:
     they fired in a softirq that interrupted another BPF program; no perf
     buffer loss is counted), then an end is seen leaving ESTABLISHED. The
-    incident cannot be claimed pending-and-complete: it is incomplete."""
+    incident cannot be claimed pending-and-complete: it is incomplete; and it
+    is not pending either: that end was established, when is not known
+    (recovered_unseen, no penalty)."""
     a = Collision()
     seq = a.seed_sequence()[:4]  # SYN, RST sent, RST received, CLOSE_WAIT -> CLOSE
     t = seq[-1].ts_ns + 12 * MS
@@ -460,6 +462,11 @@ def test_an_end_leaving_established_unseen_marks_the_incident_incomplete(end):
         seq.append(a.server_ev("state", t, "ESTABLISHED", "CLOSE_WAIT", sk=a.child_sk))
     _, [inc] = correlate(seq)
     assert inc.incomplete is True and inc.incomplete_reasons == ["runs_skipped"]
+    assert (inc.outcome, inc.outcome_detail, inc.penalty_ns) == ("recovered", "recovered_unseen", None)
+    est = inc.step("established")
+    assert est.ts_ns == t and est.detail["seen_by"] == "state_change" and est.detail["end"] == end
+    from tracer.pipeline.explain import explain
+    assert f"its {end} end left ESTABLISHED 12.1 ms after the first SYN" in explain(inc)
     # without that evidence nothing says events are missing
     _, [plain] = correlate(a.seed_sequence()[:4])
     assert plain.incomplete is False

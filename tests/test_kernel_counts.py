@@ -92,3 +92,21 @@ def test_metrics_carry_the_kernel_counts():
         m.close()
     assert 'tcpcollide_kernel_collisions_total{lingering_state="CLOSE_WAIT",server_port="12345"} 4.0' in text
     assert "tcpcollide_events_not_submitted_total 3.0" in text
+
+
+def test_the_state_hooks_skipped_runs_that_its_twin_ran_are_not_lost(monkeypatch):
+    """(Synthetic program statistics.) The kernel skipped the set_state
+    program 10 times and its twin ran 7 of them (TC_STAT_STATE_COVERED): 3
+    state changes are lost; the twin's own skips are not counted (the first
+    program ran for those), nor are skips of programs not given."""
+    from tracer.kernel import bpfsys
+
+    misses = {3: 0, 4: 0, 5: 0}  # fd -> recursion_misses: 3 the state hook, 4 another hook, 5 the twin
+    covered = [0]
+    monkeypatch.setattr(bpfsys, "prog_info", lambda fd: {"recursion_misses": misses[fd]})
+    runs = bpfsys.SkippedRuns([3, 4], [3], lambda: covered[0])
+    misses.update({3: 10, 4: 2, 5: 40})
+    covered[0] = 7
+    assert runs.new() == (3, 2) and runs.total == 5
+    covered[0] = 10  # read behind the misses it covers: a loss said that was not, never the reverse
+    assert runs.new() == (0, 0)

@@ -23,7 +23,7 @@ from tracer import selftest
 from tracer.kernel import capabilities, hooks, program
 from tracer.kernel.bpfsys import SkippedRuns
 from tracer.kernel.counters import KernelCounts
-from tracer.kernel.statehook import LazyStateHook
+from tracer.kernel.statehook import LazyStateHook, StateTwin
 from tracer.kernel.tracking import Tracking
 from tracer.pipeline import recording
 from tracer.host.diagnosis import Diagnoser
@@ -104,6 +104,7 @@ class Session:
         self.diagnoser = Diagnoser()
         self.pipeline: Pipeline | None = None
         self.state_hook: LazyStateHook | None = None  # None: not lazy (kept attached, or not a raw tracepoint)
+        self.twin: StateTwin | None = None  # the raw set_state program's twin
         self.tracking: Tracking | None = None
         self.skipped: SkippedRuns | None = None
         self.kernel_counts: KernelCounts | None = None
@@ -151,17 +152,23 @@ class Session:
         plan, types, self.bpf = attach(self.options, stages)
         self._select()
         self.bpf["events"].open_perf_buffer(self._on_raw, page_cnt=PERF_PAGES, lost_cb=self._on_lost)
-        self.skipped = SkippedRuns([f.fd for f in self.bpf.funcs.values()],
-                                   [f.fd for name, f in self.bpf.funcs.items() if b"set_state" in name])
+        state_choice = plan.choice("set_state")
+        tracepoint = state_choice.candidate.targets[0].split(":", 1)[1] if state_choice.raw else None
+        if tracepoint is not None:
+            self.twin = StateTwin(self.bpf, tracepoint)
+            self.twin.attach()
         self.kernel_counts = KernelCounts(self.bpf, types.tcp_states)
+        funcs = {name: f for name, f in self.bpf.funcs.items() if name != StateTwin.FUNCTION}
+        self.skipped = SkippedRuns([f.fd for f in funcs.values()],
+                                   [f.fd for name, f in funcs.items() if b"set_state" in name],
+                                   self.kernel_counts.state_covered if self.twin is not None else None)
         self.kernel_counts.reset()  # the self-test's collision is not the host's
         self.tracking = Tracking(self.bpf)
         self.backend = plan.backend
         hz = capabilities.jiffies_hz()
-        state_choice = plan.choice("set_state")
-        if self.options.state_hook == "lazy" and state_choice.raw:
-            lazy = LazyStateHook(self.bpf, state_choice.candidate.targets[0].split(":", 1)[1], hz,
-                                 lambda attached, at_ns: self.pipeline.state_hook(attached, at_ns))
+        if self.options.state_hook == "lazy" and tracepoint is not None:
+            lazy = LazyStateHook(self.bpf, tracepoint, hz,
+                                 lambda attached, at_ns: self.pipeline.state_hook(attached, at_ns), self.twin)
             took = lazy.trial()
             if took > lazy.retry_ns // 4:
                 state_choice.note = "; ".join(filter(None, (state_choice.note, (
@@ -386,6 +393,9 @@ class Session:
 
     def close(self) -> None:
         """Detach every program and free every map."""
+        if self.twin is not None:
+            self.twin.detach()
+            self.twin = None
         if self.bpf is not None:
             self.bpf.cleanup()
             self.bpf = None

@@ -18,6 +18,7 @@ which is ABI: fields are only ever appended.
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
 import os
 import platform
 import struct
@@ -119,20 +120,25 @@ class SkippedRuns:
     `state_fds`: the state hook's programs, told apart (new() returns their
     skips and the others' separately)."""
 
-    def __init__(self, prog_fds: list[int], state_fds: list[int] = ()):
+    def __init__(self, prog_fds: list[int], state_fds: list[int] = (), covered: Callable[[], int] | None = None):
         self.prog_fds = prog_fds
         self.state_fds = set(state_fds)
+        # the state hook's skipped runs that its twin ran (bpf/tracepoints.bpf.c): not lost
+        self.covered = covered
         self._base = self._read()
         self.total = None if self._base is None else 0
         self._seen = self._base
 
     def _read(self) -> tuple[int, int] | None:
-        """(state hook's recursion_misses, the other programs')."""
+        """(state hook's recursion_misses less those its twin covered, the other programs')."""
         infos = {fd: prog_info(fd) for fd in self.prog_fds}
         if not infos or any(i is None for i in infos.values()):
             return None
         state = sum(i["recursion_misses"] for fd, i in infos.items() if fd in self.state_fds)
-        return state, sum(i["recursion_misses"] for i in infos.values()) - state
+        other = sum(i["recursion_misses"] for i in infos.values()) - state
+        if self.covered is not None:
+            state = max(0, state - self.covered())  # covered is read last: never ahead of the misses it covers
+        return state, other
 
     def new(self) -> tuple[int, int]:
         """Runs skipped since the last call: (of the state hook, of the others)."""

@@ -10,7 +10,8 @@ from tracer.pipeline.events import ENUMS
 STATS = {name.removeprefix("TC_STAT_").lower(): n for name, n in ENUMS["tc_stat"].items() if name != "TC_STAT_MAX"}
 # the names the records give them
 NAMES = {"collisions": "collisions", "syn_hits": "syn_hits", "not_submitted": "events_not_submitted",
-         "untracked": "untracked", "uncounted": "uncounted", "not_streamed": "events_not_streamed"}
+         "untracked": "untracked", "uncounted": "uncounted", "not_streamed": "events_not_streamed",
+         "state_covered": "state_runs_covered"}
 FAMILIES = {2: "ipv4", 10: "ipv6"}
 
 
@@ -37,6 +38,11 @@ class KernelCounts:
         """Events the perf buffer refused so far: one lookup, cheap enough for every poll."""
         index = STATS["not_submitted"]
         return sum(self.stats[self.stats.Key(index)]) - self._base["not_submitted"]
+
+    def state_covered(self) -> int:
+        """Runs of the state hook the kernel skipped and its twin ran, since
+        the load (bpf/tracepoints.bpf.c): one lookup."""
+        return sum(self.stats[self.stats.Key(STATS["state_covered"])])
 
     def syn_hits(self) -> int:
         """SYNs the kernel saw challenged so far (past the filters), whether

@@ -16,6 +16,7 @@ than half of it.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 
@@ -25,13 +26,51 @@ LINGER_S = 1.0
 RETRY_JIFFIES = 2
 
 
+class StateTwin:
+    """The set_state program's twin (bpf/tracepoints.bpf.c,
+    tc_set_state_twin) on the same raw tracepoint: it runs the state logic
+    exactly when the kernel skips the first program on a CPU (a softirq that
+    changed a socket's state while that program ran), so that no state
+    change is lost to the kernel's recursion check. Attached beside the
+    first program and detached with it; bcc keeps one program per raw
+    tracepoint in its books, so this one is attached through libbcc
+    directly, its link a file descriptor closed on detach (and by the kernel
+    if the tracer dies)."""
+
+    FUNCTION = b"tc_set_state_twin"
+
+    def __init__(self, bpf, tracepoint: str):
+        from bcc import BPF  # noqa: PLC0415 - bcc is imported where the kernel side is loaded
+
+        self.tp = tracepoint.encode()
+        self.prog = bpf.load_func(self.FUNCTION, BPF.RAW_TRACEPOINT)
+        self.link: int | None = None
+
+    def attach(self) -> None:
+        from bcc.libbcc import lib  # noqa: PLC0415
+
+        if self.link is None:
+            fd = lib.bpf_attach_raw_tracepoint(self.prog.fd, self.tp)
+            if fd < 0:
+                raise capabilities.KernelError(
+                    f"attaching the state hook's twin to {self.tp.decode()} failed: {os.strerror(-fd or 1)}")
+            self.link = fd
+
+    def detach(self) -> None:
+        if self.link is not None:
+            os.close(self.link)
+            self.link = None
+
+
 class LazyStateHook:
     """`on_change(attached, at_ns)` is told of every attach and detach
     (CLOCK_MONOTONIC ns, the clock of bpf_ktime_get_ns()), before a detach
     and after an attach, so that no state change it could miss goes untold."""
 
-    def __init__(self, bpf, tracepoint: str, hz: int | None, on_change: Callable[[bool, int], None]):
+    def __init__(self, bpf, tracepoint: str, hz: int | None, on_change: Callable[[bool, int], None],
+                 twin: StateTwin | None = None):
         self.bpf = bpf
+        self.twin = twin  # attached and detached with it
         self.tp = tracepoint.encode()
         self.retry_ns = RETRY_JIFFIES * 1_000_000_000 // (hz or 1000)
         self.on_change = on_change
@@ -46,7 +85,7 @@ class LazyStateHook:
     def trial(self) -> int:
         """Detach it, wait out the grace period a re-attach would wait for,
         and time one attach; returns the nanoseconds it took. Leaves it attached."""
-        self.bpf.detach_raw_tracepoint(tp=self.tp)
+        self._detach_programs()
         capabilities.wait_rcu_grace_period()
         t0 = time.monotonic_ns()
         self._attach()
@@ -97,12 +136,21 @@ class LazyStateHook:
         return {"attaches": self.attaches, "slowest_ms": round(self.slowest_ns / 1e6, 3), "kept_attached": self.kept}
 
     def _attach(self) -> None:
+        """The first program, then its twin (the trial and the lateness are
+        the first one's: the twin only covers the first one's skipped runs)."""
         try:
             self.bpf.attach_raw_tracepoint(tp=self.tp, fn_name=b"raw_tracepoint__" + self.tp)
         except Exception as e:  # noqa: BLE001 - bcc raises bare Exception
             raise capabilities.KernelError(f"attaching the state hook ({self.tp.decode()}) again failed: {e}") from None
+        if self.twin is not None:
+            self.twin.attach()
 
     def _detach(self) -> None:
         self.on_change(False, time.monotonic_ns())  # before: a state change from now on may go unseen
-        self.bpf.detach_raw_tracepoint(tp=self.tp)
+        self._detach_programs()
         self.attached = False
+
+    def _detach_programs(self) -> None:
+        self.bpf.detach_raw_tracepoint(tp=self.tp)
+        if self.twin is not None:
+            self.twin.detach()

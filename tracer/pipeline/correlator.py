@@ -36,7 +36,8 @@ OUTCOME_DETAILS = (
     "stuck_challenge_ack_lost",  # challenge ACKs sent, no RST came back: lost on the path
     "stuck",  # the client keeps hitting the socket, cause not seen
     "client_gave_up",  # the connecting socket was closed before it was established
-    "recovered_unseen",  # established unseen by the state hook, found so through sock_diag: when is not known
+    # established unseen by the state hook, found so afterwards (sock_diag, or an end leaving ESTABLISHED): when is not known
+    "recovered_unseen",
     "pending",  # not established when the trace or the incident's time ran out, nothing more seen
 )
 # Why an incident may miss kernel events (`incomplete_reasons`), each explained by tracer/pipeline/explain.py.
@@ -156,7 +157,7 @@ class Incident:
         """Established, as the kernel's socket list showed afterwards
         (confirm()): when is not known."""
         est = self.step("established")
-        return est is not None and est.detail.get("seen_by") == "sock_diag"
+        return est is not None and est.detail.get("seen_by") in ("sock_diag", "state_change")
 
     @property
     def penalty_ns(self) -> int | None:
@@ -551,10 +552,16 @@ class Correlator:
         end = "server" if local_is_server else "client"
         if old == "ESTABLISHED" and end not in inc.established_ends:
             # this end left ESTABLISHED without its arrival there being seen:
-            # events were missed that the perf buffer never counted (the kernel
-            # skips a BPF program that fires while another runs on the CPU,
-            # e.g. in a softirq that interrupted it: bpftool's recursion_misses)
-            inc.mark_incomplete("runs_skipped")
+            # it arrived while the lazy state hook was detached, or in a run
+            # the kernel skipped (a BPF program that fires while it runs on
+            # that CPU: recursion_misses, which the perf buffer never counts).
+            # It was established, when is not known.
+            inc.mark_incomplete("state_hook_off" if self._state_blind(inc.first_ns) else "runs_skipped")
+            inc.established_ends.add(end)
+            if not inc.has("established"):
+                inc.add("established", ev.ts_ns, seen_by="state_change", end=end,
+                        by_ms=round((ev.ts_ns - inc.first_ns) / 1e6, 3))
+                self._due = min(self._due, self._deadline(inc))
             return
         if new != "ESTABLISHED" or old not in ("SYN_SENT", "SYN_RECV"):
             return

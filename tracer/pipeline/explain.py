@@ -89,6 +89,10 @@ def _outcome(inc: Incident) -> list[str]:
     if detail == "recovered_unseen":
         est = inc.step("established")
         found = _ms(est.ts_ns - inc.first_ns)
+        if est.detail.get("seen_by") == "state_change":
+            return [f"The new connection was established: its {est.detail.get('end', 'server')} end left ESTABLISHED "
+                    f"{found} after the first SYN, but when it got there, and so the delay the collision cost, was not "
+                    "seen."]
         return [f"The new connection was established: the kernel's socket list showed it so {found} after the first "
                 "SYN, but when it got there, and so the delay the collision cost, was not seen."]
     if inc.outcome == "recovered":
