@@ -273,7 +273,7 @@ def test_inventory_agrees_with_ss(ns):
     assert q["alive"] == 2 and q["ghosts"] == 1
     assert not any(q["listener"] == "127.0.0.1:8080" for q in inv["listeners"])  # no ghosts there
     assert text.returncode == 0, text.stderr
-    assert "leakyinv" in text.stdout and "9090" in text.stdout
+    assert "leakyinv" in text.stdout and "9090" in text.stdout, text.stdout
 
 
 def test_inventory_needs_root_and_says_so():

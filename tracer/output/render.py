@@ -285,15 +285,17 @@ class TextWriter:
         if rec["closewait"]:
             table = Table(box=None, header_style="bold", pad_edge=False, title="CLOSE_WAIT sockets by process",
                           title_justify="left")
-            for col, just in (("pid", "right"), ("command", "left"), ("workload", "left"), ("netns", "right"),
-                              ("local", "left"),
-                              ("sockets", "right"), ("oldest", "right"), ("newest", "right"), ("unread", "right"),
-                              ("fds", "left")):
-                table.add_column(col, justify=just, overflow="fold")
+            # 80 columns: the workload under its command, numbers whole, the rest folds
+            for col, just, whole in (("pid", "right", True), ("command [workload]", "left", False),
+                                     ("netns", "right", True), ("local", "left", False), ("sockets", "right", True),
+                                     ("oldest", "right", True), ("newest", "right", True), ("unread", "right", True),
+                                     ("fds", "left", False)):
+                table.add_column(col, justify=just, overflow="fold", no_wrap=whole)
             for g in rec["closewait"]:
                 fds = ",".join(str(s["fd"]) for s in g["sockets"] if s["fd"] is not None)
-                table.add_row("-" if g["pid"] is None else str(g["pid"]), inert(g["comm"]),
-                              inert(short_name(g.get("workload")) or "-"), str(g["netns"]),
+                short = short_name(g.get("workload"))
+                table.add_row("-" if g["pid"] is None else str(g["pid"]),
+                              inert(g["comm"]) + (f"\n[{inert(short)}]" if short else ""), str(g["netns"]),
                               inert(g["local"]), str(g["count"]), age(g["oldest_age_s"]), age(g["newest_age_s"]),
                               f"{g['unread_bytes']} B", inert(fds[:60] + ("..." if len(fds) > 60 else "")))
             self.console.print(table)
