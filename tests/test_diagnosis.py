@@ -301,7 +301,7 @@ def test_listener_queue_is_not_unread_data():
 def test_owner_cache_rescans_on_a_miss_at_most_so_often():
     scans = []
 
-    def scan():
+    def scan(wanted=None):
         scans.append(1)
         return {5: [Owner(1, "a", 3)]}
 
@@ -316,7 +316,7 @@ def test_owner_cache_stays_bounded_by_a_scan_bigger_than_itself():
     """A leaking host's scan finds more sockets than the cache may hold
     (synthetic scan): it keeps max_entries of them, the one asked for among them."""
     found = {ino: [Owner(1, "leaky", ino)] for ino in range(1, 1001)}
-    cache = OwnerCache(min_interval_s=0, max_entries=100, scan=lambda: dict(found))
+    cache = OwnerCache(min_interval_s=0, max_entries=100, scan=lambda wanted=None: dict(found))
     cache.SCAN_SHARE = 0
     assert cache.lookup(1000) == [Owner(1, "leaky", 1000)]
     assert len(cache._known) == 100
@@ -327,7 +327,7 @@ def test_owner_cache_stays_bounded_by_a_scan_bigger_than_itself():
 def test_owner_cache_serves_a_batch_of_events_with_one_scan():
     scans = []
 
-    def scan():
+    def scan(wanted=None):
         scans.append(1)
         return {5: [Owner(1, "server", 3)], 6: [Owner(2, "client", 4)]}
 
@@ -347,7 +347,7 @@ def test_owner_cache_spaces_slow_scans_by_their_duration(monkeypatch):
     monkeypatch.setattr("tracer.host.procfs.time.monotonic", lambda: clock[0])
     scans = []
 
-    def scan():
+    def scan(wanted=None):
         scans.append(clock[0])
         clock[0] += 1.0
         return {}
@@ -376,7 +376,7 @@ def test_owner_cache_forgets_a_storms_sockets_and_scans_again():
     hosts = [{ino: [Owner(1, "storm", ino)] for ino in range(1, 501)}, {7: [Owner(2, "later", 3)]}]
     scans = []
 
-    def scan():
+    def scan(wanted=None):
         scans.append(1)
         return dict(hosts[min(len(scans), 2) - 1])  # the storm, then the host without it
 
@@ -396,7 +396,7 @@ def test_owner_cache_tells_pending_from_not_held():
     again on every lookup."""
     scans = []
 
-    def scan():
+    def scan(wanted=None):
         scans.append(1)
         return {5: [Owner(1, "a", 3)]}
 
@@ -425,7 +425,7 @@ def test_a_report_waits_for_the_owner_scan_and_says_why_one_is_missing(monkeypat
     held = {4242: [Owner(77, "leakysrv", 9)]}
     slow = [0.0]  # how long a scan takes
 
-    def scan():
+    def scan(wanted=None):
         clock[0] += slow[0]
         return dict(held)
 

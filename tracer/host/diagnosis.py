@@ -144,16 +144,13 @@ class Diagnoser:
         self._batch_ports.clear()
 
     def _inodes(self, inc: Incident) -> list[int]:
-        """The sockets whose owners an incident's report waits for: the
-        lingering socket's and the connecting one's; the listener's when the
-        lingering socket was never accepted (its owner is the culprit then;
-        otherwise a listener, long lived, is known from any earlier scan)."""
-        inode = inc.closewait.get("inode")
-        out = [inode, inc.client_inode if inc.client_process is None else None]
-        if not inode:
-            q = self._listener_queue(inc)
-            if q is not None:
-                out.extend(q["inodes"])
+        """The sockets whose owners an incident's report names: the
+        lingering socket's, the connecting one's and the listener's (its queue
+        asked for once per QUEUE_FRESH_S)."""
+        out = [inc.closewait.get("inode"), inc.client_inode if inc.client_process is None else None]
+        q = self._listener_queue(inc)
+        if q is not None:
+            out.extend(q["inodes"])
         return [i for i in out if i]
 
     def waiting(self, inc: Incident) -> bool:

@@ -73,13 +73,15 @@ def _scan_process(pid: str, fd_dir: int, wanted: set[int] | None, out: dict[int,
 class OwnerCache:
     """Owners of sockets, looked up as collisions arrive. The inodes asked
     about since the last scan are pending; one scan of /proc serves them all
-    (`resolve()` after a batch of events, or a lookup that misses). Scans are
-    spaced by at least `min_interval_s`, and by `SCAN_SHARE` times the last
-    scan's duration: on a host where a scan is slow (100,000 sockets: 0.3-0.5
-    s) a storm of collisions spends at most a fifth of the tracer's time in
-    them. A scan's findings are kept (a later collision on a socket that
-    existed then needs no scan), at most `max_entries` (about 0.3 KiB each:
-    a host holding 100,000 sockets costs some 30 MiB, the bound about 80)."""
+    (`resolve()` after a batch of events, or a lookup that misses), and
+    keeps the owners of those alone (a storm's scan reads every descriptor
+    of a server holding thousands: an entry for each would cost more than
+    the reads). Scans are spaced by at least `min_interval_s`, and by
+    `SCAN_SHARE` times the last scan's duration: on a host where a scan is
+    slow (100,000 sockets: 0.3-0.5 s) a storm of collisions spends at most a
+    fifth of the tracer's time in them. What scans found is kept (a later
+    lookup of the same socket needs no scan), at most `max_entries` (about
+    0.3 KiB each), and dropped when the tracer is quiet (`forget()`)."""
 
     SCAN_SHARE = 4
 
@@ -112,7 +114,7 @@ class OwnerCache:
         if not self._pending or (not force and time.monotonic() < self._next_scan):
             return
         t0 = time.monotonic()
-        found = self._scan()
+        found = self._scan(set(self._pending))
         if len(found) > self.max_entries:  # more sockets than the cache holds: the ones asked for, and some
             asked = {ino: found.pop(ino) for ino in self._pending if ino in found}
             found = dict(itertools.islice(found.items(), self.max_entries - len(asked)))
