@@ -241,6 +241,9 @@ class Correlator:
         self.recent_sockets: OrderedDict[tuple[int, int], int] = OrderedDict()
         self.recent_tuples: OrderedDict[tuple[int, Key], int] = OrderedDict()
         self.next_id = 1
+        # raw events kept per incident: only a verbose report shows them (Pipeline sets 0
+        # otherwise: a storm's thousands of incidents waiting to be reported would hold them all)
+        self.raw_events = MAX_RAW_EVENTS
         self.events_seen = 0
         self.lost_events = 0
         self.ignored_events = 0
@@ -261,7 +264,7 @@ class Correlator:
             self.ignored_events += 1
             return done
         inc, local_is_server = found
-        if len(inc.events) < MAX_RAW_EVENTS:
+        if len(inc.events) < self.raw_events:
             inc.events.append(ev)
         inc.last_ns = ev.ts_ns
         if ev.conn_pid and not local_is_server and inc.client_process is None:
@@ -416,7 +419,7 @@ class Correlator:
         if inc is not None:  # the same connection's SYN hit the lingering socket again
             inc.syn_hits += 1
             inc.last_ns = ev.ts_ns
-            if len(inc.events) < MAX_RAW_EVENTS:
+            if len(inc.events) < self.raw_events:
                 inc.events.append(ev)
             retry = self._last_unresolved_retry(inc)
             if retry is None:
@@ -607,7 +610,7 @@ class Correlator:
             done.append(self._close(inc, "superseded"))
             inc = None
         if inc is not None:
-            if len(inc.events) < MAX_RAW_EVENTS:
+            if len(inc.events) < self.raw_events:
                 inc.events.append(ev)
             inc.last_ns = ev.ts_ns
             again = inc.seen_client and inc.challenges_received > 0
@@ -694,7 +697,7 @@ class Correlator:
         inc.closewait.update(skaddr=ev.skaddr, inode=ev.sk_ino or None, snd_nxt=ev.seq, rcv_nxt=ev.ack,
                              age_s=age_s, age_source=age_source, unread_bytes=ev.unread)
         inc.last_ns = ev.ts_ns
-        if len(inc.events) < MAX_RAW_EVENTS:
+        if len(inc.events) < self.raw_events:
             inc.events.append(ev)
         received = [st for st in inc.steps if st.name == "challenge_ack" and st.detail.get("seen_at") == "client"]
         inc.steps = [st for st in inc.steps if st not in received]

@@ -105,6 +105,8 @@ class Pipeline:
                  reorder_delay_ns: int = 0, recorder=None, metrics=None,
                  on_close: Callable[[Incident], None] | None = None):
         self.correlator = correlator
+        if not verbose:
+            correlator.raw_events = 0  # only a verbose report shows an incident's raw events
         self.clock = clock
         self.backend = backend
         self.sink = sink
