@@ -335,3 +335,43 @@ def test_the_end_reports_what_still_waits():
     assert printed == []
     pipeline.flush()
     assert [r["id"] for r in printed] == [1, 2]
+
+
+class Full(io.BytesIO):
+    """A file on a disk that fills up after `room` bytes (as ENOSPC)."""
+
+    def __init__(self, room: int):
+        super().__init__()
+        self.room = room
+
+    def write(self, data):
+        if self.tell() + len(data) > self.room:
+            raise OSError(28, "No space left on device")
+        return super().write(data)
+
+    def fileno(self):
+        raise OSError("no descriptor")
+
+
+def test_a_full_disk_stops_the_recording_and_nothing_else(tmp_path):
+    """Synthetic stream: the recording's disk fills during the second
+    collision. The live run goes on and reports both; the writer is told
+    once, says why and stops writing; the file replays up to there."""
+    told = []
+    f = Full(room=1200)
+    w = recording.Writer(f, {"kernel": "test", "backend": "tracepoint", "tcp_states": {str(k): v for k, v in
+                             STATES.items()}, "hz": HZ, "clock_offset_ns": 0, **Settings().header()}, on_stop=told.append)
+    printed: list[dict] = []
+    pipeline = Pipeline(Correlator(STATES, HZ), Clock(0), "tracepoint", printed.append, host=Host(True), recorder=w)
+    for ev in two_collisions():
+        pipeline.feed(ev)
+    pipeline.flush()
+    summary = pipeline.finish("SIGINT", recording={"path": "r.rec"})
+    assert [r["id"] for r in printed if r["type"] == "collision"] == [1, 2]
+    assert told == [w] and w.stopped == "No space left on device"
+    assert summary["recording"] == {"path": "r.rec", "stopped": "No space left on device", "stopped_at_bytes": None}
+    path = tmp_path / "full.rec"
+    path.write_bytes(f.getvalue())
+    got, end, err = run(path)
+    assert len(f.getvalue()) <= 1200 and err is None and end["stopped_by"] == "recording cut short"
+    assert got and all(r["incomplete_reasons"] == ["recording_cut"] for r in got)  # never claimed pending

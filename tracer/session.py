@@ -15,6 +15,7 @@ import ctypes
 import gc
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from tracer.host.workload import Selection, SelectionError, Selector
 from tracer.pipeline.correlator import Correlator, Settings
 from tracer.pipeline.events import DecodeError, decode
 from tracer.pipeline.flow import Pipeline
+from tracer.output.render import inert
 from tracer.pipeline.records import Clock, ready_record
 
 POLL_MS = 100
@@ -110,6 +112,7 @@ class Session:
         self.kernel_counts: KernelCounts | None = None
         self.metrics = None
         self._record_file = None
+        self.recorder: recording.Writer | None = None
         self._checked = 0.0
         self._checked_ns = 0
         self._events_last = 0
@@ -201,12 +204,12 @@ class Session:
             self.metrics.ready(ready["hooks"])
         recorder = None
         if self._record_file is not None:
-            recorder = recording.Writer(self._record_file, {
+            recorder = self.recorder = recording.Writer(self._record_file, {
                 "kernel": ready["kernel"], "backend": self.backend, "types": types.source,
                 "hooks": ready["hooks"], "filters": ready["filters"],
                 "tcp_states": {str(k): v for k, v in types.tcp_states.items()}, "hz": hz,
                 "clock_offset_ns": self.clock.offset_ns, **settings.header(),
-            })
+            }, on_stop=self._recording_stopped)
         self.pipeline = Pipeline(correlator, self.clock, self.backend, self.sink, host=self.diagnoser,
                                  verbose=self.options.verbose, all_events=self.options.all_events,
                                  reorder_delay_ns=int(self.options.reorder_delay * 1e9), recorder=recorder,
@@ -370,8 +373,11 @@ class Session:
         self._account_lost(self.kernel_counts.refused())
         counts = self._check_kernel(force=True)
         self.pipeline.flush()
+        extra = {}
+        if self.recorder is not None:
+            extra["recording"] = {"path": self.options.record, **self.recorder.status()}
         return self.pipeline.finish(self._stop_reason or "end",
-                                    self.state_hook.summary() if self.state_hook is not None else None, counts)
+                                    self.state_hook.summary() if self.state_hook is not None else None, counts, **extra)
 
     @contextlib.contextmanager
     def signals(self):
@@ -391,6 +397,15 @@ class Session:
             for s, h in old.items():
                 signal.signal(s, h)
 
+    def _recording_stopped(self, writer: recording.Writer) -> None:
+        """A write to the recording failed (a full disk): tracing goes on, the
+        recording stops where it is (it replays up to there), said once here
+        and in the summary (`recording`)."""
+        where = f" at {writer.stopped_at} bytes" if writer.stopped_at is not None else ""
+        sys.stderr.write(f"tcpcollide-trace: error: the recording {inert(self.options.record)} stopped{where}: "
+                         f"{writer.stopped}; tracing goes on, and the file replays up to there\n")
+        sys.stderr.flush()
+
     def close(self) -> None:
         """Detach every program and free every map."""
         if self.twin is not None:
@@ -400,7 +415,10 @@ class Session:
             self.bpf.cleanup()
             self.bpf = None
         if self._record_file is not None:
-            self._record_file.close()
+            try:
+                self._record_file.close()
+            except OSError:
+                pass  # what it could not write is said already (_recording_stopped)
             self._record_file = None
         if self.metrics is not None:
             self.metrics.close()

@@ -326,6 +326,12 @@ class TextWriter:
             for what in ("events_not_submitted", "untracked", "uncounted"):
                 if kernel.get(what):
                     self.console.print(Text(f"warning: {kernel[what]} {LOSS_WORDS[what]}", style="red"))
+        rec_state = rec.get("recording") or {}
+        if rec_state.get("stopped"):
+            at = rec_state.get("stopped_at_bytes")
+            self.console.print(Text(inert(
+                f"warning: the recording {rec_state.get('path')} stopped{f' at {at} bytes' if at is not None else ''}: "
+                f"{rec_state['stopped']} (it replays up to there)"), style="red"))
         outside = rec.get("outside_selection") or {}
         if outside:
             self.console.print(Text(

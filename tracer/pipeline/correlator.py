@@ -47,6 +47,7 @@ INCOMPLETE_REASONS = (
     "runs_skipped",
     "state_hook_off",  # it began while the lazy state hook was detached and never got established
     "established_unseen",  # so, but sock_diag found it established afterwards: the delay is not known
+    "recording_cut",  # a replay: the recording ends (cut short: a full disk, a killed tracer) while it was open
 )
 # States of a socket on the collision's tuple that prove the new connection was
 # established, at each end (it was SYN_SENT at the client, and starts at
@@ -380,6 +381,12 @@ class Correlator:
             inc.skips_near = True
         else:
             inc.mark_incomplete(reason)
+
+    def cut(self) -> None:
+        """The stream was cut short (a recording that ends before its end):
+        what happened next to the incidents open now is not known."""
+        for inc in self.open.values():
+            inc.mark_incomplete("recording_cut")
 
     def flush(self) -> list[Incident]:
         """The stream ended: close every open incident with what is known."""

@@ -136,6 +136,8 @@ INCOMPLETE_TEXT = {
                     "another BPF program runs on that CPU is not run): the timeline may miss steps.",
     "state_hook_off": "The state hook was attached again only after this collision began, so the connection may "
                       "have been established unseen: it may well have recovered.",
+    "recording_cut": "The recording ends while this collision was in progress (it was cut short): what came "
+                     "after is not in it.",
     "established_unseen": "The state hook was attached again only after this collision began and did not see the "
                           "connection established; the kernel's socket list showed it established afterwards.",
 }

@@ -226,6 +226,8 @@ class Pipeline:
         rec.update(extra)
         if self.recorder is not None:
             self.recorder.end(rec)
+            if isinstance(rec.get("recording"), dict):
+                rec["recording"].update(self.recorder.status())  # the end itself may not have fitted
         self.sink(rec)
         return rec
 

@@ -18,8 +18,9 @@ offset, the event size, the correlator's settings), then frames of
 from __future__ import annotations
 
 import json
+import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -64,16 +65,51 @@ class Frame:
 
 class Writer:
     """Appends frames; flushed at every frame boundary that matters (an
-    incident's context, the end), so a killed tracer leaves a readable file."""
+    incident's context, the end), so a killed tracer leaves a readable file.
 
-    def __init__(self, f: BinaryIO, header: dict):
+    A write that fails (a full disk: ENOSPC, a file system gone read-only)
+    stops the recording and nothing else: the frames after it are dropped,
+    `stopped` says why and `stopped_at` how many bytes the file holds (it
+    replays up to there), and `on_stop(writer)` is told once."""
+
+    def __init__(self, f: BinaryIO, header: dict, on_stop: Callable[[Writer], None] | None = None):
         self.f = f
+        self.on_stop = on_stop
+        self.stopped: str | None = None
+        self.stopped_at: int | None = None
         head = {"format": FORMAT, "tracer": __version__, "event_size": EVENT_SIZE, **header}
-        f.write(MAGIC + json.dumps(head, separators=(",", ":")).encode() + b"\n")
-        f.flush()
+        self._write(MAGIC + json.dumps(head, separators=(",", ":")).encode() + b"\n")
+        self._flush()
+
+    def _write(self, data: bytes) -> None:
+        if self.stopped is None:
+            try:
+                self.f.write(data)
+            except OSError as e:
+                self._stop(e)
+
+    def _flush(self) -> None:
+        if self.stopped is None:
+            try:
+                self.f.flush()
+            except OSError as e:
+                self._stop(e)
+
+    def _stop(self, e: OSError) -> None:
+        self.stopped = e.strerror or str(e)
+        try:
+            self.stopped_at = os.fstat(self.f.fileno()).st_size
+        except (OSError, ValueError, AttributeError):
+            self.stopped_at = None
+        if self.on_stop is not None:
+            self.on_stop(self)
+
+    def status(self) -> dict:
+        """For the summary: whether the recording stopped early, why, and where."""
+        return {"stopped": self.stopped, "stopped_at_bytes": self.stopped_at}
 
     def _frame(self, kind: int, payload: bytes) -> None:
-        self.f.write(_FRAME.pack(kind, len(payload)) + payload)
+        self._write(_FRAME.pack(kind, len(payload)) + payload)
 
     def event(self, raw: bytes) -> None:
         self._frame(EVENT, raw)
@@ -89,11 +125,11 @@ class Writer:
 
     def context(self, incident_id: int, context: dict) -> None:
         self._frame(CONTEXT, json.dumps({"id": incident_id, **context}, separators=(",", ":")).encode())
-        self.f.flush()
+        self._flush()
 
     def queue(self, rec: dict) -> None:
         self._frame(QUEUE, json.dumps(rec, separators=(",", ":")).encode())
-        self.f.flush()
+        self._flush()
 
     def state_hook(self, attached: bool, at_ns: int) -> None:
         self._frame(STATE_HOOK, json.dumps({"attached": attached, "at_ns": at_ns}, separators=(",", ":")).encode())
@@ -103,7 +139,7 @@ class Writer:
 
     def end(self, summary: dict) -> None:
         self._frame(END, json.dumps(summary, separators=(",", ":")).encode())
-        self.f.flush()
+        self._flush()
 
 
 def read_header(f: BinaryIO) -> dict:

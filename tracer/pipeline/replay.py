@@ -83,6 +83,7 @@ def replay(path: str, sink: Callable[[dict], None], verbose: bool = False, all_e
             error = recording.RecordingError(f.tell(), f"unusable frame ({e})")
         host.ended = True
         if error is not None or not end:
+            pipeline.correlator.cut()
             pipeline.flush()
         pipeline.release(force=True)
         pipeline.losses.undecodable = end.get("undecodable_events", 0)
