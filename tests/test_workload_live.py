@@ -107,6 +107,19 @@ def leaky(ns_name_: str, port: int, client_port: int, comm: str) -> tuple[subpro
     return proc, next(s for s in steps if s["step"] == "listen")["server_pid"]
 
 
+def settle_and_stop(tracer: Tracer) -> tuple[int, list[dict], str]:
+    time.sleep(1.0)  # the last reports
+    return tracer.stop()
+
+
+def kill_all(procs: list[subprocess.Popen], tracer: Tracer | None) -> None:
+    for p in procs:
+        p.kill()
+        p.wait()
+    if tracer is not None:
+        tracer.kill()
+
+
 def go(proc: subprocess.Popen) -> None:
     proc.stdin.write("go\n")
     proc.stdin.flush()
@@ -132,14 +145,9 @@ def test_a_workload_filter_reports_its_collision_and_no_other(ns, shape):
             ready = tracer.wait_ready()
             for p in procs:
                 go(p)
-            time.sleep(1.0)
-            rc, records, stderr = tracer.stop()
+            rc, records, stderr = settle_and_stop(tracer)
         finally:
-            for p in procs:
-                p.kill()
-                p.wait()
-            if tracer is not None:
-                tracer.kill()
+            kill_all(procs, tracer)
     assert rc == 0, stderr
     assert ready["filters"]["workloads"] == [{option.lstrip("-"): value}]
     # the scenario's own process (the client) is in that namespace too: shared
@@ -231,14 +239,9 @@ def test_a_real_podman_container_is_named_and_filtered(ns):
             read_steps(client, until="waiting")
             go(client)
             go(away)
-            time.sleep(1.0)
-            rc, records, stderr = tracer.stop()
+            rc, records, stderr = settle_and_stop(tracer)
         finally:
-            for p in procs:
-                p.kill()
-                p.wait()
-            if tracer is not None:
-                tracer.kill()
+            kill_all(procs, tracer)
     assert rc == 0, stderr
     assert [n["netns"] for n in ready["filters"]["workload_namespaces"]] == [ns.inode]
     workload = {"unit": None, "container": {"runtime": "podman", "id": cid, "name": name}, "pod": None}

@@ -157,9 +157,10 @@ class Diagnoser:
         """Whether the incident's report should wait: the owner of one of
         its sockets was asked for and the /proc scan that finds it is not due
         yet (at most OWNER_WAIT_S: then it is reported as `lookup_deferred`)."""
-        for ino in self._inodes(inc):
+        inodes = self._inodes(inc)
+        for ino in inodes:
             self.owners.want(ino)
-        if not any(self.owners.status(ino) == "pending" for ino in self._inodes(inc)):
+        if not any(self.owners.status(ino) == "pending" for ino in inodes):
             self._waiting.pop(inc.id, None)
             return False
         now = time.monotonic()
