@@ -25,12 +25,13 @@ class Owner:
         return {"pid": self.pid, "comm": self.comm, "fd": self.fd}
 
 
-def _comm(pid: str) -> str:
+def read_comm(pid: str, proc: str = "/proc") -> str | None:
+    """A process's name (untrusted text); None when it is gone or not ours to read."""
     try:
-        with open(f"/proc/{pid}/comm", "rb") as f:
+        with open(f"{proc}/{pid}/comm", "rb") as f:
             return f.read().rstrip(b"\n").decode("utf-8", "replace")
     except OSError:
-        return "?"
+        return None
 
 
 def socket_owners(wanted: set[int] | None = None) -> dict[int, list[Owner]]:
@@ -66,7 +67,8 @@ def _scan_process(pid: str, fd_dir: int, wanted: set[int] | None, out: dict[int,
         if wanted is not None and ino not in wanted:
             continue
         if comm is None:
-            comm = _comm(pid)
+            found = read_comm(pid)
+            comm = "?" if found is None else found
         out.setdefault(ino, []).append(Owner(int(pid), comm, int(fd)))
 
 

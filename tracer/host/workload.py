@@ -23,6 +23,8 @@ import os
 import re
 from dataclasses import dataclass
 
+from tracer.host.procfs import read_comm
+
 _ID = r"[0-9a-f]{64}"
 # the container's own cgroup directory, by runtime (cgroupfs and systemd drivers)
 _CONTAINER = [
@@ -296,10 +298,11 @@ class Selection:
         for pid in pids:
             try:
                 ino = os.stat(os.path.join(proc, pid, "ns", "net")).st_ino
-                with open(os.path.join(proc, pid, "comm"), "rb") as f:
-                    comm = f.read().rstrip(b"\n").decode("utf-8", "replace")
             except OSError:
                 continue  # gone, or a kernel thread without a namespace to show
+            comm = read_comm(pid, proc)
+            if comm is None:
+                continue
             seen.add((int(pid), comm))
             if self.matches(self.workloads.as_dict(int(pid), comm)):
                 found[ino] = False
