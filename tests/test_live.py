@@ -488,7 +488,7 @@ def test_kprobe_programs_pass_the_verifier_here():
     offer.kprobes = True  # plan as if kprobes were there; nothing is attached below
     offer.kallsyms = capabilities.resolve_symbols(hooks.probe_functions())  # read only where kprobes are
     plan = hooks.select(offer, "kprobe")
-    spec = program.build_spec(plan, types, program.Filters())
+    spec = program.build_spec(plan, types)
     spec.kprobes = []
     b = program.load(spec)
     try:

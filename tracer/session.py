@@ -193,6 +193,7 @@ class Session:
                                                            if self.selection is not None else {})},
             startup_s=time.monotonic() - t0,
             stages_s=stages.took,
+            object_cache=stages.object_cache.as_dict() if stages.object_cache is not None else None,
         )
         if self.options.metrics:
             from tracer.output.metrics import Metrics  # noqa: PLC0415 - only when asked for
@@ -432,6 +433,7 @@ class Stages:
     def __init__(self):
         self.took: dict[str, float] = {}
         self._t = time.monotonic()
+        self.object_cache = None  # what the compiled-object cache did (tracer/kernel/objcache.py Outcome)
 
     def done(self, stage: str) -> None:
         now = time.monotonic()
@@ -457,8 +459,13 @@ def attach(options: Options, stages: Stages | None = None):
     exclude: set[str] = set()
     while True:
         plan = hooks.select(offer, options.backend, exclude)
-        bpf = program.load(program.build_spec(plan, types, options.filters))
-        stages.done("compile_load")
+        bpf, stages.object_cache = program.load_cached(program.build_spec(plan, types))
+        stages.done("load_cached" if stages.object_cache.state == "hit" else "compile_load")
+        try:
+            options.filters.apply(bpf)
+        except BaseException:
+            bpf.cleanup()
+            raise
         if not options.selftest:
             return plan, types, bpf
         try:

@@ -46,11 +46,21 @@ BPF_PERCPU_ARRAY(hook_fired, __u64, TC_HOOK_MAX);
 BPF_ARRAY(tracking, __u64, 2);
 /* connecting socket -> the process that called connect() (connect hook) */
 BPF_TABLE("lru_hash", __u64, struct tc_conn, connectors, TC_CONN_MAP_SIZE);
-#ifdef TC_FILTER_NETNS_SET
+/* The user's filters, applied to every event before it is filled further
+ * (tc_fill_sock_tw()): written by user space once, right after the load
+ * (tracer/kernel/program.py Filters.apply), so that one compiled object
+ * serves every filter value (tracer/kernel/objcache.py). 0: no filter. */
+struct tc_filters {
+	__u32 netns;     /* --netns: only this network namespace (inode number) */
+	__u32 netns_set; /* --container/--pod/--unit: only the namespaces in `netns_allowed` */
+	__u16 port;      /* -p: only connections with this local or remote port */
+	__u16 family;    /* -4/-6: only AF_INET or AF_INET6 */
+	__u32 pad;
+};
+BPF_ARRAY(filters, struct tc_filters, 1);
 /* --container/--pod/--unit: the network namespaces their processes run in,
  * kept current by user space (tracer/host/workload.py Selection) */
 BPF_HASH(netns_allowed, __u32, __u8, TC_NETNS_SET_SIZE);
-#endif
 /* collisions in progress; user space deletes an entry when its incident ends */
 BPF_TABLE("lru_hash", struct tc_tuple, struct tc_track, tracked, TC_TRACK_MAP_SIZE);
 

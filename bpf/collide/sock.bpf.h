@@ -14,7 +14,7 @@ static __always_inline int tc_v4_mapped(const __u8 *a)
 }
 
 /* Fill the socket part of an event. Returns 0 when the event passes the
- * user's filters (compile-time macros TC_FILTER_*), non-zero otherwise.
+ * user's filters (map `filters`), non-zero otherwise.
  * `tw`: sk is a TIME_WAIT socket (only its struct sock_common is there). */
 static __always_inline int tc_fill_sock_tw(const void *sk, struct tc_event *ev, int tw)
 {
@@ -22,7 +22,11 @@ static __always_inline int tc_fill_sock_tw(const void *sk, struct tc_event *ev, 
 	__u8 state = 0;
 	void *net = 0;
 	void *sock = 0;
+	__u32 zero = 0;
+	struct tc_filters *flt = filters.lookup(&zero);
 
+	if (!flt)
+		return 1;
 	tc_read(family, sk, OFF_SKC_FAMILY);
 	if (family != TC_AF_INET && family != TC_AF_INET6)
 		return 1;
@@ -35,21 +39,15 @@ static __always_inline int tc_fill_sock_tw(const void *sk, struct tc_event *ev, 
 		ev->lport = (__u16)((sport_be >> 8) | (sport_be << 8));
 	}
 	ev->rport = (__u16)((dport_be >> 8) | (dport_be << 8));
-#ifdef TC_FILTER_PORT
-	if (ev->lport != TC_FILTER_PORT && ev->rport != TC_FILTER_PORT)
+	if (flt->port && ev->lport != flt->port && ev->rport != flt->port)
 		return 1;
-#endif
 	tc_read(net, sk, OFF_SKC_NET);
 	if (net)
 		tc_read(ev->netns, net, OFF_NET_NS_INUM);
-#ifdef TC_FILTER_NETNS
-	if (ev->netns != TC_FILTER_NETNS)
+	if (flt->netns && ev->netns != flt->netns)
 		return 1;
-#endif
-#ifdef TC_FILTER_NETNS_SET
-	if (!netns_allowed.lookup(&ev->netns))
+	if (flt->netns_set && !netns_allowed.lookup(&ev->netns))
 		return 1;
-#endif
 	if (family == TC_AF_INET) {
 		bpf_probe_read_kernel(ev->laddr, 4, (const char *)sk + OFF_SKC_RCV_SADDR);
 		bpf_probe_read_kernel(ev->raddr, 4, (const char *)sk + OFF_SKC_DADDR);
@@ -67,10 +65,8 @@ static __always_inline int tc_fill_sock_tw(const void *sk, struct tc_event *ev, 
 			__builtin_memset(ev->raddr + 4, 0, 12);
 		}
 	}
-#ifdef TC_FILTER_FAMILY
-	if (ev->family != TC_FILTER_FAMILY)
+	if (flt->family && ev->family != flt->family)
 		return 1;
-#endif
 	tc_read(state, sk, OFF_SKC_STATE);
 	ev->oldstate = state;
 	ev->newstate = state;

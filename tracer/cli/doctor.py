@@ -65,7 +65,9 @@ def diagnose(backend: str, run_selftest: bool, btf_path: str | None, types_sourc
                                       loading)
                 bpf.cleanup()
                 # its own kernel_types and hooks repeat the ones above
-                stages.took.update({k: v for k, v in loading.took.items() if k in ("compile_load", "selftest")})
+                stages.took.update({k: v for k, v in loading.took.items()
+                                    if k in ("compile_load", "load_cached", "selftest")})
+                rep["object_cache"] = loading.object_cache.as_dict() if loading.object_cache else None
             except RUNTIME_ERRORS + (selftest.SelftestError,) as e:
                 problems.append(str(e))
     if plan is None:

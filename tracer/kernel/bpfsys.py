@@ -1,6 +1,8 @@
 """The few bpf(2) commands the tracer issues itself, without bcc or clang.
 
-bcc does the real loading. This module answers two questions cheaply:
+bcc compiles; the first load of a compiled object is bcc's, later ones may be
+this module's (tracer/kernel/objcache.py: maps, BTF and programs created from a
+cached object, no compile). Besides, it answers two questions cheaply:
 
 - can this kernel load and attach a BPF_PROG_TYPE_TRACING (fentry) program?
   Tried for real with a two-instruction program (`r0 = 0; exit`) on the
@@ -24,20 +26,34 @@ import platform
 import struct
 
 # include/uapi/linux/bpf.h
+BPF_MAP_CREATE = 0
 BPF_PROG_LOAD = 5
 BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_RAW_TRACEPOINT_OPEN = 17
+BPF_BTF_LOAD = 18
+BPF_BTF_GET_FD_BY_ID = 19
 BPF_PROG_TYPE_TRACING = 26
 BPF_TRACE_FENTRY = 24
 
 # union bpf_attr, the BPF_PROG_LOAD part: byte offsets of the fields used
 _LOAD_PROG_TYPE, _LOAD_INSN_CNT, _LOAD_INSNS, _LOAD_LICENSE = 0, 4, 8, 16
 _LOAD_LOG_LEVEL, _LOAD_LOG_SIZE, _LOAD_LOG_BUF = 24, 28, 32
-_LOAD_EXPECTED_ATTACH_TYPE, _LOAD_ATTACH_BTF_ID = 68, 108
+_LOAD_KERN_VERSION, _LOAD_PROG_NAME = 40, 48
+_LOAD_EXPECTED_ATTACH_TYPE, _LOAD_PROG_BTF_FD, _LOAD_FUNC_INFO_REC_SIZE, _LOAD_FUNC_INFO, _LOAD_FUNC_INFO_CNT = 68, 72, 76, 80, 88
+_LOAD_ATTACH_BTF_ID = 108
+OBJ_NAME_LEN = 16  # BPF_OBJ_NAME_LEN, with the terminating NUL
 _ATTR_SIZE = 128
 # struct bpf_prog_info: the size up to and including recursion_misses (5.12+)
 PROG_INFO_RUN_TIME_NS, PROG_INFO_RUN_CNT, PROG_INFO_RECURSION_MISSES = 192, 200, 208
 _PROG_INFO_SIZE = 216
+
+# struct bpf_map_info (4.13+; btf fields 4.18+)
+_MAP_INFO_SIZE = 88
+_MAP_INFO_BTF_ID = 64
+# struct bpf_prog_info: btf_id and the func_info records (5.0+)
+PROG_INFO_BTF_ID, PROG_INFO_FUNC_INFO_REC_SIZE, PROG_INFO_FUNC_INFO, PROG_INFO_NR_FUNC_INFO = 128, 132, 136, 144
+# struct bpf_btf_info
+_BTF_INFO_SIZE = 16
 
 # r0 = 0 (BPF_ALU64 | BPF_MOV | BPF_K); exit (BPF_JMP | BPF_EXIT)
 _RETURN_0 = struct.pack("<BBhi", 0xB7, 0, 0, 0) + struct.pack("<BBhi", 0x95, 0, 0, 0)
@@ -60,6 +76,133 @@ def _bpf(cmd: int, attr: ctypes.Array) -> int:
 
 def _put(buf: ctypes.Array, off: int, fmt: str, value: int) -> None:
     struct.pack_into(fmt, buf, off, value)
+
+
+class BPFSysError(OSError):
+    """A bpf(2) command failed; `detail` is the kernel's log where it gave one."""
+
+    def __init__(self, what: str, err: int, detail: str = ""):
+        super().__init__(err, f"{what}: {os.strerror(err)}" + (f" ({detail})" if detail else ""))
+
+
+def _info(fd: int, size: int, fill: Callable[[ctypes.Array], None] | None = None) -> tuple[ctypes.Array, int]:
+    """BPF_OBJ_GET_INFO_BY_FD: the info struct and how much of it the kernel filled."""
+    info = ctypes.create_string_buffer(size)
+    if fill is not None:
+        fill(info)
+    attr = ctypes.create_string_buffer(_ATTR_SIZE)
+    _put(attr, 0, "I", fd)
+    _put(attr, 4, "I", size)
+    _put(attr, 8, "Q", ctypes.addressof(info))
+    r = _bpf(BPF_OBJ_GET_INFO_BY_FD, attr)
+    if r < 0:
+        raise BPFSysError("reading a BPF object's info", -r)
+    return info, struct.unpack_from("I", attr, 4)[0]
+
+
+def map_info(map_fd: int) -> dict:
+    """What a map was created with: type, key and value sizes, max_entries,
+    flags, name, and its BTF (btf_id, key and value type ids; 0 when none)."""
+    info, got = _info(map_fd, _MAP_INFO_SIZE)
+    typ, _id, key, value, entries, flags = struct.unpack_from("6I", info, 0)  # type, id, key_size, ...
+    name = info.raw[24:40].split(b"\0", 1)[0].decode("ascii", "replace")
+    btf_id, key_tid, value_tid = (struct.unpack_from("3I", info, _MAP_INFO_BTF_ID) if got >= _MAP_INFO_BTF_ID + 12
+                                  else (0, 0, 0))
+    return {"type": typ, "key_size": key, "value_size": value, "max_entries": entries, "flags": flags,
+            "name": name, "btf_id": btf_id, "btf_key_type_id": key_tid, "btf_value_type_id": value_tid}
+
+
+def prog_btf_id(prog_fd: int) -> int:
+    """The id of the BTF a loaded program carries (0: none)."""
+    info, got = _info(prog_fd, _PROG_INFO_SIZE)
+    return struct.unpack_from("I", info, PROG_INFO_BTF_ID)[0] if got >= PROG_INFO_BTF_ID + 4 else 0
+
+
+def btf_bytes(btf_id: int) -> bytes:
+    """The raw BTF the kernel holds under this id (as it was loaded)."""
+    attr = ctypes.create_string_buffer(_ATTR_SIZE)
+    _put(attr, 0, "I", btf_id)
+    fd = _bpf(BPF_BTF_GET_FD_BY_ID, attr)
+    if fd < 0:
+        raise BPFSysError(f"opening BTF {btf_id}", -fd)
+    try:
+        info, _ = _info(fd, _BTF_INFO_SIZE)
+        size = struct.unpack_from("I", info, 8)[0]
+        data = ctypes.create_string_buffer(size)
+        _info(fd, _BTF_INFO_SIZE, lambda i: (_put(i, 0, "Q", ctypes.addressof(data)), _put(i, 8, "I", size)))
+        return data.raw
+    finally:
+        os.close(fd)
+
+
+def btf_load(data: bytes) -> int:
+    """Load BTF (a program's or a map's types): its fd."""
+    blob = ctypes.create_string_buffer(data, len(data))
+    attr = ctypes.create_string_buffer(_ATTR_SIZE)
+    _put(attr, 0, "Q", ctypes.addressof(blob))
+    _put(attr, 16, "I", len(data))
+    fd = _bpf(BPF_BTF_LOAD, attr)
+    if fd < 0:
+        raise BPFSysError("loading BTF", -fd)
+    return fd
+
+
+def _name(buf: ctypes.Array, off: int, name: str) -> None:
+    raw = "".join(c if c.isalnum() or c in "_." else "_" for c in name).encode()[: OBJ_NAME_LEN - 1]
+    buf[off:off + len(raw)] = raw
+
+
+def map_create(typ: int, key_size: int, value_size: int, max_entries: int, flags: int, name: str,
+               btf_fd: int = -1, key_tid: int = 0, value_tid: int = 0) -> int:
+    """BPF_MAP_CREATE: the new map's fd."""
+    attr = ctypes.create_string_buffer(_ATTR_SIZE)
+    for off, value in ((0, typ), (4, key_size), (8, value_size), (12, max_entries), (16, flags)):
+        _put(attr, off, "I", value)
+    _name(attr, 28, name)
+    if btf_fd >= 0 and value_tid:
+        _put(attr, 48, "I", btf_fd)
+        _put(attr, 52, "I", key_tid)
+        _put(attr, 56, "I", value_tid)
+    fd = _bpf(BPF_MAP_CREATE, attr)
+    if fd < 0:
+        raise BPFSysError(f"creating map {name}", -fd)
+    return fd
+
+
+def prog_load(prog_type: int, insns: bytes, license_: bytes, kern_version: int, name: str,
+              btf_fd: int = -1, func_type_id: int = 0, expected_attach_type: int = 0) -> int:
+    """BPF_PROG_LOAD of one program (no subprograms): its fd. With BTF, its
+    one func_info record names it (bpftool shows the full name). A refusal
+    carries the verifier's last words."""
+    code = ctypes.create_string_buffer(insns, len(insns))
+    lic = ctypes.create_string_buffer(license_)
+    log = ctypes.create_string_buffer(1 << 16)
+    func_info = ctypes.create_string_buffer(struct.pack("<II", 0, func_type_id))
+    attr = ctypes.create_string_buffer(_ATTR_SIZE)
+    _put(attr, _LOAD_PROG_TYPE, "I", prog_type)
+    _put(attr, _LOAD_INSN_CNT, "I", len(insns) // 8)
+    _put(attr, _LOAD_INSNS, "Q", ctypes.addressof(code))
+    _put(attr, _LOAD_LICENSE, "Q", ctypes.addressof(lic))
+    _put(attr, _LOAD_KERN_VERSION, "I", kern_version)
+    _name(attr, _LOAD_PROG_NAME, name)
+    _put(attr, _LOAD_EXPECTED_ATTACH_TYPE, "I", expected_attach_type)
+    if btf_fd >= 0 and func_type_id:
+        _put(attr, _LOAD_PROG_BTF_FD, "I", btf_fd)
+        _put(attr, _LOAD_FUNC_INFO_REC_SIZE, "I", 8)
+        _put(attr, _LOAD_FUNC_INFO, "Q", ctypes.addressof(func_info))
+        _put(attr, _LOAD_FUNC_INFO_CNT, "I", 1)
+    fd = _bpf(BPF_PROG_LOAD, attr)
+    if fd >= 0:
+        return fd
+    # again with the verifier's log, only to say why (a log costs the verifier time)
+    _put(attr, _LOAD_LOG_LEVEL, "I", 1)
+    _put(attr, _LOAD_LOG_SIZE, "I", len(log))
+    _put(attr, _LOAD_LOG_BUF, "Q", ctypes.addressof(log))
+    again = _bpf(BPF_PROG_LOAD, attr)
+    if again >= 0:
+        return again
+    lines = [x for x in log.value.decode("utf-8", "replace").strip().splitlines() if x.strip()]
+    raise BPFSysError(f"loading program {name}", -fd, lines[-1] if lines else "")
 
 
 def fentry_loads(btf_id: int) -> tuple[bool, str]:

@@ -17,7 +17,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tracer.kernel import bpfsys, capabilities, offsets
+from tracer.kernel import bpfsys, capabilities, objcache, offsets
 from tracer.kernel.btf import BTF, KIND_FUNC, BTFError
 from tracer.kernel.hooks import Plan
 from tracer.resources import bpf_dir, compat_dir
@@ -50,17 +50,17 @@ class Filters:
     # user space puts in map `netns_allowed` (tracer/host/workload.py Selection)
     workloads: tuple[tuple[str, str], ...] = ()
 
-    def defines(self) -> dict[str, int]:
-        out = {}
-        if self.port is not None:
-            out["TC_FILTER_PORT"] = self.port
-        if self.netns is not None:
-            out["TC_FILTER_NETNS"] = self.netns
-        if self.family is not None:
-            out["TC_FILTER_FAMILY"] = AF_BY_NAME[self.family]
-        if self.workloads:
-            out["TC_FILTER_NETNS_SET"] = 1
-        return out
+    def apply(self, bpf) -> None:
+        """Write the filters into the loaded program's map `filters`
+        (bpf/collide/maps.bpf.h struct tc_filters; 0 is no filter): values,
+        not compile-time constants, so one compiled object serves them all."""
+        table = bpf["filters"]
+        value = table.Leaf()
+        value.port = self.port or 0
+        value.netns = self.netns or 0
+        value.family = AF_BY_NAME[self.family] if self.family else 0
+        value.netns_set = 1 if self.workloads else 0
+        table[table.Key(0)] = value
 
     def as_dict(self) -> dict:
         return {"port": self.port, "netns": self.netns, "family": self.family,
@@ -119,7 +119,7 @@ class BuildSpec:
     header_dirs: list[Path] = field(default_factory=list)  # the kernel's include/ dirs (header path only)
 
 
-def build_spec(plan: Plan, types: KernelTypes, filters: Filters) -> BuildSpec:
+def build_spec(plan: Plan, types: KernelTypes) -> BuildSpec:
     source = bpf_dir() / MAIN_SOURCE
     defines: dict[str, int | str] = {
         "TC_TRACK_MAP_SIZE": TRACK_MAP_SIZE, "TC_CONN_MAP_SIZE": CONN_MAP_SIZE, "TC_COUNT_MAP_SIZE": COUNT_MAP_SIZE,
@@ -127,7 +127,6 @@ def build_spec(plan: Plan, types: KernelTypes, filters: Filters) -> BuildSpec:
     }
     defines.update(types.defines)
     defines.update(plan.defines())
-    defines.update(filters.defines())
     prelude = plan.prelude()
     if types.source.startswith("btf:"):
         cflags = ["-I", str(bpf_dir())]
@@ -246,6 +245,40 @@ def _first_error(diagnostics: str) -> str:
     return ""
 
 
+def load_cached(spec: BuildSpec) -> tuple[object, objcache.Outcome]:
+    """Load the object a compile of this spec made before, kept on disk
+    (tracer/kernel/objcache.py), else compile and load it (load()) and keep
+    it for the next start. Returns the BPF object and what the cache did."""
+    obj, outcome = objcache.find(spec)
+    if obj is not None:
+        b = None
+        with _captured_stderr():
+            try:
+                b = objcache.load(obj)
+                _attach_kprobes(b, spec)
+                return b, outcome
+            except Exception as e:  # noqa: BLE001 - bcc raises bare Exception; the compile below decides
+                err = e
+        if b is not None:
+            b.cleanup()
+        outcome = objcache.Outcome("failed", outcome.path, f"loading the cached object: {err}"[:300])
+    b = load(spec)
+    if outcome.state in ("off", "refused"):
+        return b, outcome
+    stored = objcache.store(b, spec)
+    if outcome.state == "miss":
+        return b, stored
+    if stored.state == "stored":  # corrupt or failed: replaced by this compile
+        outcome.why = f"{outcome.why}; replaced"
+    return b, outcome
+
+
+def _attach_kprobes(b, spec: BuildSpec) -> None:
+    for kind, symbol, fn in spec.kprobes:
+        attach = b.attach_kretprobe if kind == "kretprobe" else b.attach_kprobe
+        attach(event=symbol.encode(), fn_name=fn.encode())
+
+
 def load(spec: BuildSpec):
     """Compile and load. bcc attaches the tracepoint and fentry programs as it
     loads; the kprobes are attached here, to the symbols selection resolved.
@@ -277,9 +310,7 @@ def _load(spec: BuildSpec):
     with _kernel_source(spec.kernel_source), _captured_stderr() as diag:
         try:
             b = bcc.BPF(text=spec.text.encode(), cflags=spec.cflags)
-            for kind, symbol, fn in spec.kprobes:
-                attach = b.attach_kretprobe if kind == "kretprobe" else b.attach_kprobe
-                attach(event=symbol.encode(), fn_name=fn.encode())
+            _attach_kprobes(b, spec)
             return b
         except Exception as e:  # bcc raises bare Exception for compile, load and attach failures
             err = e

@@ -146,7 +146,7 @@ def collision_record(inc: Incident, clock: Clock, backend: str, verbose: bool = 
 
 
 def ready_record(backend: str, hooks: list[dict], types_source: str, filters: dict, startup_s: float,
-                 stages_s: dict[str, float] | None = None) -> dict:
+                 stages_s: dict[str, float] | None = None, object_cache: dict | None = None) -> dict:
     return {
         "type": "ready",
         "schema": SCHEMA_VERSION,
@@ -158,6 +158,7 @@ def ready_record(backend: str, hooks: list[dict], types_source: str, filters: di
         "filters": filters,
         "startup_s": round(startup_s, 3),
         "stages_s": stages_s or {},
+        "object_cache": object_cache,
         "pid": os.getpid(),
     }
 
