@@ -69,7 +69,7 @@ def cache(tmp_path, monkeypatch):
     d = tmp_path / "cache"
     d.mkdir(mode=0o700)
     monkeypatch.setenv("TCPCOLLIDE_CACHE_DIR", str(d))
-    monkeypatch.setattr(objcache, "_trusted", lambda path: None)  # these files are the test user's
+    monkeypatch.setattr(objcache, "untrusted", lambda path: None)  # these files are the test user's
     return d
 
 
@@ -86,7 +86,7 @@ def test_the_default_cache_dir(monkeypatch):
 def test_a_miss_then_a_hit(cache):
     obj, outcome = objcache.find(spec())
     assert obj is None and outcome.state == "miss"
-    write(cache / f"{objcache.key(spec())}.json", {"format": objcache.FORMAT, "funcs": []})
+    write(cache / f"obj-{objcache.key(spec())}.json", {"format": objcache.FORMAT, "funcs": []})
     obj, outcome = objcache.find(spec())
     assert outcome.state == "hit" and obj == {"format": objcache.FORMAT, "funcs": []}
     assert objcache.find(spec(text="int z;"))[1].state == "miss"
@@ -94,13 +94,13 @@ def test_a_miss_then_a_hit(cache):
 
 @pytest.mark.parametrize("content", [b"", b"{", b"[]", b'{"sha256":"00","object":"{}"}', b"\xff\xfe"])
 def test_a_file_that_does_not_parse_or_check_is_corrupt(cache, content):
-    (cache / f"{objcache.key(spec())}.json").write_bytes(content)
+    (cache / f"obj-{objcache.key(spec())}.json").write_bytes(content)
     obj, outcome = objcache.find(spec())
     assert obj is None and outcome.state == "corrupt"
 
 
 def test_another_format_is_corrupt(cache):
-    write(cache / f"{objcache.key(spec())}.json", {"format": objcache.FORMAT + 1})
+    write(cache / f"obj-{objcache.key(spec())}.json", {"format": objcache.FORMAT + 1})
     obj, outcome = objcache.find(spec())
     assert obj is None and outcome.state == "corrupt" and "format" in outcome.why
 
@@ -110,20 +110,20 @@ def test_a_file_others_can_write_is_refused(tmp_path, monkeypatch):
     d.mkdir()
     os.chmod(d, 0o777)
     monkeypatch.setenv("TCPCOLLIDE_CACHE_DIR", str(d))
-    write(d / f"{objcache.key(spec())}.json", {"format": objcache.FORMAT})
+    write(d / f"obj-{objcache.key(spec())}.json", {"format": objcache.FORMAT})
     obj, outcome = objcache.find(spec())
     assert obj is None and outcome.state == "refused"
     assert "writable by others" in outcome.why or "not owned by root" in outcome.why
 
 
-def test_trusted_wants_root_and_no_writers_but_root(tmp_path):
+def test_untrusted_wants_root_and_no_writers_but_root(tmp_path):
     f = tmp_path / "x"
     f.write_text("")
     os.chmod(f, 0o644)
-    why = objcache._trusted(f)
+    why = objcache.untrusted(f)
     if os.geteuid() == 0:
         assert why is None
         os.chmod(f, 0o666)
-        assert "writable by others" in objcache._trusted(f)
+        assert "writable by others" in objcache.untrusted(f)
     else:
         assert "not owned by root" in why

@@ -39,7 +39,7 @@ def demo(cache) -> tuple[dict, list[dict], str]:
 
 
 def cached_files(cache) -> list:
-    return sorted(cache.glob("*.json"))
+    return sorted(cache.glob("obj-*.json"))
 
 
 def rewrite(path, change) -> None:

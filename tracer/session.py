@@ -455,6 +455,7 @@ def attach(options: Options, stages: Stages | None = None):
     if types.btf is not None and options.backend in ("auto", "fentry"):
         probe = lambda: program.fentry_probe(types)  # noqa: E731
     offer = hooks.gather(types.btf, probe)
+    types.save()
     stages.done("hooks")
     exclude: set[str] = set()
     while True:

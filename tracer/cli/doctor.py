@@ -51,6 +51,8 @@ def diagnose(backend: str, run_selftest: bool, btf_path: str | None, types_sourc
         probe = lambda: program.fentry_probe(types)  # noqa: E731
     stages.done("kernel_types")
     offer = hooks.gather(types.btf if types else None, probe)
+    if types is not None:
+        types.save()
     stages.done("hooks")
     rep["fentry"] = offer.fentry if probe else None
     rep["fentry_note"] = offer.fentry_note if probe else "not probed (needs root, bcc and BTF)"

@@ -219,6 +219,12 @@ class BTF:
         An ELF file (detected by its magic) is searched for a ``.BTF``
         section; any other file is treated as a raw BTF blob.
         """
+        return cls(cls.read_blob(path))
+
+    @staticmethod
+    def read_blob(path: str | None = None) -> bytes:
+        """The raw BTF blob at *path* (default: the running kernel's): the
+        file itself, or the ``.BTF`` section of an ELF file."""
         if path is None:
             path = VMLINUX_BTF_PATH
         try:
@@ -228,7 +234,7 @@ class BTF:
             raise BTFError(f"cannot read BTF from {path}: {exc}") from exc
         if data[:4] == _ELF_MAGIC:
             data = _elf_btf_section(data, path)
-        return cls(data)
+        return data
 
     def _parse_types(self) -> None:
         buf = self._buf

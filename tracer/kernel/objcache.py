@@ -117,8 +117,8 @@ def _bcc_version() -> str:
         return "none"
 
 
-def _trusted(path: Path) -> str | None:
-    """Why a path may not be read as root's (None: it may)."""
+def untrusted(path: Path) -> str | None:
+    """Why a file or directory of the cache may not be read as root's (None: it may)."""
     try:
         st = path.stat()
     except OSError as e:
@@ -205,34 +205,43 @@ def store(b, spec) -> Outcome:
         return Outcome("failed", None, f"reading the compiled object back: {e}")
     if obj is None:
         return Outcome("unsupported", None, "fentry programs are compiled at every start")
-    path = where / f"{key(spec)}.json"
+    path = where / f"obj-{key(spec)}.json"
     body = json.dumps(obj, separators=(",", ":"), sort_keys=True)
     data = json.dumps({"sha256": hashlib.sha256(body.encode()).hexdigest(), "object": body}).encode()
     try:
-        where.mkdir(mode=0o700, parents=True, exist_ok=True)
-        why = _trusted(where)
-        if why is not None:
-            return Outcome("refused", str(path), why)
-        fd, tmp = tempfile.mkstemp(dir=where, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        _prune(where)
+        why = write(path, data)
     except OSError as e:
         return Outcome("failed", str(path), f"writing the object: {e.strerror or e}")
+    if why is not None:
+        return Outcome("refused", str(path), why)
     return Outcome("stored", str(path))
 
 
-def _prune(where: Path) -> None:
-    files = sorted(where.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+def write(path: Path, data: bytes) -> str | None:
+    """Write a file of the cache (named KIND-KEY.json) whole or not at all (a
+    reader never sees half of it), in a directory made private if it is new;
+    then keep the KEEP newest files of its kind. Returns why it was not written
+    (the directory is not trusted), None when it was; OSError as it comes."""
+    where = path.parent
+    where.mkdir(mode=0o700, parents=True, exist_ok=True)
+    why = untrusted(where)
+    if why is not None:
+        return why
+    fd, tmp = tempfile.mkstemp(dir=where, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    kind = path.name.split("-", 1)[0]  # obj-KEY.json, btf-KEY.json: KEEP of each
+    files = sorted(where.glob(f"{kind}-*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
     for old in files[KEEP:]:
         with contextlib.suppress(OSError):
             old.unlink()
+    return None
 
 
 # -- load ----------------------------------------------------------------------
@@ -243,10 +252,10 @@ def find(spec) -> tuple[dict | None, Outcome]:
     where = cache_dir()
     if where is None:
         return None, Outcome("off")
-    path = where / f"{key(spec)}.json"
+    path = where / f"obj-{key(spec)}.json"
     if not path.exists():
         return None, Outcome("miss", str(path))
-    why = _trusted(where) or _trusted(path)
+    why = untrusted(where) or untrusted(path)
     if why is not None:
         return None, Outcome("refused", str(path), why)
     try:

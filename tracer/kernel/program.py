@@ -17,7 +17,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tracer.kernel import bpfsys, capabilities, objcache, offsets
+from tracer.kernel import bpfsys, btfmemo, capabilities, objcache, offsets
 from tracer.kernel.btf import BTF, KIND_FUNC, BTFError
 from tracer.kernel.hooks import Plan
 from tracer.resources import bpf_dir, compat_dir
@@ -74,7 +74,11 @@ class KernelTypes:
     source: str  # "btf:PATH" or "headers:PATH"
     defines: dict[str, int | str]
     tcp_states: dict[int, str]
-    btf: BTF | None = None
+    btf: btfmemo.AnsweredBTF | None = None  # its answers are kept on disk: save() once the start-up asked them
+
+    def save(self) -> None:
+        if self.btf is not None:
+            self.btf.save()
 
 
 def kernel_types(btf_path: str | None = None, source: str = "auto") -> KernelTypes:
@@ -83,7 +87,7 @@ def kernel_types(btf_path: str | None = None, source: str = "auto") -> KernelTyp
     path = btf_path or str(capabilities.SYSFS_BTF)
     if source != "headers" and (btf_path or capabilities.SYSFS_BTF.exists()):
         try:
-            btf = BTF.load(path)
+            btf = btfmemo.load(path)
             return KernelTypes(f"btf:{path}", dict(offsets.btf_defines(btf)), offsets.tcp_states(btf), btf)
         except (BTFError, OSError) as e:
             if btf_path or source == "btf":

@@ -82,6 +82,27 @@ def _in(proc: dict) -> str:
     return f"  [{short}]" if short else ""
 
 
+_OBJECT_CACHE = {
+    "hit": "program loaded from the compiled-object cache (no compile)",
+    "stored": "program compiled, and kept for the next start",
+    "miss": "program compiled",
+    "off": "program compiled (the compiled-object cache is off)",
+    "unsupported": "program compiled (this backend's programs are compiled at every start)",
+    "corrupt": "program compiled: the cached object was corrupt",
+    "failed": "program compiled: the compiled-object cache failed",
+    "refused": "program compiled: the cached object was not read",
+}
+
+
+def object_cache_line(cache: dict) -> tuple[str, bool]:
+    """ready.object_cache in words, and whether it is worth a warning."""
+    state = cache.get("state")
+    said = _OBJECT_CACHE.get(state, f"compiled-object cache: {state}")
+    if cache.get("why"):
+        said += f" ({cache['why']})"
+    return inert(said), state in ("corrupt", "failed", "refused")
+
+
 def storm_line(rec: dict) -> str:
     """A `storm` record as one sentence."""
     lost = ", ".join(f"{n} {LOSS_WORDS.get(k, k)}" for k, n in rec["lost"].items())
@@ -167,6 +188,9 @@ class TextWriter:
             f"tcpcollide-trace {rec['version']} ready in {rec['startup_s']:.2f} s on {inert(rec['kernel'])}: "
             f"backend {rec['backend']}, types from {inert(rec['types'])}", style="bold"))
         self.console.print(Text(f"  hooks: {hooks}", style="dim"))
+        if rec.get("object_cache"):
+            said, warn = object_cache_line(rec["object_cache"])
+            self.console.print(Text(f"  {said}", style="yellow" if warn else "dim"))
         for h in missing:
             self.console.print(Text(f"  cannot see {h['logical']}: {inert(h['note'])}", style="yellow"))
         self.console.print(Text("Tracing TCP port collisions with lingering sockets... Ctrl-C to stop.", style="dim"))
@@ -261,6 +285,9 @@ class TextWriter:
         line("backend", rec["backend"] or "none")
         if rec.get("stages_s"):
             line("took", ", ".join(f"{k} {v:.3f} s" for k, v in rec["stages_s"].items()))
+        if rec.get("object_cache"):
+            said, warn = object_cache_line(rec["object_cache"])
+            line("object", said, "yellow" if warn else "")
         table = Table(box=None, header_style="bold", pad_edge=False)
         for col in ("hook", "backend", "target", "fires", "note"):
             table.add_column(col, overflow="fold")
