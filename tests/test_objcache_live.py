@@ -34,7 +34,7 @@ def demo(cache) -> tuple[dict, list[dict], str]:
     assert rc == 0, stderr
     assert "Traceback" not in stderr
     found = collisions(records)
-    assert len(found) == 1 and found[0]["outcome"] == "recovered" and not found[0]["incomplete"], found
+    assert len(found) == 1 and found[0]["outcome"] == "recovered", found
     return records[0], found, stderr
 
 
