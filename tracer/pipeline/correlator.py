@@ -43,8 +43,9 @@ OUTCOME_DETAILS = (
 # Why an incident may miss kernel events (`incomplete_reasons`), each explained by tracer/pipeline/explain.py.
 INCOMPLETE_REASONS = (
     "events_lost",  # the perf buffer was full: events lost while it was open or on their way
-    # the kernel skipped BPF runs (recursion_misses) while it was open, or an end left ESTABLISHED unseen arriving
-    "runs_skipped",
+    "runs_skipped",  # the kernel counted skipped BPF runs (recursion_misses) while it was open
+    # an end left ESTABLISHED without its arrival there having been streamed, whatever the kernel counted
+    "arrival_unseen",
     "state_hook_off",  # it began while the lazy state hook was detached and never got established
     "established_unseen",  # so, but sock_diag found it established afterwards: the delay is not known
     "recording_cut",  # a replay: the recording ends (cut short: a full disk, a killed tracer) while it was open
@@ -562,11 +563,14 @@ class Correlator:
         end = "server" if local_is_server else "client"
         if old == "ESTABLISHED" and end not in inc.established_ends:
             # this end left ESTABLISHED without its arrival there being seen:
-            # it arrived while the lazy state hook was detached, or in a run
-            # the kernel skipped (a BPF program that fires while it runs on
-            # that CPU: recursion_misses, which the perf buffer never counts).
-            # It was established, when is not known.
-            inc.mark_incomplete("state_hook_off" if self._state_blind(inc.first_ns) else "runs_skipped")
+            # it arrived while the lazy state hook was detached, or the kernel
+            # did not run the programs for its retry (a run skipped because it
+            # fired while a BPF program ran on that CPU: recursion_misses,
+            # marked runs_skipped when the count comes; or, on some virtual
+            # machines, never called in a softirq that runs on top of certain
+            # threads, with no count at all). It was established, when is not
+            # known; what was seen is said, not a cause.
+            inc.mark_incomplete("state_hook_off" if self._state_blind(inc.first_ns) else "arrival_unseen")
             inc.established_ends.add(end)
             if not inc.has("established"):
                 inc.add("established", ev.ts_ns, seen_by="state_change", end=end,

@@ -134,6 +134,11 @@ INCOMPLETE_TEXT = {
                    "timeline may miss steps.",
     "runs_skipped": "The kernel skipped some of the tracer's BPF runs on this connection (a hook that fires while "
                     "another BPF program runs on that CPU is not run): the timeline may miss steps.",
+    "arrival_unseen": "An end of the new connection left ESTABLISHED without its arrival there (nor, often, the "
+                      "client's retry) having reached the tracer: the kernel did not run the tracer's programs for "
+                      "them (a run skipped while another BPF program ran on that CPU, counted in skipped_runs, or, "
+                      "on some virtual machines, not called at all in a softirq on top of certain threads, counted "
+                      "nowhere): it was established, when is not known.",
     "state_hook_off": "The state hook was attached again only after this collision began, so the connection may "
                       "have been established unseen: it may well have recovered.",
     "recording_cut": "The recording ends while this collision was in progress (it was cut short): what came "
