@@ -5,13 +5,73 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import subprocess
+import sys
+import time
+import urllib.request
 
 import pytest
 
-from tests.live import BIN, SLOW
+from tests.live import (BACKEND, BIN, REPO, SLOW, STATE_HOOK, bpf_objects, left_attached, read_steps, require_live,
+                        scenario)
+from tracer.output import stream
 
 pytestmark = pytest.mark.live
+
+
+@pytest.fixture(autouse=True)
+def _live():
+    require_live()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scrape(port: int, timeout: float = 10) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout).read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+def collisions_scraped(metrics: dict[str, float]) -> float:
+    return sum(v for k, v in metrics.items() if k.startswith("tcpcollide_collisions_total{"))
+
+
+def start_tracer(*args: str) -> tuple[subprocess.Popen, dict]:
+    """`trace --json ARGS` whose standard output the test reads itself, or
+    stops reading: (process, its ready record)."""
+    proc = subprocess.Popen([str(BIN), "trace", "--json", "--backend", BACKEND, "--state-hook", STATE_HOOK, *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+    line = proc.stdout.readline()
+    try:
+        ready = json.loads(line)
+    except ValueError:
+        proc.kill()
+        raise AssertionError(f"no ready record: {line!r} {proc.stderr.read()!r}") from None
+    assert ready["type"] == "ready", ready
+    return proc, ready
+
+
+def storm(ns: str, collisions: int, server_port: int, base: int, *extra: str) -> dict:
+    """scripts/storm.py: each of `collisions` client ports collides once; its `done` line."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "storm.py"), "--ns", ns, "--ports", str(collisions), "--count",
+         str(collisions), "--duration", "0", "--server-port", str(server_port), "--client-port-base", str(base),
+         "--keep-dead", "30", "--hang-up-last", *extra],
+        capture_output=True, text=True, cwd=REPO, timeout=120 * SLOW)
+    assert proc.returncode == 0, proc.stderr
+    done = json.loads(proc.stdout.splitlines()[-1])
+    assert done["type"] == "done", proc.stdout[-2000:]
+    return done
 
 
 def test_a_full_disk_under_record_stops_the_recording_not_the_tracing(tmp_path):
@@ -47,3 +107,130 @@ def test_a_full_disk_under_record_stops_the_recording_not_the_tracing(tmp_path):
     assert replayed.returncode in (0, 1)
     if replayed.returncode == 1:  # cut inside a frame: one line that says so
         assert len(replayed.stderr.strip().splitlines()) == 1 and "replayed" in replayed.stderr
+
+
+def test_a_reader_that_goes_away_ends_the_tracer_cleanly_with_nothing_left_attached(ns):
+    """`| head -1`: the tracer's next write meets a closed pipe (EPIPE). It
+    stops as after a signal (exit 0, nothing on stderr, no summary: nobody
+    reads it), and every BPF program, map and link it held is gone. The
+    demo, piped into head as the README shows it, does the same."""
+    proc, _ready = start_tracer("--netns", str(ns.inode))
+    try:
+        held = bpf_objects(proc.pid)
+        assert held["prog"] and held["map"], held
+        proc.stdout.close()  # the reader goes away
+        sc = scenario("--server-ns", ns.name, "--fast", "--hold", "3")
+        read_steps(sc, until="connected")  # a collision: the tracer has something to write
+        rc = proc.wait(timeout=20 * SLOW)
+        err = proc.stderr.read().decode()
+        sc.kill()
+        sc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert rc == 0, err
+    assert err == "", err
+    assert left_attached(held) == {}
+
+    r = subprocess.run(f"'{BIN}' demo --json | head -1", shell=True, capture_output=True, text=True,
+                       timeout=60 * SLOW, executable="/bin/bash")
+    assert json.loads(r.stdout)["type"] == "ready"
+    assert "Traceback" not in r.stderr and "error" not in r.stderr, r.stderr
+    r = subprocess.run(f"'{BIN}' demo --json | head -1 >/dev/null; echo ${{PIPESTATUS[0]}}", shell=True,
+                       capture_output=True, text=True, timeout=60 * SLOW, executable="/bin/bash")
+    assert r.stdout.strip() == "0", r
+
+
+STALLED_COLLISIONS = 800  # some 8.5 KB of records each with -v --all-events: past stream.BACKLOG
+
+
+def test_a_reader_that_stops_reading_does_not_stop_the_tracing(ns):
+    """The reader takes the ready record, then stops reading while
+    STALLED_COLLISIONS collisions are made (-v --all-events: some 6.8 MB of
+    records, beyond the pipe's 64 KiB and the tracer's own backlog). The
+    tracing goes on: the metrics count every collision while nobody reads,
+    and the kernel's map of collisions in progress empties. One warning line
+    says records are being dropped; once the reader reads again it gets
+    whole JSON lines, and the summary counts what was dropped, so that what
+    was read plus what was dropped is everything."""
+    port = free_port()
+    proc, ready = start_tracer("--netns", str(ns.inode), "-v", "--all-events", "--metrics", f"127.0.0.1:{port}")
+    try:
+        held = bpf_objects(proc.pid)
+        done = storm(ns.name, STALLED_COLLISIONS, 17801, 21000)
+        assert done["collisions"] == STALLED_COLLISIONS, done
+        wait_scraped(port, STALLED_COLLISIONS)
+        # more, once the backlog is full for sure: their records are dropped
+        done = storm(ns.name, 20, 17802, 31000)
+        assert done["collisions"] == 20, done
+        wait_scraped(port, STALLED_COLLISIONS + 20)
+        tracked_id = next(i for i in held["map"] if _map_name(i) == "tracked")
+        assert untracked_within(tracked_id, {17801, 17802}, 12 * SLOW)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30 * SLOW)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    err_lines = err.decode().splitlines()
+    assert len(err_lines) == 1 and "standard output is not being read" in err_lines[0], err_lines
+    records = [json.loads(x) for x in out.decode().splitlines()]  # every line whole
+    summary = records[-1]
+    assert summary["type"] == "summary", records[-1]
+    assert summary["collisions"] == STALLED_COLLISIONS + 20
+    kinds = [r["type"] for r in records[:-1]]
+    read = kinds.count("collision") + kinds.count("event")
+    dropped = summary["output_dropped"]
+    assert dropped["records"] > 0 and dropped["bytes"] > 0, dropped
+    assert kinds.count("collision") < STALLED_COLLISIONS + 20
+    # what was read and what was dropped add up to every collision and event (and the odd storm/queue record)
+    everything = summary["collisions"] + summary["events"]
+    assert everything <= read + dropped["records"] <= everything + len(kinds) - read + 50, (read, dropped, everything)
+    assert left_attached(held) == {}
+
+
+def wait_scraped(port: int, collisions: int) -> None:
+    """The metrics count `collisions` reported within 30 s."""
+    deadline = time.monotonic() + 30 * SLOW
+    seen = 0.0
+    while time.monotonic() < deadline:
+        seen = collisions_scraped(scrape(port))
+        if seen >= collisions:
+            break
+        time.sleep(0.5)
+    assert seen == collisions, f"{seen} collisions reported (of {collisions}) while the reader did not read"
+
+
+def _map_name(map_id: int) -> str:
+    out = subprocess.run(["bpftool", "-j", "map", "show", "id", str(map_id)], capture_output=True, text=True)
+    return json.loads(out.stdout or "{}").get("name", "")
+
+
+def map_dump(map_id: int) -> list:
+    out = subprocess.run(["bpftool", "-j", "map", "dump", "id", str(map_id)], capture_output=True, text=True,
+                         check=True)
+    return json.loads(out.stdout or "[]")
+
+
+def untracked_within(map_id: int, server_ports: set[int], seconds: float) -> bool:
+    """The tracer's map `tracked` (collisions in progress, read with bpftool)
+    holds no entry of the test's collisions (server ports `server_ports`: the
+    kernel side tracks every collision of the host, and other tests may run)
+    within `seconds`: the incidents ended untracked their tuples, and the
+    sweep (tracer/kernel/tracking.py: every 5 s, entries 5 s old with no
+    incident open) took whatever else was left."""
+    deadline = time.monotonic() + seconds
+    first = None
+    while True:
+        entries = [e for e in map_dump(map_id) if e["formatted"]["key"]["sport"] in server_ports]
+        if not entries:
+            if first is not None:
+                print(f"tracked: {len(first)} entries left at first, swept since: {json.dumps(first)[:600]}")
+            return True
+        first = first or entries
+        if time.monotonic() > deadline:
+            print(f"tracked: {len(entries)} entries: {json.dumps(entries)[:2000]}")
+            return False
+        time.sleep(0.5)

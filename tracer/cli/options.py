@@ -190,9 +190,11 @@ def filters(port=None, netns=None, ipv4=False, ipv6=False, container=(), pod=(),
     return program.Filters(port=port, netns=netns, family=family(ipv4, ipv6), workloads=workloads)
 
 
-def writer(as_json: bool, no_color: bool, batched: bool = False):
-    """batched: JSON lines flushed by the caller (writer.flush), not each."""
-    return JsonWriter(flush_each=not batched) if as_json else TextWriter(color=False if no_color else None)
+def writer(as_json: bool, no_color: bool, batched: bool = False, out=None):
+    """batched: JSON lines flushed by the caller (writer.flush), not each.
+    out: the stream (default sys.stdout; a live session's is tracer/output/stream.py's)."""
+    out = sys.stdout if out is None else out
+    return JsonWriter(out, flush_each=not batched) if as_json else TextWriter(out, color=False if no_color else None)
 
 
 def fail(message: str) -> None:
