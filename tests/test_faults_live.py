@@ -3,12 +3,15 @@ or the test makes): the tracer on a host in trouble."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
@@ -46,11 +49,12 @@ def collisions_scraped(metrics: dict[str, float]) -> float:
     return sum(v for k, v in metrics.items() if k.startswith("tcpcollide_collisions_total{"))
 
 
-def start_tracer(*args: str) -> tuple[subprocess.Popen, dict]:
+def start_tracer(*args: str, nofile: int | None = None) -> tuple[subprocess.Popen, dict]:
     """`trace --json ARGS` whose standard output the test reads itself, or
-    stops reading: (process, its ready record)."""
+    stops reading: (process, its ready record). nofile: its RLIMIT_NOFILE."""
+    limit = None if nofile is None else (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile)))
     proc = subprocess.Popen([str(BIN), "trace", "--json", "--backend", BACKEND, "--state-hook", STATE_HOOK, *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO, preexec_fn=limit)
     line = proc.stdout.readline()
     try:
         ready = json.loads(line)
@@ -234,3 +238,126 @@ def untracked_within(map_id: int, server_ports: set[int], seconds: float) -> boo
             print(f"tracked: {len(entries)} entries: {json.dumps(entries)[:2000]}")
             return False
         time.sleep(0.5)
+
+
+class Lines:
+    """A tracer's JSON lines as they arrive, each with its arrival time."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.got: list[tuple[float, dict]] = []
+        self._cond = threading.Condition()
+        threading.Thread(target=self._pump, args=(proc,), daemon=True).start()
+
+    def _pump(self, proc) -> None:
+        for line in proc.stdout:
+            with self._cond:
+                self.got.append((time.monotonic(), json.loads(line)))
+                self._cond.notify_all()
+
+    def wait(self, pred, timeout: float) -> tuple[float, dict] | None:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                hit = next((x for x in self.got if pred(x[1])), None)
+                if hit is not None or time.monotonic() > deadline:
+                    return hit
+                self._cond.wait(max(0.01, deadline - time.monotonic()))
+
+
+def collide(ns, lines: Lines, server_port: int) -> float:
+    """One collision (the seed's scenario, fast) on `server_port`: seconds
+    from the client's connect() returning to the tracer's report of it."""
+    sc = scenario("--server-ns", ns.name, "--fast", "--hold", "4", "--server-port", str(server_port))
+    try:
+        steps = read_steps(sc, until="connected")
+        connected = time.monotonic()
+        assert steps[-1]["step"] == "connected", steps
+        hit = lines.wait(lambda r: r["type"] == "collision" and r["server"].endswith(f":{server_port}"), 20 * SLOW)
+        assert hit is not None, f"no report of the collision on port {server_port}"
+        return hit[0] - connected
+    finally:
+        sc.kill()
+        sc.wait()
+
+
+HELD_OPEN = 1100  # connections a hostile client holds open without sending: past the common 1024 descriptors
+NOFILE = 1024  # the tracer's RLIMIT_NOFILE in this test: the usual default
+
+
+def test_a_hostile_client_on_the_metrics_port_neither_delays_tracing_nor_stops_the_metrics(ns):
+    """A tracer with the usual 1024 descriptors serves --metrics; a hostile
+    client floods scrapes from four threads and sends garbage (binary, a
+    TLS hello, a 1 MB header, a request cut off) while a collision is made,
+    then holds HELD_OPEN connections open without sending while another is
+    made. Each report comes no later than a quiet collision's (baseline) plus a second and is
+    as complete (the listener's queue and owner: the tracer's descriptors
+    are not the client's to take), nothing is written on stderr, and once
+    the client stops a normal scrape works and counts the three collisions,
+    and what was turned away."""
+    port = free_port()
+    proc, _ = start_tracer("--netns", str(ns.inode), "--metrics", f"127.0.0.1:{port}", nofile=NOFILE)
+    lines = Lines(proc)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+    flood = {"ok": 0, "failed": 0}
+
+    def scrapes():
+        while not stop.is_set():
+            try:
+                scrape(port, timeout=5)
+                flood["ok"] += 1
+            except OSError:
+                flood["failed"] += 1
+
+    try:
+        assert collisions_scraped(scrape(port)) == 0
+        quiet = collide(ns, lines, 17811)
+        threads = [threading.Thread(target=scrapes, daemon=True) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for junk in (os.urandom(4096), b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + os.urandom(500),
+                     b"GET /metrics HTTP/1.1\r\nX: " + b"a" * (1 << 20) + b"\r\n\r\n", b"GET /metr",
+                     b"POST / HTTP/1.1\r\nContent-Length: 99999999\r\n\r\nabc", b"\r\n" * 10000):
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=5) as g:
+                g.sendall(junk)
+        flooded = collide(ns, lines, 17812)
+        stop.set()
+        for t in threads:
+            t.join(10)
+        for _ in range(HELD_OPEN):
+            c = socket.socket()
+            c.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                c.connect(("127.0.0.1", port))
+            held.append(c)
+        time.sleep(1)
+        hostile = collide(ns, lines, 17813)
+        for c in held:
+            c.close()
+        held.clear()
+        time.sleep(0.5)
+        after = scrape(port)
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=20 * SLOW)
+        err = proc.stderr.read().decode()
+    finally:
+        stop.set()
+        for c in held:
+            c.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    print(f"report after connect: quiet {quiet:.3f} s, scrape flood {flooded:.3f} s, held open {hostile:.3f} s; "
+          f"flood {flood}")
+    reports = [r for _, r in lines.got if r["type"] == "collision"]
+    assert len(reports) == 3
+    # as complete as the quiet one: the listener's queue (sock_diag) and its owner (/proc) were read
+    # (with the tracer's descriptors taken by the held connections, neither could be)
+    for r in reports:
+        assert r["listener"] is not None and r["listener"]["owners"], json.dumps(r)[:2000]
+        assert r["listener"]["ghosts"] == 1 and not r["incomplete"]
+    assert flooded <= quiet + 1.0 and hostile <= quiet + 1.0, (quiet, flooded, hostile)
+    assert flood["ok"] > 0, flood
+    assert collisions_scraped(after) == 3
+    assert after["tcpcollide_metrics_connections_refused_total"] > 0
+    assert rc == 0 and err == "", err
