@@ -14,11 +14,12 @@ import sys
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
-from tests.live import (BACKEND, BIN, REPO, SLOW, STATE_HOOK, bpf_objects, left_attached, read_steps, require_live,
-                        scenario)
+from tests.live import (BACKEND, BIN, REPO, SLOW, STATE_HOOK, bpf_alive, bpf_objects, left_attached, read_steps,
+                        require_live, scenario)
 from tracer.output import stream
 
 pytestmark = pytest.mark.live
@@ -361,3 +362,83 @@ def test_a_hostile_client_on_the_metrics_port_neither_delays_tracing_nor_stops_t
     assert collisions_scraped(after) == 3
     assert after["tcpcollide_metrics_connections_refused_total"] > 0
     assert rc == 0 and err == "", err
+
+
+def held_anywhere() -> set[int]:
+    """The BPF programs some live process holds (a program descriptor, or a link's)."""
+    held = set()
+    for fdinfo in Path("/proc").glob("[0-9]*/fdinfo/*"):
+        try:
+            text = fdinfo.read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if line.startswith("prog_id:"):
+                held.add(int(line.split(":")[1]))
+    return held
+
+
+def orphans(since: int) -> set[int]:
+    """BPF programs loaded after id `since` that are still in the kernel with
+    no process holding them: attached by a tracer that is gone. (Other
+    tracers may run meanwhile: theirs are held.) Freeing is asynchronous:
+    asked again for up to 2 s."""
+    deadline = time.monotonic() + 2
+    while True:
+        alive = {i for i in bpf_alive()["prog"] if i > since}
+        left = alive - held_anywhere()
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.1)
+
+
+def btf_lacking(field: str, path: Path) -> Path:
+    """The running kernel's BTF with member `field` renamed (one letter: the
+    blob stays valid, the field is not there)."""
+    raw = Path("/sys/kernel/btf/vmlinux").read_bytes()
+    name = b"\0" + field.encode() + b"\0"
+    assert raw.count(name) == 1, field
+    path.write_bytes(raw.replace(name, b"\0" + field[:-1].encode() + b"X\0"))
+    return path
+
+
+def test_a_kernel_facility_failing_in_the_middle_of_start_up_is_one_line_exit_1_and_nothing_left_attached(ns, tmp_path):
+    """Start-up fails at every one of its steps in turn, for real: the
+    tracer runs with 5, 6, 7 ... file descriptors (RLIMIT_NOFILE), so that the
+    next descriptor it needs, for the compiler's headers, a map, a program,
+    a raw tracepoint attached after others were, the self-test, the perf
+    buffer, is refused, until it has enough to become ready. Each failed
+    start is one error line (no traceback) and exit status 1, and no
+    program it loaded stays in the kernel. Then BTF that lacks a field the
+    programs read (--btf): one line naming it, exit 1."""
+    since = max(bpf_alive()["prog"], default=0)
+    failures: dict[int, str] = {}
+    ready_at = None
+    for nofile in range(5, 80):
+        r = subprocess.run([str(BIN), "trace", "--json", "--backend", BACKEND, "--netns", str(ns.inode),
+                            "--duration", "0.2"], capture_output=True, text=True, timeout=60 * SLOW,
+                           preexec_fn=lambda n=nofile: resource.setrlimit(resource.RLIMIT_NOFILE, (n, n)))
+        if r.returncode == 0:
+            assert json.loads(r.stdout.splitlines()[-1])["type"] == "summary", r.stdout[-500:]
+            ready_at = nofile
+            break
+        lines = r.stderr.splitlines()
+        assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("tcpcollide-trace: error: "), (
+            nofile, r.returncode, r.stderr[-3000:])
+        failures[nofile] = lines[0]
+    print("\n".join(f"{n:3}: {m}" for n, m in failures.items()))
+    assert ready_at is not None, "never ready"
+    said = " ".join(failures.values())
+    # start-up failed at each kind of step, attaching a hook after others were attached among them
+    for step in ("could not open bpf map", "Failed to load BPF program", "Failed to attach BPF to raw tracepoint",
+                 "self-test"):
+        assert step in said, step
+    assert orphans(since) == set()
+
+    btf = btf_lacking("tw_last_oow_ack_time", tmp_path / "vmlinux.btf")
+    r = subprocess.run([str(BIN), "trace", "--json", "--btf", str(btf), "--netns", str(ns.inode), "--duration", "1"],
+                       capture_output=True, text=True, timeout=60 * SLOW)
+    assert r.returncode == 1 and r.stdout == "", r
+    assert r.stderr.startswith("tcpcollide-trace: error: this kernel's BTF lacks what the tracer reads") and (
+        "tw_last_oow_ack_time" in r.stderr) and len(r.stderr.splitlines()) == 1, r.stderr
+    assert orphans(since) == set()

@@ -62,6 +62,11 @@ def run(options: Options, sink, on_ready=None, on_idle=None, flush=None, stream:
             return None
         except RUNTIME_ERRORS as e:
             fail(str(e))
+        except OSError as e:
+            if session.ready:
+                raise
+            # the host refused something while starting (no descriptor left, ...): everything is detached below
+            fail(f"cannot start: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""))
         finally:
             session.close()
             try:

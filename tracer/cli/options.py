@@ -19,12 +19,13 @@ from click.core import ParameterSource
 from tracer.host import netns, workload
 from tracer.kernel import capabilities, hooks, program
 from tracer.output.render import JsonWriter, TextWriter, inert
+from tracer.selftest import SelftestError
 from tracer.pipeline.correlator import Settings
 
 PROG = "tcpcollide-trace"
 GIVEN = "tcpcollide.given"  # ctx.meta key: {param name: (value, label)} given before the subcommand
 RUNTIME_ERRORS = (capabilities.KernelError, program.BuildError, hooks.BackendError, netns.NetnsError,
-                  workload.SelectionError)
+                  workload.SelectionError, SelftestError)
 EXIT_STATUS = ("Exit status: 0 success (also after Ctrl-C, SIGTERM, SIGHUP), 1 the tracer\n"
                "cannot run here or its input is bad (one line on stderr), 2 bad usage.")
 
