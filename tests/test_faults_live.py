@@ -20,6 +20,8 @@ import pytest
 
 from tests.live import (BACKEND, BIN, REPO, SLOW, STATE_HOOK, bpf_alive, bpf_objects, left_attached, read_steps,
                         require_live, scenario)
+from tests.live import ns_name
+from tracer.host import netns
 from tracer.output import stream
 
 pytestmark = pytest.mark.live
@@ -442,3 +444,77 @@ def test_a_kernel_facility_failing_in_the_middle_of_start_up_is_one_line_exit_1_
     assert r.stderr.startswith("tcpcollide-trace: error: this kernel's BTF lacks what the tracer reads") and (
         "tw_last_oow_ack_time" in r.stderr) and len(r.stderr.splitlines()) == 1, r.stderr
     assert orphans(since) == set()
+
+
+def nft(ns, *rules: str) -> None:
+    r = subprocess.run(["ip", "netns", "exec", ns.name, "nft", "-f", "-"], input="\n".join(rules) + "\n", text=True,
+                       capture_output=True)
+    assert r.returncode == 0, r.stderr
+
+
+def tracked_map(pid: int) -> int:
+    return next(i for i in bpf_objects(pid)["map"] if _map_name(i) == "tracked")
+
+
+@pytest.mark.parametrize("fault", ["the leaking process exits", "the network namespace is deleted"])
+def test_an_incident_cut_short_by_its_host_ends_with_what_was_seen_and_leaves_nothing_tracked(fault):
+    """A collision whose client's RSTs are dropped (nftables), so that it
+    stays in progress (every retried SYN meets the lingering socket again),
+    and then, half a second in, either the leaking server process is killed,
+    or every process of the namespace is and the namespace is deleted. The
+    incident ends with what was seen up to there (the SYN, the challenge ACK,
+    the RST, the lingering socket closed by the exit), one report and no
+    exception (the client's later SYNs, meeting the socket again, are
+    repeats); the tracer goes on (it is asked to stop afterwards, exit 0),
+    and once the client is gone its map of collisions in progress (bpftool,
+    while it runs) holds no entry of the tuple."""
+    port, cport = 17821, 41821
+    n = netns.NetNS(ns_name("cut")).__enter__()
+    try:
+        nft(n, "table inet tct", "add chain inet tct out { type filter hook output priority 0; }",
+            f"add rule inet tct out tcp dport {port} tcp flags & (syn | ack | rst | fin) == rst drop")
+        proc, _ = start_tracer("--netns", str(n.inode), "--incident-timeout", "3")
+        lines = Lines(proc)
+        tracked = tracked_map(proc.pid)
+        sc = scenario("--server-ns", n.name, "--fast", "--accept", "--server-comm", "leakysrv", "--wait-stdin",
+                      "--connect-timeout", "6", "--hold", "0", "--server-port", str(port), "--client-port", str(cport),
+                      stdin=subprocess.PIPE)
+        steps = read_steps(sc, until="waiting")
+        server_pid = next(x for x in steps if x["step"] == "accepted")["pid"]
+        sc.stdin.write("go\n")
+        sc.stdin.flush()
+        time.sleep(0.5)
+        os.kill(server_pid, signal.SIGKILL)
+        if fault == "the network namespace is deleted":
+            sc.kill()
+            sc.wait()
+            n.delete()
+        hit = lines.wait(lambda r: r["type"] == "collision", 15 * SLOW)
+        sc.wait(timeout=20 * SLOW)  # the client gave up (its connect timeout) or was killed: no SYN comes again
+        assert untracked_within(tracked, {port}, 12 * SLOW)
+        assert proc.poll() is None, "the tracer stopped"
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=20 * SLOW)
+        err = proc.stderr.read().decode()
+    finally:
+        with contextlib.suppress(Exception):
+            sc.kill()
+        if "proc" in locals() and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        with contextlib.suppress(Exception):
+            n.delete()
+    assert rc == 0 and err == "", err
+    assert hit is not None, "no report"
+    rec = hit[1]
+    print(json.dumps({k: rec[k] for k in ("outcome", "outcome_detail", "ended_by", "incomplete_reasons")}))
+    reports = [r for _, r in lines.got if r["type"] == "collision"]
+    print(json.dumps([{k: r.get(k) for k in ("id", "outcome", "ended_by", "repeat_of", "client")} for r in reports]))
+    # the client's SYN retried after the first incident ended by the timeout meets the socket again: a repeat
+    assert all(r["client"].endswith(f":{cport}") for r in reports)
+    assert all(r["repeat_of"] is not None for r in reports[1:]), reports
+    seen = [x["step"] for x in rec["steps"]]
+    assert seen[:3] == ["syn", "challenge_ack", "rst"] and "server_closed" in seen, seen
+    assert rec["outcome"] != "recovered" and not any(x["step"] == "established" for x in rec["steps"])
+    assert "Meanwhile the server application closed the old socket" in rec["explanation"]
+    assert rec["closewait_socket"]["owners"][0]["comm"] == "leakysrv"  # named before it exited
