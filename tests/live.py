@@ -19,6 +19,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent / "tcpcollide-trace"
+# BIN runs this checkout's code, whatever checkout the editable install points
+# at (tests run in a git worktree of the project would test another's code)
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))
 # the kernel matrix (scripts/kernel-matrix) runs the live suite once per backend
 BACKEND = os.environ.get("TCPCOLLIDE_TEST_BACKEND", "auto")
 # the state hook's mode: under full emulation a lazily re-attached hook comes
@@ -162,3 +165,43 @@ def bpf_prog_ids() -> set[int]:
     """IDs of the BPF programs loaded in the kernel (bpftool), for leak checks."""
     out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True, check=True).stdout
     return {p["id"] for p in json.loads(out or "[]")}
+
+
+def bpf_objects(pid: int) -> dict[str, set[int]]:
+    """The BPF programs, maps and links process `pid` holds ({"prog": ids,
+    "map": ids, "link": ids}), from its descriptors' fdinfo: exactly its own,
+    whatever other tracers run on the host."""
+    held: dict[str, set[int]] = {"prog": set(), "map": set(), "link": set()}
+    fdinfo = Path(f"/proc/{pid}/fdinfo")
+    for entry in fdinfo.iterdir():
+        try:
+            text = entry.read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            key, _, value = line.partition(":")
+            if key in ("prog_id", "map_id", "link_id"):
+                held[key.removesuffix("_id")].add(int(value))
+    return held
+
+
+def bpf_alive() -> dict[str, set[int]]:
+    """IDs of every BPF program, map and link in the kernel (bpftool)."""
+    alive = {}
+    for kind in ("prog", "map", "link"):
+        out = subprocess.run(["bpftool", "-j", kind, "show"], capture_output=True, text=True, check=True).stdout
+        alive[kind] = {x["id"] for x in json.loads(out or "[]")}
+    return alive
+
+
+def left_attached(held: dict[str, set[int]]) -> dict[str, set[int]]:
+    """What of `held` (bpf_objects of a tracer, taken while it ran) the kernel
+    still has; {} when nothing. Freeing is asynchronous (RCU): asked again
+    for up to 2 s."""
+    deadline = time.monotonic() + 2
+    while True:
+        alive = bpf_alive()
+        left = {k: held[k] & alive[k] for k in held if held[k] & alive[k]}
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.1)

@@ -3,15 +3,82 @@ or the test makes): the tracer on a host in trouble."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import resource
+import signal
+import socket
 import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
 
 import pytest
 
-from tests.live import BIN, SLOW
+from tests.live import (BACKEND, BIN, REPO, SLOW, STATE_HOOK, bpf_alive, bpf_objects, left_attached, read_steps,
+                        require_live, scenario)
+from tests.live import ns_name
+from tracer.host import netns
+from tracer.output import stream
 
 pytestmark = pytest.mark.live
+
+
+@pytest.fixture(autouse=True)
+def _live():
+    require_live()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scrape(port: int, timeout: float = 10) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout).read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+def collisions_scraped(metrics: dict[str, float]) -> float:
+    return sum(v for k, v in metrics.items() if k.startswith("tcpcollide_collisions_total{"))
+
+
+def start_tracer(*args: str, nofile: int | None = None) -> tuple[subprocess.Popen, dict]:
+    """`trace --json ARGS` whose standard output the test reads itself, or
+    stops reading: (process, its ready record). nofile: its RLIMIT_NOFILE."""
+    limit = None if nofile is None else (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile)))
+    proc = subprocess.Popen([str(BIN), "trace", "--json", "--backend", BACKEND, "--state-hook", STATE_HOOK, *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO, preexec_fn=limit)
+    line = proc.stdout.readline()
+    try:
+        ready = json.loads(line)
+    except ValueError:
+        proc.kill()
+        raise AssertionError(f"no ready record: {line!r} {proc.stderr.read()!r}") from None
+    assert ready["type"] == "ready", ready
+    return proc, ready
+
+
+def storm(ns: str, collisions: int, server_port: int, base: int, *extra: str) -> dict:
+    """scripts/storm.py: each of `collisions` client ports collides once; its `done` line."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "storm.py"), "--ns", ns, "--ports", str(collisions), "--count",
+         str(collisions), "--duration", "0", "--server-port", str(server_port), "--client-port-base", str(base),
+         "--keep-dead", "30", "--hang-up-last", *extra],
+        capture_output=True, text=True, cwd=REPO, timeout=120 * SLOW)
+    assert proc.returncode == 0, proc.stderr
+    done = json.loads(proc.stdout.splitlines()[-1])
+    assert done["type"] == "done", proc.stdout[-2000:]
+    return done
 
 
 def test_a_full_disk_under_record_stops_the_recording_not_the_tracing(tmp_path):
@@ -47,3 +114,407 @@ def test_a_full_disk_under_record_stops_the_recording_not_the_tracing(tmp_path):
     assert replayed.returncode in (0, 1)
     if replayed.returncode == 1:  # cut inside a frame: one line that says so
         assert len(replayed.stderr.strip().splitlines()) == 1 and "replayed" in replayed.stderr
+
+
+def test_a_reader_that_goes_away_ends_the_tracer_cleanly_with_nothing_left_attached(ns):
+    """`| head -1`: the tracer's next write meets a closed pipe (EPIPE). It
+    stops as after a signal (exit 0, nothing on stderr, no summary: nobody
+    reads it), and every BPF program, map and link it held is gone. The
+    demo, piped into head as the README shows it, does the same."""
+    proc, _ready = start_tracer("--netns", str(ns.inode))
+    try:
+        held = bpf_objects(proc.pid)
+        assert held["prog"] and held["map"], held
+        proc.stdout.close()  # the reader goes away
+        sc = scenario("--server-ns", ns.name, "--fast", "--hold", "3")
+        read_steps(sc, until="connected")  # a collision: the tracer has something to write
+        rc = proc.wait(timeout=20 * SLOW)
+        err = proc.stderr.read().decode()
+        sc.kill()
+        sc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert rc == 0, err
+    assert err == "", err
+    assert left_attached(held) == {}
+
+    r = subprocess.run(f"'{BIN}' demo --json | head -1", shell=True, capture_output=True, text=True,
+                       timeout=60 * SLOW, executable="/bin/bash")
+    assert json.loads(r.stdout)["type"] == "ready"
+    assert "Traceback" not in r.stderr and "error" not in r.stderr, r.stderr
+    r = subprocess.run(f"'{BIN}' demo --json | head -1 >/dev/null; echo ${{PIPESTATUS[0]}}", shell=True,
+                       capture_output=True, text=True, timeout=60 * SLOW, executable="/bin/bash")
+    assert r.stdout.strip() == "0", r
+
+
+STALLED_COLLISIONS = 800  # some 8.5 KB of records each with -v --all-events: past stream.BACKLOG
+
+
+def test_a_reader_that_stops_reading_does_not_stop_the_tracing(ns):
+    """The reader takes the ready record, then stops reading while
+    STALLED_COLLISIONS collisions are made (-v --all-events: some 6.8 MB of
+    records, beyond the pipe's 64 KiB and the tracer's own backlog). The
+    tracing goes on: the metrics count every collision while nobody reads,
+    and the kernel's map of collisions in progress empties. One warning line
+    says records are being dropped; once the reader reads again it gets
+    whole JSON lines, and the summary counts what was dropped, so that what
+    was read plus what was dropped is everything."""
+    port = free_port()
+    proc, ready = start_tracer("--netns", str(ns.inode), "-v", "--all-events", "--metrics", f"127.0.0.1:{port}")
+    try:
+        held = bpf_objects(proc.pid)
+        done = storm(ns.name, STALLED_COLLISIONS, 17801, 21000)
+        assert done["collisions"] == STALLED_COLLISIONS, done
+        wait_scraped(port, STALLED_COLLISIONS)
+        # more, once the backlog is full for sure: their records are dropped
+        done = storm(ns.name, 20, 17802, 31000)
+        assert done["collisions"] == 20, done
+        wait_scraped(port, STALLED_COLLISIONS + 20)
+        tracked_id = next(i for i in held["map"] if _map_name(i) == "tracked")
+        assert untracked_within(tracked_id, {17801, 17802}, 12 * SLOW)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30 * SLOW)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    err_lines = err.decode().splitlines()
+    assert len(err_lines) == 1 and "standard output is not being read" in err_lines[0], err_lines
+    records = [json.loads(x) for x in out.decode().splitlines()]  # every line whole
+    summary = records[-1]
+    assert summary["type"] == "summary", records[-1]
+    assert summary["collisions"] == STALLED_COLLISIONS + 20
+    kinds = [r["type"] for r in records[:-1]]
+    read = kinds.count("collision") + kinds.count("event")
+    dropped = summary["output_dropped"]
+    assert dropped["records"] > 0 and dropped["bytes"] > 0, dropped
+    assert kinds.count("collision") < STALLED_COLLISIONS + 20
+    # what was read and what was dropped add up to every collision and event (and the odd storm/queue record)
+    everything = summary["collisions"] + summary["events"]
+    assert everything <= read + dropped["records"] <= everything + len(kinds) - read + 50, (read, dropped, everything)
+    assert left_attached(held) == {}
+
+
+def wait_scraped(port: int, collisions: int) -> None:
+    """The metrics count `collisions` reported within 30 s."""
+    deadline = time.monotonic() + 30 * SLOW
+    seen = 0.0
+    while time.monotonic() < deadline:
+        seen = collisions_scraped(scrape(port))
+        if seen >= collisions:
+            break
+        time.sleep(0.5)
+    assert seen == collisions, f"{seen} collisions reported (of {collisions}) while the reader did not read"
+
+
+def _map_name(map_id: int) -> str:
+    out = subprocess.run(["bpftool", "-j", "map", "show", "id", str(map_id)], capture_output=True, text=True)
+    return json.loads(out.stdout or "{}").get("name", "")
+
+
+def map_dump(map_id: int) -> list:
+    out = subprocess.run(["bpftool", "-j", "map", "dump", "id", str(map_id)], capture_output=True, text=True,
+                         check=True)
+    return json.loads(out.stdout or "[]")
+
+
+def untracked_within(map_id: int, server_ports: set[int], seconds: float) -> bool:
+    """The tracer's map `tracked` (collisions in progress, read with bpftool)
+    holds no entry of the test's collisions (server ports `server_ports`: the
+    kernel side tracks every collision of the host, and other tests may run)
+    within `seconds`: the incidents ended untracked their tuples, and the
+    sweep (tracer/kernel/tracking.py: every 5 s, entries 5 s old with no
+    incident open) took whatever else was left."""
+    deadline = time.monotonic() + seconds
+    first = None
+    while True:
+        entries = [e for e in map_dump(map_id) if e["formatted"]["key"]["sport"] in server_ports]
+        if not entries:
+            if first is not None:
+                print(f"tracked: {len(first)} entries left at first, swept since: {json.dumps(first)[:600]}")
+            return True
+        first = first or entries
+        if time.monotonic() > deadline:
+            print(f"tracked: {len(entries)} entries: {json.dumps(entries)[:2000]}")
+            return False
+        time.sleep(0.5)
+
+
+class Lines:
+    """A tracer's JSON lines as they arrive, each with its arrival time."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.got: list[tuple[float, dict]] = []
+        self._cond = threading.Condition()
+        threading.Thread(target=self._pump, args=(proc,), daemon=True).start()
+
+    def _pump(self, proc) -> None:
+        for line in proc.stdout:
+            with self._cond:
+                self.got.append((time.monotonic(), json.loads(line)))
+                self._cond.notify_all()
+
+    def wait(self, pred, timeout: float) -> tuple[float, dict] | None:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                hit = next((x for x in self.got if pred(x[1])), None)
+                if hit is not None or time.monotonic() > deadline:
+                    return hit
+                self._cond.wait(max(0.01, deadline - time.monotonic()))
+
+
+def collide(ns, lines: Lines, server_port: int) -> float:
+    """One collision (the seed's scenario, fast) on `server_port`: seconds
+    from the client's connect() returning to the tracer's report of it."""
+    sc = scenario("--server-ns", ns.name, "--fast", "--hold", "4", "--server-port", str(server_port))
+    try:
+        steps = read_steps(sc, until="connected")
+        connected = time.monotonic()
+        assert steps[-1]["step"] == "connected", steps
+        hit = lines.wait(lambda r: r["type"] == "collision" and r["server"].endswith(f":{server_port}"), 20 * SLOW)
+        assert hit is not None, f"no report of the collision on port {server_port}"
+        return hit[0] - connected
+    finally:
+        sc.kill()
+        sc.wait()
+
+
+HELD_OPEN = 1100  # connections a hostile client holds open without sending: past the common 1024 descriptors
+NOFILE = 1024  # the tracer's RLIMIT_NOFILE in this test: the usual default
+
+
+def test_a_hostile_client_on_the_metrics_port_neither_delays_tracing_nor_stops_the_metrics(ns):
+    """A tracer with the usual 1024 descriptors serves --metrics; a hostile
+    client floods scrapes from four threads and sends garbage (binary, a
+    TLS hello, a 1 MB header, a request cut off) while a collision is made,
+    then holds HELD_OPEN connections open without sending while another is
+    made. Each report comes no later than a quiet collision's (baseline) plus a second and is
+    as complete (the listener's queue and owner: the tracer's descriptors
+    are not the client's to take), nothing is written on stderr, and once
+    the client stops a normal scrape works and counts the three collisions,
+    and what was turned away."""
+    port = free_port()
+    proc, _ = start_tracer("--netns", str(ns.inode), "--metrics", f"127.0.0.1:{port}", nofile=NOFILE)
+    lines = Lines(proc)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+    flood = {"ok": 0, "failed": 0}
+
+    def scrapes():
+        while not stop.is_set():
+            try:
+                scrape(port, timeout=5)
+                flood["ok"] += 1
+            except OSError:
+                flood["failed"] += 1
+
+    try:
+        assert collisions_scraped(scrape(port)) == 0
+        quiet = collide(ns, lines, 17811)
+        threads = [threading.Thread(target=scrapes, daemon=True) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for junk in (os.urandom(4096), b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + os.urandom(500),
+                     b"GET /metrics HTTP/1.1\r\nX: " + b"a" * (1 << 20) + b"\r\n\r\n", b"GET /metr",
+                     b"POST / HTTP/1.1\r\nContent-Length: 99999999\r\n\r\nabc", b"\r\n" * 10000):
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=5) as g:
+                g.sendall(junk)
+        flooded = collide(ns, lines, 17812)
+        stop.set()
+        for t in threads:
+            t.join(10)
+        for _ in range(HELD_OPEN):
+            c = socket.socket()
+            c.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                c.connect(("127.0.0.1", port))
+            held.append(c)
+        time.sleep(1)
+        hostile = collide(ns, lines, 17813)
+        for c in held:
+            c.close()
+        held.clear()
+        time.sleep(0.5)
+        after = scrape(port)
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=20 * SLOW)
+        err = proc.stderr.read().decode()
+    finally:
+        stop.set()
+        for c in held:
+            c.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    print(f"report after connect: quiet {quiet:.3f} s, scrape flood {flooded:.3f} s, held open {hostile:.3f} s; "
+          f"flood {flood}")
+    reports = [r for _, r in lines.got if r["type"] == "collision"]
+    assert len(reports) == 3
+    # as complete as the quiet one: the listener's queue (sock_diag) and its owner (/proc) were read
+    # (with the tracer's descriptors taken by the held connections, neither could be)
+    for r in reports:
+        assert r["listener"] is not None and r["listener"]["owners"], json.dumps(r)[:2000]
+        assert r["listener"]["ghosts"] == 1 and not r["incomplete"]
+    assert flooded <= quiet + 1.0 and hostile <= quiet + 1.0, (quiet, flooded, hostile)
+    assert flood["ok"] > 0, flood
+    assert collisions_scraped(after) == 3
+    assert after["tcpcollide_metrics_connections_refused_total"] > 0
+    assert rc == 0 and err == "", err
+
+
+def held_anywhere() -> set[int]:
+    """The BPF programs some live process holds (a program descriptor, or a link's)."""
+    held = set()
+    for fdinfo in Path("/proc").glob("[0-9]*/fdinfo/*"):
+        try:
+            text = fdinfo.read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if line.startswith("prog_id:"):
+                held.add(int(line.split(":")[1]))
+    return held
+
+
+def orphans(since: int) -> set[int]:
+    """BPF programs loaded after id `since` that are still in the kernel with
+    no process holding them: attached by a tracer that is gone. (Other
+    tracers may run meanwhile: theirs are held.) Freeing is asynchronous:
+    asked again for up to 2 s."""
+    deadline = time.monotonic() + 2
+    while True:
+        alive = {i for i in bpf_alive()["prog"] if i > since}
+        left = alive - held_anywhere()
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.1)
+
+
+def btf_lacking(field: str, path: Path) -> Path:
+    """The running kernel's BTF with member `field` renamed (one letter: the
+    blob stays valid, the field is not there)."""
+    raw = Path("/sys/kernel/btf/vmlinux").read_bytes()
+    name = b"\0" + field.encode() + b"\0"
+    assert raw.count(name) == 1, field
+    path.write_bytes(raw.replace(name, b"\0" + field[:-1].encode() + b"X\0"))
+    return path
+
+
+def test_a_kernel_facility_failing_in_the_middle_of_start_up_is_one_line_exit_1_and_nothing_left_attached(ns, tmp_path):
+    """Start-up fails at every one of its steps in turn, for real: the
+    tracer runs with 5, 6, 7 ... file descriptors (RLIMIT_NOFILE), so that the
+    next descriptor it needs, for the compiler's headers, a map, a program,
+    a raw tracepoint attached after others were, the self-test, the perf
+    buffer, is refused, until it has enough to become ready. Each failed
+    start is one error line (no traceback) and exit status 1, and no
+    program it loaded stays in the kernel. Then BTF that lacks a field the
+    programs read (--btf): one line naming it, exit 1."""
+    since = max(bpf_alive()["prog"], default=0)
+    failures: dict[int, str] = {}
+    ready_at = None
+    for nofile in range(5, 80):
+        r = subprocess.run([str(BIN), "trace", "--json", "--backend", BACKEND, "--netns", str(ns.inode),
+                            "--duration", "0.2"], capture_output=True, text=True, timeout=60 * SLOW,
+                           preexec_fn=lambda n=nofile: resource.setrlimit(resource.RLIMIT_NOFILE, (n, n)))
+        if r.returncode == 0:
+            assert json.loads(r.stdout.splitlines()[-1])["type"] == "summary", r.stdout[-500:]
+            ready_at = nofile
+            break
+        lines = r.stderr.splitlines()
+        assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("tcpcollide-trace: error: "), (
+            nofile, r.returncode, r.stderr[-3000:])
+        failures[nofile] = lines[0]
+    print("\n".join(f"{n:3}: {m}" for n, m in failures.items()))
+    assert ready_at is not None, "never ready"
+    said = " ".join(failures.values())
+    # start-up failed at each kind of step, attaching a hook after others were attached among them
+    for step in ("could not open bpf map", "Failed to load BPF program", "Failed to attach BPF to raw tracepoint",
+                 "self-test"):
+        assert step in said, step
+    assert orphans(since) == set()
+
+    btf = btf_lacking("tw_last_oow_ack_time", tmp_path / "vmlinux.btf")
+    r = subprocess.run([str(BIN), "trace", "--json", "--btf", str(btf), "--netns", str(ns.inode), "--duration", "1"],
+                       capture_output=True, text=True, timeout=60 * SLOW)
+    assert r.returncode == 1 and r.stdout == "", r
+    assert r.stderr.startswith("tcpcollide-trace: error: this kernel's BTF lacks what the tracer reads") and (
+        "tw_last_oow_ack_time" in r.stderr) and len(r.stderr.splitlines()) == 1, r.stderr
+    assert orphans(since) == set()
+
+
+def nft(ns, *rules: str) -> None:
+    r = subprocess.run(["ip", "netns", "exec", ns.name, "nft", "-f", "-"], input="\n".join(rules) + "\n", text=True,
+                       capture_output=True)
+    assert r.returncode == 0, r.stderr
+
+
+def tracked_map(pid: int) -> int:
+    return next(i for i in bpf_objects(pid)["map"] if _map_name(i) == "tracked")
+
+
+@pytest.mark.parametrize("fault", ["the leaking process exits", "the network namespace is deleted"])
+def test_an_incident_cut_short_by_its_host_ends_with_what_was_seen_and_leaves_nothing_tracked(fault):
+    """A collision whose client's RSTs are dropped (nftables), so that it
+    stays in progress (every retried SYN meets the lingering socket again),
+    and then, half a second in, either the leaking server process is killed,
+    or every process of the namespace is and the namespace is deleted. The
+    incident ends with what was seen up to there (the SYN, the challenge ACK,
+    the RST, the lingering socket closed by the exit), one report and no
+    exception (the client's later SYNs, meeting the socket again, are
+    repeats); the tracer goes on (it is asked to stop afterwards, exit 0),
+    and once the client is gone its map of collisions in progress (bpftool,
+    while it runs) holds no entry of the tuple."""
+    port, cport = 17821, 41821
+    n = netns.NetNS(ns_name("cut")).__enter__()
+    try:
+        nft(n, "table inet tct", "add chain inet tct out { type filter hook output priority 0; }",
+            f"add rule inet tct out tcp dport {port} tcp flags & (syn | ack | rst | fin) == rst drop")
+        proc, _ = start_tracer("--netns", str(n.inode), "--incident-timeout", "3")
+        lines = Lines(proc)
+        tracked = tracked_map(proc.pid)
+        sc = scenario("--server-ns", n.name, "--fast", "--accept", "--server-comm", "leakysrv", "--wait-stdin",
+                      "--connect-timeout", "6", "--hold", "0", "--server-port", str(port), "--client-port", str(cport),
+                      stdin=subprocess.PIPE)
+        steps = read_steps(sc, until="waiting")
+        server_pid = next(x for x in steps if x["step"] == "accepted")["pid"]
+        sc.stdin.write("go\n")
+        sc.stdin.flush()
+        time.sleep(0.5)
+        os.kill(server_pid, signal.SIGKILL)
+        if fault == "the network namespace is deleted":
+            sc.kill()
+            sc.wait()
+            n.delete()
+        hit = lines.wait(lambda r: r["type"] == "collision", 15 * SLOW)
+        sc.wait(timeout=20 * SLOW)  # the client gave up (its connect timeout) or was killed: no SYN comes again
+        assert untracked_within(tracked, {port}, 12 * SLOW)
+        assert proc.poll() is None, "the tracer stopped"
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=20 * SLOW)
+        err = proc.stderr.read().decode()
+    finally:
+        with contextlib.suppress(Exception):
+            sc.kill()
+        if "proc" in locals() and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        with contextlib.suppress(Exception):
+            n.delete()
+    assert rc == 0 and err == "", err
+    assert hit is not None, "no report"
+    rec = hit[1]
+    print(json.dumps({k: rec[k] for k in ("outcome", "outcome_detail", "ended_by", "incomplete_reasons")}))
+    reports = [r for _, r in lines.got if r["type"] == "collision"]
+    print(json.dumps([{k: r.get(k) for k in ("id", "outcome", "ended_by", "repeat_of", "client")} for r in reports]))
+    # the client's SYN retried after the first incident ended by the timeout meets the socket again: a repeat
+    assert all(r["client"].endswith(f":{cport}") for r in reports)
+    assert all(r["repeat_of"] is not None for r in reports[1:]), reports
+    seen = [x["step"] for x in rec["steps"]]
+    assert seen[:3] == ["syn", "challenge_ack", "rst"] and "server_closed" in seen, seen
+    assert rec["outcome"] != "recovered" and not any(x["step"] == "established" for x in rec["steps"])
+    assert "Meanwhile the server application closed the old socket" in rec["explanation"]
+    assert rec["closewait_socket"]["owners"][0]["comm"] == "leakysrv"  # named before it exited

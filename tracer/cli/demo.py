@@ -10,9 +10,8 @@ import time
 
 import click
 
-from tracer.cli.live import run, session_options
-from tracer.cli.options import (LOADING, RUNTIME_ERRORS, Command, examples, fail, family, option, positive, takes,
-                                writer)
+from tracer.cli.live import live_output, run, session_options
+from tracer.cli.options import LOADING, RUNTIME_ERRORS, Command, examples, fail, family, option, positive, takes
 from tracer.host import netns
 from tracer.kernel import capabilities, program
 from tracer.output.render import inert
@@ -43,7 +42,7 @@ def demo(ipv4, ipv6, timeout, as_json, no_color, **params):
     removed afterwards. The demo ends once the collision is reported (exit
     status 1 when none is within --timeout)."""
     fam = family(ipv4, ipv6) or "ipv4"
-    out = writer(as_json, no_color)
+    out, stream = live_output(as_json, no_color)
     name = f"tcpcollide-demo-{os.getpid()}"
     ip = "::1" if fam == "ipv6" else "127.0.0.1"
     try:
@@ -65,7 +64,10 @@ def demo(ipv4, ipv6, timeout, as_json, no_color, **params):
             return
         state["connected"] |= step["step"] in ("connected", "connect_failed")
         text = f"demo: {step['step']}" + "".join(f" {k}={v}" for k, v in step.items() if k != "step")
-        click.echo(inert(text), err=as_json)
+        if as_json:
+            click.echo(inert(text), err=True)
+        else:
+            click.echo(inert(text), file=stream)  # None: sys.stdout
 
     def start_scenario():
         state["deadline"] = time.monotonic() + timeout
@@ -87,7 +89,7 @@ def demo(ipv4, ipv6, timeout, as_json, no_color, **params):
         return None
 
     try:
-        summary = run(options, sink, start_scenario, on_idle)
+        summary = run(options, sink, start_scenario, on_idle, flush=out.flush, stream=stream)
     finally:
         proc = state.get("proc")
         if proc is not None:

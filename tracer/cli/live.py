@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from tracer.cli.options import RUNTIME_ERRORS, fail, filters
+from tracer.cli.options import RUNTIME_ERRORS, fail, filters, writer
+from tracer.output.stream import OutputClosed, Stdout
 from tracer.session import Options, Session, Stop
 
 
@@ -21,9 +22,33 @@ def session_options(params: dict, **overrides) -> Options:
     return Options(**settings)
 
 
-def run(options: Options, sink, on_ready=None, on_idle=None, flush=None) -> dict | None:
-    """Start, stream, detach. None when a signal came before `ready`.
-    flush: called after each batch of records (a sink that buffers them)."""
+def live_output(as_json: bool, no_color: bool, batched: bool = False):
+    """(writer, stream): a live session's records go to standard output
+    through a stream that never blocks the tracing loop (tracer/output/stream.py)."""
+    try:
+        stream = Stdout()
+    except (OSError, ValueError):  # not a real file (io.UnsupportedOperation: click's test runner)
+        return writer(as_json, no_color, batched), None
+    return writer(as_json, no_color, batched, out=stream), stream
+
+
+def run(options: Options, sink, on_ready=None, on_idle=None, flush=None, stream: Stdout | None = None) -> dict | None:
+    """Start, stream, detach. None when a signal came before `ready`, or
+    when the reader of standard output went away (`| head -1`: the session
+    ends as after a signal, without the summary nobody would read).
+    flush: called after each batch of records (a sink that buffers them).
+    stream: standard output (tracer/output/stream.py): what it dropped for
+    a reader that did not read goes in the summary (`output_dropped`)."""
+    if stream is not None:
+        inner = sink
+
+        def sink(rec: dict) -> None:
+            if rec.get("type") == "summary":
+                if stream.dropped() is not None:
+                    rec["output_dropped"] = stream.dropped()
+                stream.keep_next()  # the summary is never dropped
+            inner(rec)
+
     session = Session(options, sink, flush)
     with session.signals():
         try:
@@ -33,9 +58,21 @@ def run(options: Options, sink, on_ready=None, on_idle=None, flush=None) -> dict
             return session.run(on_idle)
         except Stop as e:  # a signal between the steps above
             return session.finish(str(e)) if session.ready else None
+        except OutputClosed:
+            return None
         except RUNTIME_ERRORS as e:
             fail(str(e))
+        except OSError as e:
+            if session.ready:
+                raise
+            # the host refused something while starting (no descriptor left, ...): everything is detached below
+            fail(f"cannot start: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""))
         finally:
             session.close()
-            if flush is not None:
-                flush()
+            try:
+                if flush is not None:
+                    flush()
+            except OutputClosed:
+                pass
+            if stream is not None:
+                stream.finish()

@@ -19,12 +19,13 @@ from click.core import ParameterSource
 from tracer.host import netns, workload
 from tracer.kernel import capabilities, hooks, program
 from tracer.output.render import JsonWriter, TextWriter, inert
+from tracer.selftest import SelftestError
 from tracer.pipeline.correlator import Settings
 
 PROG = "tcpcollide-trace"
 GIVEN = "tcpcollide.given"  # ctx.meta key: {param name: (value, label)} given before the subcommand
 RUNTIME_ERRORS = (capabilities.KernelError, program.BuildError, hooks.BackendError, netns.NetnsError,
-                  workload.SelectionError)
+                  workload.SelectionError, SelftestError)
 EXIT_STATUS = ("Exit status: 0 success (also after Ctrl-C, SIGTERM, SIGHUP), 1 the tracer\n"
                "cannot run here or its input is bad (one line on stderr), 2 bad usage.")
 
@@ -190,9 +191,11 @@ def filters(port=None, netns=None, ipv4=False, ipv6=False, container=(), pod=(),
     return program.Filters(port=port, netns=netns, family=family(ipv4, ipv6), workloads=workloads)
 
 
-def writer(as_json: bool, no_color: bool, batched: bool = False):
-    """batched: JSON lines flushed by the caller (writer.flush), not each."""
-    return JsonWriter(flush_each=not batched) if as_json else TextWriter(color=False if no_color else None)
+def writer(as_json: bool, no_color: bool, batched: bool = False, out=None):
+    """batched: JSON lines flushed by the caller (writer.flush), not each.
+    out: the stream (default sys.stdout; a live session's is tracer/output/stream.py's)."""
+    out = sys.stdout if out is None else out
+    return JsonWriter(out, flush_each=not batched) if as_json else TextWriter(out, color=False if no_color else None)
 
 
 def fail(message: str) -> None:

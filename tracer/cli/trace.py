@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from tracer.cli.live import run, session_options
-from tracer.cli.options import FILTERS, LOADING, WORKLOAD_FILTERS, Command, examples, takes, writer
+from tracer.cli.live import live_output, run, session_options
+from tracer.cli.options import FILTERS, LOADING, WORKLOAD_FILTERS, Command, examples, takes
 
 TRACE_OPTIONS = (*FILTERS, *WORKLOAD_FILTERS, "duration", "count", "as_json", "verbose", "all_events", *LOADING, "incident_timeout",
                  "record", "metrics", "no_color")
@@ -36,5 +36,5 @@ def trace(as_json, no_color, **params):
     socket and the process that leaked it, a timeline (SYN, challenge ACK,
     RST, the retried SYN, the new connection), the penalty the client paid,
     and what to fix. A summary follows at exit."""
-    out = writer(as_json, no_color, batched=True)
-    run(session_options(params), out.write, flush=out.flush)
+    out, stream = live_output(as_json, no_color, batched=True)
+    run(session_options(params), out.write, flush=out.flush, stream=stream)

@@ -10,14 +10,27 @@ little). Label values (process names) are escaped by prometheus_client.
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from tracer.host import inventory
 from tracer.pipeline.records import culprit_workload
 
+# The HTTP server: a thread per connection (prometheus_client's own design),
+# but at most MAX_CONNECTIONS at once (more are closed as soon as accepted:
+# a client holding hundreds open would otherwise take the tracer's file
+# descriptors, which its /proc scans and sock_diag need), each given
+# REQUEST_TIMEOUT_S per read or write (a connection held open without
+# sending is closed then), and no word on stderr about a client's garbage or
+# its going away mid-request (counted: tcpcollide_metrics_requests_failed_total).
+MAX_CONNECTIONS = 16
+REQUEST_TIMEOUT_S = 5.0
 PENALTY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.5, 7.0, 15.0, 30.0)
 SNAPSHOT_TTL_S = 5.0
 
@@ -109,6 +122,76 @@ class KernelCollector:
         yield from (collisions, syns, refused, untracked)
 
 
+class _Handler(WSGIRequestHandler):
+    timeout = REQUEST_TIMEOUT_S  # per read/write on the connection (StreamRequestHandler.setup)
+
+    def log_message(self, format, *args):  # noqa: A002 - the base class's signature
+        """No log line per request."""
+
+
+class Server(ThreadingMixIn, WSGIServer):
+    """The metrics' HTTP server: bounded connections, silent about bad clients."""
+
+    daemon_threads = True
+    refused = 0  # connections closed at once: MAX_CONNECTIONS were open
+    failed = 0  # requests that ended in an error: garbage, a timeout, a client gone mid-request
+
+    def server_bind(self):
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        super().server_bind()
+
+    def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):
+            self.refused += 1
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)  # a thread, which releases the slot
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request, client_address):
+        self.failed += 1
+
+
+class ServerCollector:
+    """What the metrics' own server turned away."""
+
+    def __init__(self):
+        self.server: Server | None = None
+
+    def collect(self):
+        refused = CounterMetricFamily("tcpcollide_metrics_connections_refused", "Connections to the metrics port "
+                                      f"closed at once because {MAX_CONNECTIONS} were open")
+        failed = CounterMetricFamily("tcpcollide_metrics_requests_failed", "Requests to the metrics port that "
+                                     "failed: not HTTP, too large, no request within "
+                                     f"{REQUEST_TIMEOUT_S:g} s, or the client gone mid-request")
+        if self.server is not None:
+            refused.add_metric([], self.server.refused)
+            failed.add_metric([], self.server.failed)
+        yield from (refused, failed)
+
+
+def serve(host: str, port: int, registry: CollectorRegistry) -> tuple[Server, threading.Thread]:
+    """Serve `registry` on host:port from a daemon thread."""
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+
+    class _Server(Server):
+        address_family = family
+
+    httpd = make_server(host, port, make_wsgi_app(registry), _Server, handler_class=_Handler)
+    thread = threading.Thread(target=httpd.serve_forever, name="metrics", daemon=True)
+    thread.start()
+    return httpd, thread
+
+
 class Metrics:
     def __init__(self, listen: str, snapshot=inventory.snapshot):
         self.registry = CollectorRegistry()
@@ -134,11 +217,14 @@ class Metrics:
         r.register(self.kernel_counts)
         self.sockets = SocketCollector(snapshot)
         r.register(self.sockets)
+        served = ServerCollector()
+        r.register(served)
         host, port = parse_listen(listen)
         try:
-            self.server, self.thread = start_http_server(port, host, registry=r)
+            self.server, self.thread = serve(host, port, r)
         except OSError as e:
             raise OSError(f"cannot serve metrics on {listen}: {e.strerror}") from None
+        served.server = self.server
 
     def ready(self, hooks: list[dict]) -> None:
         for h in hooks:

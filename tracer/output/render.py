@@ -359,6 +359,11 @@ class TextWriter:
             self.console.print(Text(inert(
                 f"warning: the recording {rec_state.get('path')} stopped{f' at {at} bytes' if at is not None else ''}: "
                 f"{rec_state['stopped']} (it replays up to there)"), style="red"))
+        dropped = rec.get("output_dropped")
+        if dropped:
+            self.console.print(Text(
+                f"warning: {dropped['records']} record(s) ({dropped['bytes']} bytes) were dropped while standard "
+                "output was not read", style="red"))
         outside = rec.get("outside_selection") or {}
         if outside:
             self.console.print(Text(
