@@ -79,7 +79,9 @@ enum tc_stat {
 				    * left in the kernel on purpose (nothing is learnt from them), not a loss */
 	TC_STAT_STATE_COVERED = 6, /* state changes the set_state program's run would have skipped (it was
 				    * interrupted on that CPU by a softirq changing a state), run by its twin */
-	TC_STAT_MAX = 7,
+	TC_STAT_TRACK_ADDED = 7,   /* entries the programs added to map `tracked` (a new tuple): with what user
+				    * space deleted and what is left, the LRU's evictions (tracer/kernel/tracking.py) */
+	TC_STAT_MAX = 8,
 };
 
 struct tc_event {

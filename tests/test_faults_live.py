@@ -518,3 +518,56 @@ def test_an_incident_cut_short_by_its_host_ends_with_what_was_seen_and_leaves_no
     assert rec["outcome"] != "recovered" and not any(x["step"] == "established" for x in rec["steps"])
     assert "Meanwhile the server application closed the old socket" in rec["explanation"]
     assert rec["closewait_socket"]["owners"][0]["comm"] == "leakysrv"  # named before it exited
+
+
+def test_more_collisions_at_once_than_the_kernel_tracks_are_counted_marked_and_not_kept(ns, monkeypatch):
+    """A burst of 300 collisions at once (scripts/storm.py --burst) against a
+    tracer whose kernel-side tracking holds 64 (TCPCOLLIDE_TRACK_MAP_SIZE):
+    the full LRU map evicts entries of collisions still in progress. The
+    evictions are counted (kernel.tracked_evicted, exactly what the programs
+    added less what user space deleted and what is left), every incident
+    whose entry went is marked incomplete (tracking_evicted), none is
+    reported wrong, the kernel still counts every collision, and once the
+    incidents ended the map holds nothing of them."""
+    port, n = 17841, 300
+    monkeypatch.setenv("TCPCOLLIDE_TRACK_MAP_SIZE", "64")
+    proc, ready = start_tracer("--netns", str(ns.inode), "--incident-timeout", "3")
+    lines = Lines(proc)
+    try:
+        tracked = tracked_map(proc.pid)
+        done = subprocess.run(
+            [sys.executable, str(REPO / "scripts" / "storm.py"), "--ns", ns.name, "--burst", str(n), "--server-port",
+             str(port), "--client-port-base", "21000", "--keep-dead", "30"],
+            capture_output=True, text=True, cwd=REPO, timeout=180 * SLOW)
+        assert done.returncode == 0, done.stderr
+        made = json.loads(done.stdout.splitlines()[-1])
+        # the incidents end (reported, or by the 3 s timeout), and nothing of them stays tracked
+        assert untracked_within(tracked, {port}, 20 * SLOW)
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=30 * SLOW)
+        err = proc.stderr.read().decode()
+        time.sleep(0.5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert rc == 0 and err == "", err
+    assert made["collisions"] == n, {k: v for k, v in made.items() if k != "per_port"}
+    records = [r for _, r in lines.got]
+    summary = records[-1]
+    kernel = summary["kernel"]
+    cols = [r for r in records if r["type"] == "collision"]
+    evicted = [r for r in cols if "tracking_evicted" in r["incomplete_reasons"]]
+    print(f"{len(cols)} reported, {len(evicted)} marked evicted; kernel: "
+          f"{ {k: v for k, v in kernel.items() if k != 'by_server'} }")
+    assert kernel["collisions"] >= n  # a collision evicted and hit again counts again
+    assert kernel["tracked_evicted"] > 0 and kernel["tracked_added"] >= n
+    assert 0 < len(evicted) <= kernel["tracked_evicted"]
+    if kernel["tracked_added"] == n:  # no collision added twice (evicted, then met again): one mark per eviction
+        assert len(evicted) == kernel["tracked_evicted"]
+    wrong = [r for r in cols if not r["incomplete"] and not (r["outcome"] == "recovered" and {
+        "syn", "rst", "closewait_closed", "established"} <= {s["step"] for s in r["steps"]})]
+    assert not wrong, json.dumps(wrong[:2])[:3000]
+    assert all(r["incomplete_reasons"] for r in cols if r["incomplete"])
+    storms = [r for r in records if r["type"] == "storm" and "tracked_evicted" in r["lost"]]
+    assert storms, "the evictions were not said when they happened (a storm record)"

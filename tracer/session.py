@@ -166,7 +166,7 @@ class Session:
                                    [f.fd for name, f in funcs.items() if b"set_state" in name],
                                    self.kernel_counts.state_covered if self.twin is not None else None)
         self.kernel_counts.reset()  # the self-test's collision is not the host's
-        self.tracking = Tracking(self.bpf)
+        self.tracking = Tracking(self.bpf, self.kernel_counts.tracked_added)
         self.backend = plan.backend
         hz = capabilities.jiffies_hz()
         if self.options.state_hook == "lazy" and tracepoint is not None:
@@ -273,7 +273,9 @@ class Session:
             return None
         self._checked = now
         counts = self.kernel_counts.read()
-        self.tracking.sweep(self.pipeline.correlator.open.keys(), force=force)
+        evicted = self.tracking.sweep(self.pipeline.correlator.open.keys(), force=force)
+        if evicted:
+            self.pipeline.evicted(evicted)
         counts.update(self.tracking.counts())
         if self.metrics is not None:
             self.metrics.kernel(counts)
@@ -284,6 +286,7 @@ class Session:
             "events_undecodable": self.pipeline.losses.undecodable,
             "untracked": counts["untracked"],
             "uncounted": counts["uncounted"],
+            "tracked_evicted": counts["tracked_evicted"],
         }
         at_ns = time.monotonic_ns()
         fresh = {k: v - self._losses_seen.get(k, 0) for k, v in losses.items() if v > self._losses_seen.get(k, 0)}

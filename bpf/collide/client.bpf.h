@@ -65,7 +65,7 @@ static __always_inline int tc_client_challenged(void *ctx, const void *sk, const
 	if (!tracked.lookup(&t)) {
 		tr.first_ns = ev.ts_ns;
 		tr.skaddr = ev.skaddr;
-		tracked.update(&t, &tr);
+		tc_track_add(&t, &tr);
 	}
 	tc_open_window();
 	tc_submit(ctx, &ev);

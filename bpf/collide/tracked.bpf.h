@@ -65,6 +65,22 @@ static __always_inline void tc_open_window(void)
 		*u = until_j;
 }
 
+/* Add a tuple that was not tracked: 1 when this added it (counted: a full
+ * LRU map evicts another entry to make room, and user space tells the
+ * evictions from the entries added, deleted and left), 0 when another CPU
+ * added it just before (EEXIST), -1 when the map refused it. */
+static __always_inline int tc_track_add(const struct tc_tuple *t, const struct tc_track *tr)
+{
+	int err = tracked.insert(t, tr);
+
+	if (err == -17) /* EEXIST */
+		return 0;
+	if (err)
+		return -1;
+	tc_stat(TC_STAT_TRACK_ADDED);
+	return 1;
+}
+
 /* Register a collision of lingering socket `skaddr` on tuple `t`: 1 when it
  * is new (the tuple was not tracked for this socket), 0 when already
  * tracked, -1 when the map refused it. */
@@ -77,7 +93,9 @@ static __always_inline int tc_track(const struct tc_tuple *t, __u64 skaddr)
 	tr.first_ns = bpf_ktime_get_ns();
 	tr.skaddr = skaddr;
 	old = tracked.lookup(t);
-	if (!old || old->skaddr != skaddr)
+	if (!old)
+		fresh = tc_track_add(t, &tr);
+	else if (old->skaddr != skaddr)
 		fresh = tracked.update(t, &tr) ? -1 : 1;
 	tc_open_window();
 	return fresh;

@@ -11,7 +11,7 @@ STATS = {name.removeprefix("TC_STAT_").lower(): n for name, n in ENUMS["tc_stat"
 # the names the records give them
 NAMES = {"collisions": "collisions", "syn_hits": "syn_hits", "not_submitted": "events_not_submitted",
          "untracked": "untracked", "uncounted": "uncounted", "not_streamed": "events_not_streamed",
-         "state_covered": "state_runs_covered"}
+         "state_covered": "state_runs_covered", "track_added": "tracked_added"}
 FAMILIES = {2: "ipv4", 10: "ipv6"}
 
 
@@ -43,6 +43,11 @@ class KernelCounts:
         """Runs of the state hook the kernel skipped and its twin ran, since
         the load (bpf/tracepoints.bpf.c): one lookup."""
         return sum(self.stats[self.stats.Key(STATS["state_covered"])])
+
+    def tracked_added(self) -> int:
+        """Entries the programs added to map `tracked` since reset(): one lookup."""
+        index = STATS["track_added"]
+        return sum(self.stats[self.stats.Key(index)]) - self._base["track_added"]
 
     def syn_hits(self) -> int:
         """SYNs the kernel saw challenged so far (past the filters), whether

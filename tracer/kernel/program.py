@@ -23,7 +23,7 @@ from tracer.kernel.hooks import Plan
 from tracer.resources import bpf_dir, compat_dir
 
 AF_BY_NAME = {"ipv4": 2, "ipv6": 10}
-TRACK_MAP_SIZE = 4096  # collisions in progress (LRU)
+TRACK_MAP_SIZE = 4096  # collisions in progress (LRU); TCPCOLLIDE_TRACK_MAP_SIZE sets another (track_map_size())
 CONN_MAP_SIZE = 65536  # connecting sockets and their process (LRU)
 COUNT_MAP_SIZE = 16384  # (network namespace, server port, lingering state) with collisions
 NETNS_SET_SIZE = 1024  # `netns_allowed`: the namespaces of --container/--pod/--unit
@@ -112,6 +112,18 @@ def kernel_types(btf_path: str | None = None, source: str = "auto") -> KernelTyp
     return KernelTypes(f"headers:{headers}", dict(offsets.header_defines()), states)
 
 
+def track_map_size() -> int:
+    """How many collisions in progress at once the kernel side tracks (map
+    `tracked`): TCPCOLLIDE_TRACK_MAP_SIZE (for a host that has more at once,
+    or a test that wants the map full), else TRACK_MAP_SIZE."""
+    value = os.environ.get("TCPCOLLIDE_TRACK_MAP_SIZE", "")
+    if not value:
+        return TRACK_MAP_SIZE
+    if not value.isdigit() or not 16 <= int(value) <= 1 << 20:
+        raise BuildError(f"TCPCOLLIDE_TRACK_MAP_SIZE={value!r}: a number of entries from 16 to {1 << 20}")
+    return int(value)
+
+
 @dataclass
 class BuildSpec:
     text: str
@@ -126,7 +138,7 @@ class BuildSpec:
 def build_spec(plan: Plan, types: KernelTypes) -> BuildSpec:
     source = bpf_dir() / MAIN_SOURCE
     defines: dict[str, int | str] = {
-        "TC_TRACK_MAP_SIZE": TRACK_MAP_SIZE, "TC_CONN_MAP_SIZE": CONN_MAP_SIZE, "TC_COUNT_MAP_SIZE": COUNT_MAP_SIZE,
+        "TC_TRACK_MAP_SIZE": track_map_size(), "TC_CONN_MAP_SIZE": CONN_MAP_SIZE, "TC_COUNT_MAP_SIZE": COUNT_MAP_SIZE,
         "TC_TRACKING_J": TRACKING_JIFFIES, "TC_NETNS_SET_SIZE": NETNS_SET_SIZE,
     }
     defines.update(types.defines)

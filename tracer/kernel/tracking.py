@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import time
+from collections.abc import Callable
 
 from tracer.pipeline.events import ENUMS
 
@@ -14,13 +15,23 @@ STALE_NS = 5_000_000_000  # an entry this old with no incident open on its tuple
 
 
 class Tracking:
-    def __init__(self, bpf):
+    """`added()`: the entries the programs added to `tracked` since counting
+    began (tracer/kernel/counters.py). A full LRU map evicts an entry to make
+    room for a new one, silently; what it evicted is what was added and is
+    neither deleted by user space nor left: counted at every sweep, and the
+    open incidents whose entries are gone then are told (evicted keys)."""
+
+    def __init__(self, bpf, added: Callable[[], int] | None = None):
         self.tracked = bpf["tracked"]
         self.window = bpf["tracking"]
         self._kept = False
         self._swept_at = float("-inf")
         self.swept = 0  # stale entries deleted so far
         self.entries = 0  # entries at the last sweep
+        self._added = added
+        self._before = sum(1 for _ in self.tracked.keys()) if added is not None else 0  # there before counting
+        self.deleted = 0  # entries user space deleted (stale or ended)
+        self.evicted = 0  # entries the map evicted, at the last sweep
 
     @staticmethod
     def _key_of(key) -> tuple:
@@ -28,37 +39,50 @@ class Tracking:
         n = 16 if fam == 10 else 4
         return (fam, bytes(key.saddr)[:n], key.sport, bytes(key.caddr)[:n], key.cport)
 
-    def sweep(self, open_keys, force: bool = False) -> int:
+    def sweep(self, open_keys, force: bool = False) -> list[tuple]:
         """Delete the entries of collisions that no incident in user space
         will ever end: registered at least STALE_NS ago, on a tuple with no
         incident open (their first event was lost, or the user's filters left
         them out). Left alone they would make that tuple's later connections
         stream events, and take room from collisions in progress (`tracked`
         is an LRU: a full map evicts an entry that may still be in use).
-        Every SWEEP_S at most; returns how many it deleted."""
+        Every SWEEP_S at most. Returns the keys of open incidents whose
+        entries the map evicted since the last sweep (only when it evicted
+        any: an open incident's entry is deleted by nobody else)."""
         now = time.monotonic()
         if not force and now - self._swept_at < SWEEP_S:
-            return 0
+            return []
         self._swept_at = now
+        # added is read before the entries are: one added meanwhile is seen
+        # left, never counted as evicted (the count catches up next time)
+        added = self._added() if self._added is not None else None
         now_ns = time.monotonic_ns()  # the clock of bpf_ktime_get_ns()
         stale = []
-        count = 0
+        live = set()
         for key, tr in self.tracked.items():
-            count += 1
-            if now_ns - tr.first_ns >= STALE_NS and self._key_of(key) not in open_keys:
+            k = self._key_of(key)
+            live.add(k)
+            if now_ns - tr.first_ns >= STALE_NS and k not in open_keys:
                 stale.append(key)
+        gone: list[tuple] = []
+        if added is not None:
+            evicted = max(self.evicted, added + self._before - self.deleted - len(live))
+            if evicted > self.evicted:
+                gone = [k for k in open_keys if k not in live]
+            self.evicted = evicted
         for key in stale:
             try:
                 del self.tracked[key]
+                self.deleted += 1
             except KeyError:
                 pass
         self.swept += len(stale)
-        self.entries = count - len(stale)
-        return len(stale)
+        self.entries = len(live) - len(stale)
+        return gone
 
     def counts(self) -> dict:
         """For the summary's `kernel` part."""
-        return {"tracked_entries": self.entries, "tracked_swept": self.swept}
+        return {"tracked_entries": self.entries, "tracked_swept": self.swept, "tracked_evicted": self.evicted}
 
     def untrack(self, inc) -> None:
         """An incident ended: stop streaming its tuple's events. Not a newer
@@ -75,6 +99,7 @@ class Tracking:
         try:
             if self.tracked[key].first_ns <= max(inc.last_ns, inc.first_ns):
                 del self.tracked[key]
+                self.deleted += 1
         except KeyError:
             pass
 

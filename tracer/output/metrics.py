@@ -108,6 +108,8 @@ class KernelCollector:
                                       "(counted in the kernel)")
         untracked = CounterMetricFamily("tcpcollide_kernel_untracked", "Collisions the kernel could not track "
                                         "(their later events were not streamed)")
+        evicted = CounterMetricFamily("tcpcollide_kernel_tracked_evicted", "Collisions in progress whose kernel-side "
+                                      "tracking (map tracked, full) was evicted: their later events were not streamed")
         by: dict[tuple[str, str], list[int]] = {}
         if self.counts is not None:
             for row in self.counts["by_server"]:
@@ -116,10 +118,11 @@ class KernelCollector:
                 pair[1] += row["syn_hits"]
             refused.add_metric([], self.counts["events_not_submitted"])
             untracked.add_metric([], self.counts["untracked"])
+            evicted.add_metric([], self.counts.get("tracked_evicted", 0))
         for labels, (c, s) in sorted(by.items()):
             collisions.add_metric(list(labels), c)
             syns.add_metric(list(labels), s)
-        yield from (collisions, syns, refused, untracked)
+        yield from (collisions, syns, refused, untracked, evicted)
 
 
 class _Handler(WSGIRequestHandler):

@@ -46,6 +46,7 @@ INCOMPLETE_REASONS = (
     "runs_skipped",  # the kernel counted skipped BPF runs (recursion_misses) while it was open
     # an end left ESTABLISHED without its arrival there having been streamed, whatever the kernel counted
     "arrival_unseen",
+    "tracking_evicted",  # map `tracked` was full and evicted its entry: its later events were not streamed
     "state_hook_off",  # it began while the lazy state hook was detached and never got established
     "established_unseen",  # so, but sock_diag found it established afterwards: the delay is not known
     "recording_cut",  # a replay: the recording ends (cut short: a full disk, a killed tracer) while it was open
@@ -334,6 +335,14 @@ class Correlator:
         ends without every traced end seen established and queued."""
         self.skipped_runs += runs
         self._mark("runs_skipped" if not only_state_hook else "state_runs_skipped", at_ns)
+
+    def evicted(self, keys) -> None:
+        """Map `tracked` evicted the kernel's entries of these open incidents
+        (tuple keys, as `open`): their later events were not streamed."""
+        for key in keys:
+            inc = self.open.get(key)
+            if inc is not None:
+                inc.mark_incomplete("tracking_evicted")
 
     def _mark(self, reason: str, at_ns: int | None) -> None:
         for inc in self.open.values():

@@ -139,6 +139,9 @@ INCOMPLETE_TEXT = {
                       "them (a run skipped while another BPF program ran on that CPU, counted in skipped_runs, or, "
                       "on some virtual machines, not called at all in a softirq on top of certain threads, counted "
                       "nowhere): it was established, when is not known.",
+    "tracking_evicted": "More collisions were in progress at once than the kernel-side tracking holds (map "
+                        "`tracked`): this one's entry was evicted to make room, so its later events were not "
+                        "streamed (the summary's kernel.tracked_evicted counts every eviction).",
     "state_hook_off": "The state hook was attached again only after this collision began, so the connection may "
                       "have been established unseen: it may well have recovered.",
     "recording_cut": "The recording ends while this collision was in progress (it was cut short): what came "

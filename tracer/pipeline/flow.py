@@ -184,6 +184,13 @@ class Pipeline:
             self.metrics.lost.inc(count)
         self.correlator.lost(count)
 
+    def evicted(self, keys: list[tuple]) -> None:
+        """Map `tracked` evicted the entries of these open incidents (a full
+        LRU): their later events were not streamed."""
+        if self.recorder is not None:
+            self.recorder.evicted(keys)
+        self.correlator.evicted(keys)
+
     def state_hook(self, attached: bool, at_ns: int) -> None:
         self.correlator.state_hook(attached, at_ns)
         if self.recorder is not None:

@@ -32,9 +32,9 @@ FORMAT = 1
 MAX_HEADER = 1 << 20
 MAX_FRAME = 1 << 24
 
-EVENT, LOST, TICK, CONTEXT, QUEUE, END, FLUSH, STATE_HOOK, SKIPPED = 1, 2, 3, 4, 5, 6, 7, 8, 9
+EVENT, LOST, TICK, CONTEXT, QUEUE, END, FLUSH, STATE_HOOK, SKIPPED, EVICTED = 1, 2, 3, 4, 5, 6, 7, 8, 9, 10
 KINDS = {EVENT: "event", LOST: "lost", TICK: "tick", CONTEXT: "context", QUEUE: "queue", END: "end", FLUSH: "flush",
-         STATE_HOOK: "state_hook", SKIPPED: "skipped"}
+         STATE_HOOK: "state_hook", SKIPPED: "skipped", EVICTED: "evicted"}
 _FRAME = struct.Struct("<BI")
 _U64 = struct.Struct("<Q")
 
@@ -134,6 +134,11 @@ class Writer:
     def state_hook(self, attached: bool, at_ns: int) -> None:
         self._frame(STATE_HOOK, json.dumps({"attached": attached, "at_ns": at_ns}, separators=(",", ":")).encode())
 
+    def evicted(self, keys: list[tuple]) -> None:
+        """Open incidents whose entry map `tracked` evicted (tracer/kernel/tracking.py)."""
+        doc = [[fam, saddr.hex(), sport, caddr.hex(), cport] for fam, saddr, sport, caddr, cport in keys]
+        self._frame(EVICTED, json.dumps(doc, separators=(",", ":")).encode())
+
     def flush(self) -> None:
         self._frame(FLUSH, b"")
 
@@ -201,7 +206,7 @@ def frames(f: BinaryIO, start: int) -> Iterator[Frame]:
             raise RecordingError(offset, f"{KINDS[kind]} frame of {length} bytes, expected 8")
         if kind == SKIPPED and length != 2 * _U64.size:
             raise RecordingError(offset, f"skipped frame of {length} bytes, expected 16")
-        if kind in (CONTEXT, QUEUE, END, STATE_HOOK):
+        if kind in (CONTEXT, QUEUE, END, STATE_HOOK, EVICTED):
             try:
                 doc = json.loads(payload)
             except ValueError:
@@ -209,5 +214,16 @@ def frames(f: BinaryIO, start: int) -> Iterator[Frame]:
             if kind == STATE_HOOK and not (isinstance(doc, dict) and isinstance(doc.get("attached"), bool)
                                            and type(doc.get("at_ns")) is int):
                 raise RecordingError(offset, "corrupt state_hook frame (attached, at_ns)")
+            if kind == EVICTED and evicted_keys(doc) is None:
+                raise RecordingError(offset, "corrupt evicted frame (a list of tuples)")
         yield Frame(kind, offset, payload)
         offset += _FRAME.size + length
+
+
+def evicted_keys(doc) -> list[tuple] | None:
+    """The incident keys of an evicted frame's JSON, or None when it is not one."""
+    try:
+        return [(int(fam), bytes.fromhex(saddr), int(sport), bytes.fromhex(caddr), int(cport))
+                for fam, saddr, sport, caddr, cport in doc]
+    except (TypeError, ValueError):
+        return None

@@ -49,6 +49,8 @@ def replay(path: str, sink: Callable[[dict], None], verbose: bool = False, all_e
             elif fr.kind == recording.SKIPPED:
                 runs, only_state_hook = fr.u64s()
                 pipeline.skipped(runs, only_state_hook=bool(only_state_hook))
+            elif fr.kind == recording.EVICTED:
+                pipeline.evicted(recording.evicted_keys(fr.json()))
             elif fr.kind == recording.STATE_HOOK:
                 hook = fr.json()
                 pipeline.state_hook(hook["attached"], hook["at_ns"])
