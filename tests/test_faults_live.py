@@ -13,14 +13,13 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from tests.live import (BACKEND, BIN, REPO, SLOW, STATE_HOOK, bpf_alive, bpf_objects, left_attached, read_steps,
                         require_live, scenario)
-from tests.live import ns_name
+from tests.live import free_port, ns_name, scrape
 from tracer.host import netns
 from tracer.output import stream
 
@@ -32,20 +31,6 @@ def _live():
     require_live()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def scrape(port: int, timeout: float = 10) -> dict[str, float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout).read().decode()
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
-    return out
 
 
 def collisions_scraped(metrics: dict[str, float]) -> float:

@@ -4,11 +4,10 @@ BPF, the seed scenario in a namespace the test makes)."""
 from __future__ import annotations
 
 import socket
-import urllib.request
 
 import pytest
 
-from tests.live import SLOW, Tracer, read_steps, require_live, scenario
+from tests.live import SLOW, Tracer, free_port, read_steps, require_live, scenario, scrape
 
 pytestmark = pytest.mark.live
 
@@ -18,20 +17,6 @@ def _live():
     require_live()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def scrape(port: int) -> dict[str, float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
-    return out
 
 
 def test_metrics_during_a_collision(ns):
