@@ -1111,3 +1111,27 @@ def test_handler_check_refuses_a_type_handled_twice():
     step = dict(STEP_HANDLERS, syn_challenged=STEP_HANDLERS["state"])
     with pytest.raises(HandlerTableError, match="both a start and a step handler: syn_challenged"):
         check_handlers(EVENT_TYPES.values(), START_HANDLERS, step)
+
+
+@pytest.mark.parametrize("reason", ["events_lost", "tracking_evicted"])
+def test_an_establishment_lost_with_other_events_is_confirmed_from_the_socket_list(reason):
+    """Synthetic: the retry's events never came (lost in a full perf buffer,
+    or its kernel tracking evicted), so the incident would end without an
+    established connection. The kernel's socket list still shows the new
+    connection: recovered, when not known; the reason stays (other steps may
+    be missing too) and the established step says how it is known."""
+    a = Collision()
+    c = Correlator(STATES, HZ)
+    seq = a.seed_sequence()[:4]  # SYN, RST sent, RST received, CLOSE_WAIT -> CLOSE
+    for ev in seq:
+        c.feed(ev)
+    if reason == "events_lost":
+        c.lost(5)
+    else:
+        c.evicted(list(c.open))
+    [inc] = c.tick(T0 + 20 * S)
+    assert not inc.has("established") and reason in inc.incomplete_reasons
+    c.confirm(inc, {"server": ["ESTABLISHED"], "client": None, "at_ns": T0 + 20 * S})
+    assert (inc.outcome, inc.outcome_detail, inc.penalty_ns) == ("recovered", "recovered_unseen", None)
+    assert reason in inc.incomplete_reasons and inc.incomplete
+    assert inc.step("established").detail["seen_by"] == "sock_diag"

@@ -185,7 +185,7 @@ class Diagnoser:
         found = self.owners.lookup(inode) if inode else []
         owners = [self.owner(o) for o in found]
         ctx = {"owners": owners, "owners_unknown": self._unknown(inode, found), "listener": self.listener(inc)}
-        if "state_hook_off" in inc.incomplete_reasons and not inc.has("established"):
+        if inc.may_have_missed_establishment:
             ctx["connection"] = self.connection(inc)
         if inc.client_inode and inc.client_process is None:
             # the connecting process: the one holding the client socket (the

@@ -40,6 +40,9 @@ OUTCOME_DETAILS = (
     "recovered_unseen",
     "pending",  # not established when the trace or the incident's time ran out, nothing more seen
 )
+# The reasons that may hide the new connection's establishment: an incident with one of them that
+# ended without it is checked against the kernel's socket list (Correlator.confirm).
+UNSEEN_ESTABLISHMENT = frozenset({"state_hook_off", "events_lost", "runs_skipped", "tracking_evicted"})
 # Why an incident may miss kernel events (`incomplete_reasons`), each explained by tracer/pipeline/explain.py.
 INCOMPLETE_REASONS = (
     "events_lost",  # the perf buffer was full: events lost while it was open or on their way
@@ -154,6 +157,12 @@ class Incident:
     def mark_incomplete(self, reason: str) -> None:
         if reason not in self.incomplete_reasons:
             self.incomplete_reasons.append(reason)
+
+    @property
+    def may_have_missed_establishment(self) -> bool:
+        """Not seen established, and events may be missing that would have
+        said it was: the kernel's socket list can still tell (confirm())."""
+        return not self.has("established") and any(r in UNSEEN_ESTABLISHMENT for r in self.incomplete_reasons)
 
     @property
     def established_unseen(self) -> bool:
@@ -766,13 +775,17 @@ class Correlator:
         return inc
 
     def confirm(self, inc: Incident, connection: dict) -> None:
-        """The host's look at an ended incident's tuple, for one that the state
-        hook may have missed the establishment of (state_hook_off): the states
-        of the sockets on it at each end (`server`, `client`: lists, None if
-        not asked) at `at_ns`. A socket in a state that only the new
-        connection can be in proves it was established by then: the incident
-        is recovered, when is not known (established_unseen)."""
-        if inc.has("established") or "state_hook_off" not in inc.incomplete_reasons:
+        """The host's look at an ended incident's tuple, for one whose
+        establishment may have gone unseen (may_have_missed_establishment:
+        the state hook was away, events were lost, runs skipped, its tracking
+        evicted): the states of the sockets on it at each end (`server`,
+        `client`: lists, None if not asked) at `at_ns`. A socket in a state
+        that only the new connection can be in proves it was established by
+        then: the incident is recovered, when is not known (the established
+        step says it was seen by sock_diag). Where the state hook was away,
+        that was all it missed (state_hook_off becomes established_unseen);
+        any other reason stays, since other steps may be missing too."""
+        if not inc.may_have_missed_establishment:
             return
         proof = {"server": set(ESTABLISHED_SINCE["server"]), "client": set(ESTABLISHED_SINCE["client"])}
         if not inc.has("closewait_closed"):  # the old socket may still be there, in one of these
@@ -788,7 +801,8 @@ class Correlator:
         inc.established_ends |= set(found)
         inc.add("established", at_ns, seen_by="sock_diag", by_ms=round((at_ns - inc.first_ns) / 1e6, 3),
                 **{f"{end}_state": st for end, st in found.items()})
-        inc.incomplete_reasons[inc.incomplete_reasons.index("state_hook_off")] = "established_unseen"
+        if "state_hook_off" in inc.incomplete_reasons:
+            inc.incomplete_reasons[inc.incomplete_reasons.index("state_hook_off")] = "established_unseen"
         inc.sort_steps()
         inc.stuck_reason = None
         inc.outcome, inc.outcome_detail = self._outcome(inc)
