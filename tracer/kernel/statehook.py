@@ -151,6 +151,8 @@ class LazyStateHook:
         self.attached = False
 
     def _detach_programs(self) -> None:
-        self.bpf.detach_raw_tracepoint(tp=self.tp)
+        """The twin first: left alone on the tracepoint, it would take every
+        state change as one the first program missed (bpf/tracepoints.bpf.c)."""
         if self.twin is not None:
             self.twin.detach()
+        self.bpf.detach_raw_tracepoint(tp=self.tp)
