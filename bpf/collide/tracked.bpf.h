@@ -160,7 +160,8 @@ static __always_inline int tc_on_tracked(void *ctx, const void *sk, __u32 type, 
  * skipped) still streams its departure from ESTABLISHED: that is how user
  * space learns of the skipped run. Nor are two changes that tell user space
  * nothing another event does not: a child's LISTEN -> SYN_RECV (it moves
- * to ESTABLISHED in the same softirq), and the lingering socket's CLOSE
+ * to ESTABLISHED in the same softirq), a connecting socket's CLOSE ->
+ * SYN_SENT (its collision, if any, starts with its SYN), and the lingering socket's CLOSE
  * once its received RST was streamed (tcp_reset() ends in tcp_done()). The
  * lingering socket's other changes always stream. */
 static __always_inline int tc_on_set_state(void *ctx, const void *sk, int oldstate, int newstate, __u32 hook)
@@ -186,10 +187,14 @@ static __always_inline int tc_on_set_state(void *ctx, const void *sk, int oldsta
 		return 0;
 	}
 	if ((__u64)sk != tr->skaddr) {
-		if (oldstate == K_TCP_LISTEN && newstate == K_TCP_SYN_RECV) {
+		if ((oldstate == K_TCP_LISTEN && newstate == K_TCP_SYN_RECV) ||
+		    (oldstate == K_TCP_CLOSE && newstate == K_TCP_SYN_SENT)) {
 			/* a child of the listener on the tuple: made as the handshake's
 			 * last ACK arrives, and moved to ESTABLISHED in the same softirq,
-			 * whose event tells user space all this one would */
+			 * whose event tells user space all this one would; or a client's
+			 * connect() on a tuple still tracked (a client reconnecting from
+			 * the same port, its last collision's incident not ended yet):
+			 * a collision of it starts with its SYN challenged, not here */
 			tc_stat(TC_STAT_NOT_STREAMED);
 			return 0;
 		}
