@@ -32,16 +32,20 @@ for real in test_workload_live.py, on workloads that tests make).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 
 import click
 import pytest
 
 from tests.live import BIN, SLOW, ns_name, require_live
+from tests.test_systemd import parse_entry
 from tracer import cli
 from tracer.host import netns
 
@@ -183,11 +187,12 @@ def example_ns():
         yield ns
 
 
-def run_in(ns: netns.NetNS, argv: list[str], cwd) -> subprocess.CompletedProcess:
+def run_in(ns: netns.NetNS, argv: list[str], cwd, env: dict | None = None) -> subprocess.CompletedProcess:
     argv = [str(BIN), *argv[1:]]
     try:
         return subprocess.run(["ip", "netns", "exec", ns.name, *argv], cwd=cwd, stdin=subprocess.DEVNULL,
-                              capture_output=True, text=True, timeout=TIMEOUT_S)
+                              capture_output=True, text=True, timeout=TIMEOUT_S,
+                              env={**os.environ, **(env or {})})
     except subprocess.TimeoutExpired as e:
         stderr = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr
         pytest.fail(f"{shlex.join(argv)} still running after {TIMEOUT_S:.0f} s\nstderr:\n{stderr}")
@@ -209,8 +214,20 @@ def test_help_example_runs(example, example_ns, recording, tmp_path):
     written = recorded_file(argv)
     if written != RECORDING:  # for the replay examples; one that records run.rec must write it itself
         shutil.copy(recording, tmp_path / RECORDING)
-    r = run_in(example_ns, argv, tmp_path)
+    journal = None
+    if "--journal" in argv:  # where journald's socket would be: one the test binds
+        journal = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        journal.bind(str(tmp_path / "journal"))
+    r = run_in(example_ns, argv, tmp_path, {"TCPCOLLIDE_JOURNAL_SOCKET": str(tmp_path / "journal")} if journal else None)
     shown = f"{shlex.join(argv)} (the help example {example!r})"
+    if journal is not None:
+        journal.setblocking(False)
+        kinds = []
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                kinds.append(parse_entry(journal.recv(1 << 20))["TCPCOLLIDE_TYPE"])
+        journal.close()
+        assert kinds[:1] == ["ready"] and kinds[-1:] == ["summary"], f"{shown}: journal entries {kinds}"
     output = f"\nstderr:\n{r.stderr}\nstdout (its end):\n{r.stdout[-2000:]}"
     assert r.returncode != 2, f"{shown}: usage error (exit 2){output}"
     assert r.returncode == 0 or answers_no(argv, r), f"{shown}: exit {r.returncode}{output}"

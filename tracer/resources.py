@@ -21,3 +21,8 @@ def bpf_dir() -> Path:
 def compat_dir() -> Path:
     """The small header tree bcc compiles against instead of kernel headers."""
     return bpf_dir() / "compat"
+
+
+def service_unit() -> Path:
+    """The systemd unit (tracer/system/tcpcollide-trace.service)."""
+    return _HERE / "system" / "tcpcollide-trace.service"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from tracer.cli.options import RUNTIME_ERRORS, fail, filters, writer
 from tracer.output.stream import OutputClosed, Stdout
+from tracer.output.systemd import JournalWriter, Notifier, journal_is_stdout
 from tracer.session import Options, Session, Stop
 
 
@@ -22,9 +23,15 @@ def session_options(params: dict, **overrides) -> Options:
     return Options(**settings)
 
 
-def live_output(as_json: bool, no_color: bool, batched: bool = False):
+def live_output(as_json: bool, no_color: bool, batched: bool = False, journal: bool = False):
     """(writer, stream): a live session's records go to standard output
-    through a stream that never blocks the tracing loop (tracer/output/stream.py)."""
+    through a stream that never blocks the tracing loop (tracer/output/stream.py),
+    or to the journal (--journal, or a service whose stdout is the journal)."""
+    if journal or journal_is_stdout():
+        try:
+            return JournalWriter(), None
+        except OSError as e:
+            fail(e.strerror)
     try:
         stream = Stdout()
     except (OSError, ValueError):  # not a real file (io.UnsupportedOperation: click's test runner)
@@ -50,12 +57,19 @@ def run(options: Options, sink, on_ready=None, on_idle=None, flush=None, stream:
             inner(rec)
 
     session = Session(options, sink, flush)
+    notifier = Notifier()  # a systemd service's readiness and status (tracer/output/systemd.py)
     with session.signals():
         try:
             session.start()
+            notifier.ready(session)
             if on_ready is not None:
                 on_ready()
-            return session.run(on_idle)
+
+            def idle(s):
+                notifier.tick(s)
+                return on_idle(s) if on_idle is not None else None
+
+            return session.run(idle)
         except Stop as e:  # a signal between the steps above
             return session.finish(str(e)) if session.ready else None
         except OutputClosed:
@@ -68,6 +82,7 @@ def run(options: Options, sink, on_ready=None, on_idle=None, flush=None, stream:
             # the host refused something while starting (no descriptor left, ...): everything is detached below
             fail(f"cannot start: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""))
         finally:
+            notifier.stopping()
             session.close()
             try:
                 if flush is not None:

@@ -118,6 +118,9 @@ OPTIONS: dict[str, tuple[tuple[str, ...], dict]] = {
                                         "FILE`.")),
     "metrics": (("--metrics",), dict(callback=_listen, metavar="HOST:PORT",
                                      help="Serve Prometheus metrics on HOST:PORT (e.g. 0.0.0.0:9465, [::]:9465).")),
+    "journal": (("--journal",), dict(
+        is_flag=True, help="Write each record to the systemd journal as an entry with TCPCOLLIDE_* fields, not to "
+                           "stdout (the default when $JOURNAL_STREAM says stdout is the journal).")),
 }
 
 # The options of a tracing run, shared by trace, demo and top.

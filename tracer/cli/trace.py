@@ -8,7 +8,7 @@ from tracer.cli.live import live_output, run, session_options
 from tracer.cli.options import FILTERS, LOADING, WORKLOAD_FILTERS, Command, examples, takes
 
 TRACE_OPTIONS = (*FILTERS, *WORKLOAD_FILTERS, "duration", "count", "as_json", "verbose", "all_events", *LOADING, "incident_timeout",
-                 "record", "metrics", "no_color")
+                 "record", "metrics", "journal", "no_color")
 
 EXAMPLES = examples(
     ("tcpcollide-trace trace", "trace the whole host until Ctrl-C (also: tcpcollide-trace)"),
@@ -19,12 +19,13 @@ EXAMPLES = examples(
     ("tcpcollide-trace trace --metrics 0.0.0.0:9465", "serve Prometheus metrics while tracing"),
     ("tcpcollide-trace trace --pod shop/cart-7d4b9 --json", "collisions of one Kubernetes pod"),
     ("tcpcollide-trace trace --container leaky --unit nginx", "collisions of a container, and of a systemd unit"),
+    ("tcpcollide-trace trace --journal --duration 5", "collisions as journal entries (journalctl TCPCOLLIDE_TYPE=collision)"),
 )
 
 
 @click.command("trace", cls=Command, epilog=EXAMPLES)
 @takes(*TRACE_OPTIONS)
-def trace(as_json, no_color, **params):
+def trace(as_json, no_color, journal, **params):
     """Trace the host: report each connection whose SYN hits a socket left in CLOSE_WAIT.
 
     Every network namespace, IPv4 and IPv6, until Ctrl-C, --duration or
@@ -36,5 +37,5 @@ def trace(as_json, no_color, **params):
     socket and the process that leaked it, a timeline (SYN, challenge ACK,
     RST, the retried SYN, the new connection), the penalty the client paid,
     and what to fix. A summary follows at exit."""
-    out, stream = live_output(as_json, no_color, batched=True)
+    out, stream = live_output(as_json, no_color, batched=True, journal=journal)
     run(session_options(params), out.write, flush=out.flush, stream=stream)

@@ -73,6 +73,7 @@ LOSS_WORDS = {
     "events_undecodable": "undecodable events",
     "untracked": "collisions the kernel could not track",
     "uncounted": "collisions the kernel's per-port counts had no room for",
+    "tracked_evicted": "collisions in progress whose kernel-side tracking was evicted (map full)",
 }
 
 

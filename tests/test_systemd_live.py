@@ -1,0 +1,88 @@
+"""Live: the tracer as a systemd service would run it, against sockets bound
+by the test where systemd's would be: $NOTIFY_SOCKET (readiness, status,
+watchdog) and the journal's native socket (TCPCOLLIDE_JOURNAL_SOCKET). The
+real tracer, a real collision (the seed's scenario in a namespace the test
+makes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+
+from tests.live import BACKEND, BIN, SLOW, STATE_HOOK, bpf_prog_ids, read_steps, require_live, scenario
+from tests.test_systemd import parse_entry
+
+pytestmark = pytest.mark.live
+
+
+@pytest.fixture(autouse=True)
+def _live():
+    require_live()
+
+
+def bound(path) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.bind(str(path))
+    s.settimeout(60 * SLOW)
+    return s
+
+
+def test_ready_after_the_hooks_fire_status_watchdog_and_the_journal(ns, tmp_path):
+    notify, journal = bound(tmp_path / "notify"), bound(tmp_path / "journal")
+    env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "2000000",
+           "TCPCOLLIDE_JOURNAL_SOCKET": str(tmp_path / "journal")}
+    before = bpf_prog_ids()
+    proc = subprocess.Popen([str(BIN), "trace", "--journal", "--backend", BACKEND, "--state-hook", STATE_HOOK,
+                             "--netns", str(ns.inode)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+    try:
+        first = notify.recv(4096).decode().split("\n")
+        attached = bpf_prog_ids() - before  # when READY=1 came
+        ready = parse_entry(journal.recv(1 << 20))
+        sc = scenario("--server-ns", ns.name, "--fast")
+        steps = read_steps(sc, until="connected")
+        assert steps[-1]["step"] == "connected", steps
+        entries = []
+        while not any(e["TCPCOLLIDE_TYPE"] == "collision" for e in entries):
+            entries.append(parse_entry(journal.recv(1 << 20)))
+        messages = []
+        deadline = time.monotonic() + 15 * SLOW
+        while time.monotonic() < deadline and not any(m.startswith("STATUS=") and "1 collision(s)" in m
+                                                       for m in messages):
+            messages += notify.recv(4096).decode().split("\n")
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=30 * SLOW)
+        messages += notify.recv(4096).decode().split("\n")
+        while True:
+            entries.append(parse_entry(journal.recv(1 << 20)))
+            if entries[-1]["TCPCOLLIDE_TYPE"] == "summary":
+                break
+        sc.wait(timeout=30 * SLOW)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    stderr = proc.stderr.read()
+    assert rc == 0 and stderr == "", stderr
+    assert proc.stdout.read() == "", "records went to stdout, not the journal"
+    # READY=1 only once every hook was attached and had fired (the self-test is before ready)
+    assert "READY=1" in first and len(attached) >= 5, (first, attached)
+    assert ready["TCPCOLLIDE_TYPE"] == "ready" and json.loads(ready["TCPCOLLIDE_JSON"])["type"] == "ready"
+    assert any(m.startswith("STATUS=tracing (") for m in first)
+    # kept current, and the watchdog fed at half of WATCHDOG_USEC
+    assert any(m.startswith("STATUS=") and "1 collision(s) reported" in m for m in messages), messages
+    assert "WATCHDOG=1" in messages and "STOPPING=1" in messages, messages
+    # the collision, as a journal entry a query can select on
+    [col] = [e for e in entries if e["TCPCOLLIDE_TYPE"] == "collision"]
+    rec = json.loads(col["TCPCOLLIDE_JSON"])
+    assert rec["type"] == "collision" and col["TCPCOLLIDE_OUTCOME"] == rec["outcome"] == "recovered"
+    assert col["TCPCOLLIDE_SERVER"] == rec["server"] and col["TCPCOLLIDE_CLIENT"] == rec["client"]
+    assert col["PRIORITY"] == "4" and col["SYSLOG_IDENTIFIER"] == "tcpcollide-trace"
+    assert col["MESSAGE"].startswith(f"collision: {rec['client']} -> {rec['server']}")
+    assert entries[-1]["TCPCOLLIDE_TYPE"] == "summary"
