@@ -32,7 +32,8 @@ def counters(bpf) -> dict[int, int]:
 def collide(timeout: float = 10.0) -> None:
     """A fast collision (scenario --fast, with short pauses) in a network
     namespace of its own, in a forked child: no interpreter to start, no
-    iproute2, and the namespace goes when the child exits. Its events never
+    iproute2, and the namespace goes when the child exits; ports above 1023,
+    so that it needs no CAP_NET_BIND_SERVICE. Its events never
     reach user space (the perf buffer is not open yet); the counters move."""
     r, w = os.pipe()
     pid = os.fork()
@@ -45,7 +46,7 @@ def collide(timeout: float = 10.0) -> None:
             netns.unshare()
             netns.loopback_up()
             args = scenario.parser().parse_args(
-                ["--fast", "--server-port", "9", "--client-port", "9999", "--before-close", "0",
+                ["--fast", "--server-port", "9009", "--client-port", "9999", "--before-close", "0",
                  "--age", "0", "--hold", "0", "--connect-timeout", str(timeout), "--port-wait", "1"])
             code = scenario.run(args)
             if code:
