@@ -146,3 +146,23 @@ def test_the_unit_file_verifies(tmp_path):
     # (its manual page is checked where it is installed: scripts/test-deb verifies the installed unit)
     r = subprocess.run(["systemd-analyze", "verify", "--man=no", str(unit)], capture_output=True, text=True)
     assert r.returncode == 0 and r.stderr.strip() == "" and r.stdout.strip() == "", r.stdout + r.stderr
+
+
+def test_the_unit_bounds_the_capabilities_to_the_measured_set():
+    from tracer.kernel.capabilities import CAPABILITIES
+
+    line = next(x for x in service_unit().read_text().splitlines() if x.startswith("CapabilityBoundingSet="))
+    assert set(line.split("=", 1)[1].split()) == set(CAPABILITIES)
+
+
+def test_missing_capabilities_name_what_they_cost():
+    from tracer.kernel import capabilities
+
+    status = "CapEff:\t%016x\n" % ((1 << 21) | (1 << 12))  # CAP_SYS_ADMIN, CAP_NET_ADMIN
+    have = capabilities.effective_capabilities(status)
+    assert have == {"CAP_SYS_ADMIN", "CAP_NET_ADMIN"}
+    missing = {m["capability"]: m for m in capabilities.missing_capabilities(have)}
+    assert set(missing) == {"CAP_SYS_PTRACE", "CAP_DAC_READ_SEARCH"}  # CAP_SYS_ADMIN stands in for BPF, PERFMON
+    assert not any(m["fatal"] for m in missing.values()) and "cannot be named" in missing["CAP_SYS_PTRACE"]["cost"]
+    fatal = {m["capability"] for m in capabilities.missing_capabilities({"CAP_BPF", "CAP_PERFMON"}) if m["fatal"]}
+    assert fatal == {"CAP_SYS_ADMIN", "CAP_NET_ADMIN"}

@@ -86,3 +86,48 @@ def test_ready_after_the_hooks_fire_status_watchdog_and_the_journal(ns, tmp_path
     assert col["PRIORITY"] == "4" and col["SYSLOG_IDENTIFIER"] == "tcpcollide-trace"
     assert col["MESSAGE"].startswith(f"collision: {rec['client']} -> {rec['server']}")
     assert entries[-1]["TCPCOLLIDE_TYPE"] == "summary"
+
+
+SET = "-all,+sys_admin,+net_admin,+sys_ptrace,+dac_read_search,+bpf,+perfmon"  # the unit's bounding set
+
+
+def capped(bounding: str, *argv: str, **kw) -> subprocess.CompletedProcess:
+    """The tracer as root with only these capabilities (setpriv --bounding-set, as CapabilityBoundingSet= does)."""
+    return subprocess.run(["setpriv", f"--bounding-set={bounding}", "--", str(BIN), *argv], capture_output=True,
+                          text=True, timeout=120 * SLOW, **kw)
+
+
+def test_with_exactly_the_units_capabilities_the_tracer_sees_the_collision(ns):
+    proc = subprocess.Popen(["setpriv", f"--bounding-set={SET}", "--", str(BIN), "trace", "--json", "--backend",
+                             BACKEND, "--netns", str(ns.inode), "-c", "1", "--duration", str(60 * SLOW)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        ready = json.loads(proc.stdout.readline())
+        sc = scenario("--server-ns", ns.name, "--fast")
+        read_steps(sc, until="connected")
+        out, err = proc.communicate(timeout=60 * SLOW)
+        sc.wait(timeout=30 * SLOW)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert ready["type"] == "ready" and proc.returncode == 0, err
+    [rec] = [json.loads(x) for x in out.splitlines() if '"type":"collision"' in x]
+    assert rec["outcome"] == "recovered" and not rec["incomplete"]
+
+
+@pytest.mark.parametrize("dropped, fatal", [("net_admin", True), ("sys_admin", True), ("sys_ptrace", False),
+                                            ("dac_read_search", False)])
+def test_each_capability_dropped_fails_or_degrades_as_doctor_says(dropped, fatal):
+    bounding = SET.replace(f",+{dropped}", "")
+    doctor = capped(bounding, "doctor", "--json")
+    rep = json.loads(doctor.stdout)
+    named = [m for m in rep["capabilities"]["missing"] if m["capability"] == f"CAP_{dropped.upper()}"]
+    assert named and named[0]["fatal"] is fatal, rep["capabilities"]
+    trace = capped(bounding, "trace", "--json", "--duration", "1")
+    if fatal:
+        assert doctor.returncode == 1 and not rep["ok"]
+        assert trace.returncode == 1 and len(trace.stderr.splitlines()) == 1 and "Traceback" not in trace.stderr
+    else:
+        assert doctor.returncode == 0 and rep["ok"]
+        assert trace.returncode == 0 and json.loads(trace.stdout.splitlines()[0])["type"] == "ready", trace.stderr

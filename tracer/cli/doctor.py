@@ -81,6 +81,10 @@ def diagnose(backend: str, run_selftest: bool, btf_path: str | None, types_sourc
     rep["hooks"] = [c.as_dict() for c in plan.choices] if plan else []
     if not rep["root"]:
         problems.append("not root: the tracer itself must run as root")
+    else:
+        rep["capabilities"] = {"effective": sorted(capabilities.effective_capabilities()),
+                               "missing": capabilities.missing_capabilities()}
+        problems += [f"without {m['capability']}: {m['cost']}" for m in rep["capabilities"]["missing"] if m["fatal"]]
     rep["stages_s"] = stages.took
     rep["problems"] = list(dict.fromkeys(problems))
     rep["ok"] = not problems

@@ -121,6 +121,50 @@ def require_root(why: str = "it loads BPF programs") -> None:
         raise KernelError(f"tcpcollide-trace must run as root ({why})")
 
 
+# The capabilities the tracer needs, measured (setpriv --bounding-set) on this
+# project's kernels: what each buys, and whether the tracer can run without it.
+# CAP_BPF and CAP_PERFMON are what loading and attaching need on Linux >= 5.8;
+# CAP_SYS_ADMIN, needed anyway (the self-test's private network namespace,
+# setns into other namespaces for sock_diag), grants both on every kernel.
+# The unit's CapabilityBoundingSet= (tracer/system/tcpcollide-trace.service) is
+# this set; tests/test_systemd.py holds them together.
+CAPABILITIES = {  # name: (bit, what is lost without it, fatal)
+    "CAP_SYS_ADMIN": (21, "the self-test's private network namespace (unshare) and the lookups in other "
+                          "namespaces (setns) fail, and with neither CAP_BPF nor CAP_PERFMON nothing loads: the "
+                          "tracer cannot run", True),
+    "CAP_NET_ADMIN": (12, "the self-test cannot bring up its namespace's loopback: the tracer cannot run (but with "
+                          "--no-selftest); demo cannot make its namespace", True),
+    "CAP_SYS_PTRACE": (19, "the process holding a socket cannot be named when it runs as another user (its "
+                           "/proc/PID/fd is not readable): the culprit is `not_held`", False),
+    "CAP_DAC_READ_SEARCH": (2, "the /proc/PID/fd of another user's processes cannot be listed: their sockets' "
+                               "owners cannot be named", False),
+    "CAP_BPF": (39, "nothing, where CAP_SYS_ADMIN is there (it grants the same)", False),
+    "CAP_PERFMON": (38, "nothing, where CAP_SYS_ADMIN is there (it grants the same)", False),
+}
+
+
+def effective_capabilities(status: str | None = None) -> set[str]:
+    """The tracer's capabilities (of CAPABILITIES) in effect now."""
+    text = status if status is not None else Path("/proc/self/status").read_text()
+    eff = next((int(line.split()[1], 16) for line in text.splitlines() if line.startswith("CapEff:")), 0)
+    return {name for name, (bit, _, _) in CAPABILITIES.items() if eff >> bit & 1}
+
+
+def missing_capabilities(have: set[str] | None = None) -> list[dict]:
+    """The capabilities the tracer lacks, what each costs, and whether it
+    cannot run without it (CAP_BPF and CAP_PERFMON are not missing where
+    CAP_SYS_ADMIN stands in for them)."""
+    have = effective_capabilities() if have is None else have
+    out = []
+    for name, (_, cost, fatal) in CAPABILITIES.items():
+        if name in have or (name in ("CAP_BPF", "CAP_PERFMON") and "CAP_SYS_ADMIN" in have):
+            continue
+        if name in ("CAP_BPF", "CAP_PERFMON"):
+            cost, fatal = f"without it (and without CAP_SYS_ADMIN) the programs cannot be {'loaded' if name == 'CAP_BPF' else 'attached'}", True
+        out.append({"capability": name, "cost": cost, "fatal": fatal})
+    return out
+
+
 def kprobes_available(tracefs_root: Path | None = None) -> bool:
     """CONFIG_KPROBES: the kprobe PMU or tracefs's kprobe_events exists."""
     if Path("/sys/bus/event_source/devices/kprobe").exists():

@@ -289,6 +289,11 @@ class TextWriter:
         if rec.get("object_cache"):
             said, warn = object_cache_line(rec["object_cache"])
             line("object", said, "yellow" if warn else "")
+        if rec.get("capabilities"):
+            line("capabilities", ", ".join(rec["capabilities"]["effective"]) or "none of those it uses")
+            for m in rec["capabilities"]["missing"]:
+                if not m["fatal"]:
+                    line("degraded", f"without {m['capability']}: {m['cost']}", "yellow")
         table = Table(box=None, header_style="bold", pad_edge=False)
         for col in ("hook", "backend", "target", "fires", "note"):
             table.add_column(col, overflow="fold")
