@@ -548,9 +548,8 @@ def test_more_collisions_at_once_than_the_kernel_tracks_are_counted_marked_and_n
           f"{ {k: v for k, v in kernel.items() if k != 'by_server'} }")
     assert kernel["collisions"] >= n  # a collision evicted and hit again counts again
     assert kernel["tracked_evicted"] > 0 and kernel["tracked_added"] >= n
+    # an entry evicted after its incident's last event, before the incident ended, cost nothing: not marked
     assert 0 < len(evicted) <= kernel["tracked_evicted"]
-    if kernel["tracked_added"] == n:  # no collision added twice (evicted, then met again): one mark per eviction
-        assert len(evicted) == kernel["tracked_evicted"]
     wrong = [r for r in cols if not r["incomplete"] and not (r["outcome"] == "recovered" and {
         "syn", "rst", "closewait_closed", "established"} <= {s["step"] for s in r["steps"]})]
     assert not wrong, json.dumps(wrong[:2])[:3000]
