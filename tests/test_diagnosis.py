@@ -469,3 +469,26 @@ def test_a_report_waits_for_the_owner_scan_and_says_why_one_is_missing(monkeypat
     pipeline.release()
     assert printed[3]["closewait_socket"]["owners_unknown"] == "lookup_deferred"
     assert "not looked up in time" in printed[3]["explanation"]
+
+
+def test_an_owner_the_scan_could_not_read_is_said_so():
+    """(Synthetic scans.) A scan that could not read some processes'
+    descriptors (another user's, without CAP_SYS_PTRACE/CAP_DAC_READ_SEARCH)
+    cannot say nobody held a socket it did not find: `not_readable`, not
+    `not_held`; forgotten with the rest when quiet."""
+    from tracer.host.procfs import Owners
+
+    def scan(wanted=None):
+        found = Owners({1: [Owner(1, "mine", 3)]})
+        found.denied = 2
+        return found
+
+    cache = OwnerCache(min_interval_s=0, scan=scan)
+    cache.SCAN_SHARE = 0
+    assert cache.lookup(1) == [Owner(1, "mine", 3)]
+    assert cache.lookup(2) == [] and cache.status(2) == "not_readable"
+    cache.forget()
+    assert cache.status(2) == "unasked"
+    plain = OwnerCache(min_interval_s=0, scan=lambda wanted=None: {})
+    plain.SCAN_SHARE = 0
+    assert plain.lookup(2) == [] and plain.status(2) == "not_held"

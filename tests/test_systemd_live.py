@@ -131,3 +131,33 @@ def test_each_capability_dropped_fails_or_degrades_as_doctor_says(dropped, fatal
     else:
         assert doctor.returncode == 0 and rep["ok"]
         assert trace.returncode == 0 and json.loads(trace.stdout.splitlines()[0])["type"] == "ready", trace.stderr
+
+
+@pytest.mark.parametrize("bounding, named", [(SET, True), ("-all,+sys_admin,+net_admin", False)])
+def test_without_ptrace_and_dac_read_search_another_users_process_is_not_named_and_says_why(ns, bounding, named):
+    """The leaking server runs as nobody (uid 65534). With the unit's whole
+    set the tracer names it; without CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH
+    it cannot read that process's descriptors and says so (`not_readable`),
+    as doctor warned, instead of claiming nobody held the socket."""
+    proc = subprocess.Popen(["setpriv", f"--bounding-set={bounding}", "--", str(BIN), "trace", "--json", "--backend",
+                             BACKEND, "--netns", str(ns.inode), "-c", "1", "--duration", str(60 * SLOW)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        ready = json.loads(proc.stdout.readline())
+        sc = scenario("--server-ns", ns.name, "--fast", "--accept", "--server-user", "65534", "--server-comm",
+                      "nobodysrv", "--hold", str(3 * SLOW))
+        read_steps(sc, until="connected")
+        out, err = proc.communicate(timeout=60 * SLOW)
+        sc.wait(timeout=30 * SLOW)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert ready["type"] == "ready" and proc.returncode == 0, err
+    [rec] = [json.loads(x) for x in out.splitlines() if '"type":"collision"' in x]
+    owners = rec["closewait_socket"]["owners"]
+    if named:
+        assert [o["comm"] for o in owners] == ["nobodysrv"], rec["closewait_socket"]
+    else:
+        assert owners == [] and rec["closewait_socket"]["owners_unknown"] == "not_readable", rec["closewait_socket"]
+        assert "CAP_SYS_PTRACE" in rec["explanation"]

@@ -172,7 +172,8 @@ class Diagnoser:
             return None
         if not inode:
             return "never_accepted"
-        return "lookup_deferred" if self.owners.status(inode) == "pending" else "not_held"
+        status = self.owners.status(inode)
+        return {"pending": "lookup_deferred", "not_readable": "not_readable"}.get(status, "not_held")
 
     def owner(self, o: Owner) -> dict:
         """An owner as reported: pid, comm, fd and its workload (unit,

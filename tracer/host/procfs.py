@@ -34,13 +34,24 @@ def read_comm(pid: str, proc: str = "/proc") -> str | None:
         return None
 
 
-def socket_owners(wanted: set[int] | None = None) -> dict[int, list[Owner]]:
+class Owners(dict):
+    """Socket inode -> the processes holding it; `denied`: the processes whose
+    descriptors this process may not read (another user's, without
+    CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH): any socket not found may be theirs."""
+
+    denied = 0
+
+
+def socket_owners(wanted: set[int] | None = None) -> Owners:
     """Socket inode -> the processes holding it (pid order). `wanted`: only
     these inodes (None: every socket on the host)."""
-    out: dict[int, list[Owner]] = {}
+    out = Owners()
     for pid in sorted((p for p in os.listdir("/proc") if p.isdigit()), key=int):
         try:
             fd_dir = os.open(f"/proc/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY)
+        except PermissionError:
+            out.denied += 1
+            continue
         except OSError:
             continue  # gone, or a kernel thread
         try:
@@ -94,6 +105,7 @@ class OwnerCache:
         self._known: dict[int, list[Owner]] = {}
         self._pending: set[int] = set()
         self._missing: set[int] = set()  # asked for, and no process held them at the scan after
+        self._unreadable: set[int] = set()  # so, but some processes' descriptors could not be read
         self._next_scan = float("-inf")
 
     def want(self, inode: int) -> None:
@@ -104,11 +116,14 @@ class OwnerCache:
     def status(self, inode: int) -> str:
         """What is known of an inode's owners: "found", "pending" (asked for,
         the next scan is not due yet), "not_held" (no process held it at the
-        scan after it was asked for) or "unasked"."""
+        scan after it was asked for), "not_readable" (not found, but that scan
+        could not read some processes' descriptors) or "unasked"."""
         if inode in self._known:
             return "found"
         if inode in self._pending:
             return "pending"
+        if inode in self._unreadable:
+            return "not_readable"
         return "not_held" if inode in self._missing else "unasked"
 
     def resolve(self, force: bool = False) -> None:
@@ -126,7 +141,10 @@ class OwnerCache:
         self._known.update(found)
         if len(self._missing) > self.max_entries:
             self._missing.clear()
+            self._unreadable.clear()
         self._missing.update(ino for ino in self._pending if ino not in found)
+        if getattr(found, "denied", 0):
+            self._unreadable.update(ino for ino in self._pending if ino not in found)
         self._pending.clear()
         took = time.monotonic() - t0
         self._next_scan = time.monotonic() + max(self.min_interval_s, self.SCAN_SHARE * took)
@@ -137,6 +155,7 @@ class OwnerCache:
         or long closed, are not kept for the rest of the run."""
         self._known = {}
         self._missing = set()
+        self._unreadable = set()
 
     def lookup(self, inode: int) -> list[Owner]:
         if not inode:

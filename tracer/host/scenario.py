@@ -34,7 +34,7 @@ from tracer.host import netns
 
 TCP_INFO, TCP_REPAIR = 11, 19  # linux/tcp.h
 TCP_FIN_WAIT2 = 5  # include/net/tcp_states.h (struct tcp_info's first byte)
-PR_SET_NAME, PR_SET_PDEATHSIG = 15, 1  # linux/prctl.h
+PR_SET_NAME, PR_SET_PDEATHSIG, PR_SET_DUMPABLE = 15, 1, 4  # linux/prctl.h
 
 
 def say(step: str, **kw) -> None:
@@ -43,12 +43,19 @@ def say(step: str, **kw) -> None:
     os.write(sys.stdout.fileno(), (json.dumps({"step": step, **kw}) + "\n").encode())
 
 
-def serve(listener: socket.socket, comm: str, close_on_eof: bool) -> None:
+def serve(listener: socket.socket, comm: str, close_on_eof: bool, user: int | None = None) -> None:
     """The leaking server (a child process): accept everything, never read,
-    never close (or close on EOF, which needs a read)."""
+    never close (or close on EOF, which needs a read). `user`: it runs as
+    this uid (and gid), as a service's unprivileged server would."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     libc.prctl(PR_SET_NAME, comm.encode()[:15])
+    if user is not None:
+        os.setgroups([])
+        os.setgid(user)
+        os.setuid(user)
+        libc.prctl(PR_SET_DUMPABLE, 1)  # its /proc/PID is its own, as an exec'd server's is
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # cleared by the change of credentials
     held = []
     while True:
         conn, peer = listener.accept()
@@ -142,7 +149,8 @@ def run(args: argparse.Namespace) -> int:
     listener = listen(args.listen_ip or args.server_ip, args.server_port, args.backlog)
     with contextlib.ExitStack() as stack:
         if args.accept:
-            server_pid = stack.enter_context(forked(serve, listener, args.server_comm, args.close_on_eof))
+            server_pid = stack.enter_context(forked(serve, listener, args.server_comm, args.close_on_eof,
+                                                    args.server_user))
             say("listen", addr=f"{args.server_ip}:{args.server_port}", server_pid=server_pid,
                 note="a server process accepts and never closes")
         else:
@@ -201,6 +209,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--external-server", action="store_true",
                    help="the server is another program's (a container's), already listening: clients only")
     p.add_argument("--server-comm", default="leakysrv", help="the server process's name (with --accept)")
+    p.add_argument("--server-user", type=int, default=None, metavar="UID",
+                   help="the server process runs as this uid and gid (with --accept)")
     p.add_argument("--close-on-eof", action="store_true", help="the server closes a connection when the peer does")
     p.add_argument("--unread", type=int, default=0, help="bytes the client sends and the server never reads")
     p.add_argument("--rounds", type=int, default=1, help="collide this many times on the same port pair")

@@ -39,6 +39,8 @@ STEP_LABELS = {
 OWNER_UNKNOWN = {
     "not_held": "no process held it when /proc was scanned: closed, or its process exited",
     "lookup_deferred": "not looked up in time: /proc scans are spaced out in a storm",
+    "not_readable": "not found, and some processes' descriptors could not be read (another user's: the tracer "
+                    "lacks CAP_SYS_PTRACE or CAP_DAC_READ_SEARCH)",
 }
 
 

@@ -76,6 +76,10 @@ def _culprit(inc: Incident, owners: list[dict], listener: dict | None = None, un
     if inc.closewait.get("inode") is None:
         return (f"That socket was never accept()ed{unread_text}: the application listening on {inc.server}"
                 f"{_listening(listener)} does not call accept() for every connection the kernel queues for it.")
+    if unknown == "not_readable":
+        return (f"The owner of that socket (inode {inc.closewait['inode']}){unread_text} could not be named: no "
+                "process this tracer could read held it, and the descriptors of some processes of another user "
+                "could not be read (the tracer lacks CAP_SYS_PTRACE or CAP_DAC_READ_SEARCH: see doctor).")
     if unknown == "lookup_deferred":
         return (f"The owner of that socket (inode {inc.closewait['inode']}){unread_text} was not looked up in time: "
                 "the scans of /proc are spaced out while collisions come this fast.")
