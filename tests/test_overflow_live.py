@@ -69,7 +69,13 @@ def test_perf_buffer_overflow_is_counted_reported_and_marked(ns):
             big = storm(ns.name, STORM_PORTS, 12345, 20000)
         finally:
             tracer.proc.send_signal(signal.SIGCONT)
-        time.sleep(1.5 * SLOW)  # it reads what its buffer kept
+        # it reads what its buffer kept, until its records stop coming: collisions made before that
+        # would find the buffer still full, and be counted, not reported
+        time.sleep(1.5 * SLOW)
+        seen = -1
+        while len(tracer.records) + tracer.lines.qsize() != seen:
+            seen = len(tracer.records) + tracer.lines.qsize()
+            time.sleep(2 * SLOW)
         after = storm(ns.name, AFTER_PORTS, 12346, 30000)  # brings the kernel's loss notice
         time.sleep(2 * SLOW)
         rc, records, stderr = tracer.stop(signal.SIGTERM)
