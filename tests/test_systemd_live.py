@@ -97,13 +97,14 @@ def capped(bounding: str, *argv: str, **kw) -> subprocess.CompletedProcess:
                           text=True, timeout=120 * SLOW, **kw)
 
 
-def test_with_exactly_the_units_capabilities_the_tracer_sees_the_collision(ns):
-    proc = subprocess.Popen(["setpriv", f"--bounding-set={SET}", "--", str(BIN), "trace", "--json", "--backend",
+def capped_collision(ns, bounding: str, *scenario_args: str) -> dict:
+    """The tracer, capped to `bounding`, through one collision of the scenario (in `ns`): its report."""
+    proc = subprocess.Popen(["setpriv", f"--bounding-set={bounding}", "--", str(BIN), "trace", "--json", "--backend",
                              BACKEND, "--netns", str(ns.inode), "-c", "1", "--duration", str(60 * SLOW)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         ready = json.loads(proc.stdout.readline())
-        sc = scenario("--server-ns", ns.name, "--fast")
+        sc = scenario("--server-ns", ns.name, "--fast", *scenario_args)
         read_steps(sc, until="connected")
         out, err = proc.communicate(timeout=60 * SLOW)
         sc.wait(timeout=30 * SLOW)
@@ -113,6 +114,11 @@ def test_with_exactly_the_units_capabilities_the_tracer_sees_the_collision(ns):
             proc.wait()
     assert ready["type"] == "ready" and proc.returncode == 0, err
     [rec] = [json.loads(x) for x in out.splitlines() if '"type":"collision"' in x]
+    return rec
+
+
+def test_with_exactly_the_units_capabilities_the_tracer_sees_the_collision(ns):
+    rec = capped_collision(ns, SET)
     assert rec["outcome"] == "recovered" and not rec["incomplete"]
 
 
@@ -139,22 +145,8 @@ def test_without_ptrace_and_dac_read_search_another_users_process_is_not_named_a
     set the tracer names it; without CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH
     it cannot read that process's descriptors and says so (`not_readable`),
     as doctor warned, instead of claiming nobody held the socket."""
-    proc = subprocess.Popen(["setpriv", f"--bounding-set={bounding}", "--", str(BIN), "trace", "--json", "--backend",
-                             BACKEND, "--netns", str(ns.inode), "-c", "1", "--duration", str(60 * SLOW)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        ready = json.loads(proc.stdout.readline())
-        sc = scenario("--server-ns", ns.name, "--fast", "--accept", "--server-user", "65534", "--server-comm",
-                      "nobodysrv", "--hold", str(3 * SLOW))
-        read_steps(sc, until="connected")
-        out, err = proc.communicate(timeout=60 * SLOW)
-        sc.wait(timeout=30 * SLOW)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert ready["type"] == "ready" and proc.returncode == 0, err
-    [rec] = [json.loads(x) for x in out.splitlines() if '"type":"collision"' in x]
+    rec = capped_collision(ns, bounding, "--accept", "--server-user", "65534", "--server-comm", "nobodysrv",
+                           "--hold", str(3 * SLOW))
     owners = rec["closewait_socket"]["owners"]
     if named:
         assert [o["comm"] for o in owners] == ["nobodysrv"], rec["closewait_socket"]
