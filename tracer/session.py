@@ -209,7 +209,7 @@ class Session:
                 "kernel": ready["kernel"], "backend": self.backend, "types": types.source,
                 "hooks": ready["hooks"], "filters": ready["filters"],
                 "tcp_states": {str(k): v for k, v in types.tcp_states.items()}, "hz": hz,
-                "clock_offset_ns": self.clock.offset_ns, **settings.header(),
+                "clock_offset_ns": self.clock.offset_ns, **settings.header(), **recording.host_identity(),
             }, on_stop=self._recording_stopped)
         self.pipeline = Pipeline(correlator, self.clock, self.backend, self.sink, host=self.diagnoser,
                                  verbose=self.options.verbose, all_events=self.options.all_events,

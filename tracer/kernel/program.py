@@ -20,9 +20,9 @@ from pathlib import Path
 from tracer.kernel import bpfsys, btfmemo, capabilities, objcache, offsets
 from tracer.kernel.btf import BTF, KIND_FUNC, BTFError
 from tracer.kernel.hooks import Plan
+from tracer.pipeline.filters import AF_BY_NAME, Filters  # noqa: F401 - the program's filters
 from tracer.resources import bpf_dir, compat_dir
 
-AF_BY_NAME = {"ipv4": 2, "ipv6": 10}
 TRACK_MAP_SIZE = 4096  # collisions in progress (LRU); TCPCOLLIDE_TRACK_MAP_SIZE sets another (track_map_size())
 CONN_MAP_SIZE = 65536  # connecting sockets and their process (LRU)
 COUNT_MAP_SIZE = 16384  # (network namespace, server port, lingering state) with collisions
@@ -37,34 +37,6 @@ UAPI_DIRS = ("/usr/include", "/usr/include/x86_64-linux-gnu")  # Debian's linux-
 
 class BuildError(Exception):
     """The program cannot be built or loaded on this kernel."""
-
-
-@dataclass(frozen=True)
-class Filters:
-    """What the operator asked to see. Applied in the kernel."""
-
-    port: int | None = None
-    netns: int | None = None
-    family: str | None = None  # "ipv4" / "ipv6"
-    # --container/--pod/--unit as ((kind, value), ...): only the namespaces
-    # user space puts in map `netns_allowed` (tracer/host/workload.py Selection)
-    workloads: tuple[tuple[str, str], ...] = ()
-
-    def apply(self, bpf) -> None:
-        """Write the filters into the loaded program's map `filters`
-        (bpf/collide/maps.bpf.h struct tc_filters; 0 is no filter): values,
-        not compile-time constants, so one compiled object serves them all."""
-        table = bpf["filters"]
-        value = table.Leaf()
-        value.port = self.port or 0
-        value.netns = self.netns or 0
-        value.family = AF_BY_NAME[self.family] if self.family else 0
-        value.netns_set = 1 if self.workloads else 0
-        table[table.Key(0)] = value
-
-    def as_dict(self) -> dict:
-        return {"port": self.port, "netns": self.netns, "family": self.family,
-                "workloads": [{kind: value} for kind, value in self.workloads]}
 
 
 @dataclass

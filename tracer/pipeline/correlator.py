@@ -520,8 +520,22 @@ class Correlator:
         inc.client_netns = ev.netns
         inc.seen_client = True
         inc.client_sk = inc.client_sk or ev.skaddr
-        if not inc.has("rst"):
+        rst = inc.step("rst")
+        if rst is None:
             inc.add("rst", ev.ts_ns, seq=ev.seq, in_window=ev.seq == inc.closewait["rcv_nxt"], seen_at="client")
+        elif rst.detail.get("seen_at") == "server":
+            self._rst_sent_after_received(inc, rst, ev.ts_ns, ev.seq)
+
+    def _rst_sent_after_received(self, inc: Incident, rst: Step, sent_ns: int, seq: int) -> None:
+        """The client's RST, its send streamed after the server's receipt of
+        it (two tracers' stamps of the two ends, microseconds apart, can come
+        in either order): the step it would have been in the other order, so
+        that a joined report does not depend on it. The step is the client's
+        send; the server's receipt is `received_ms`."""
+        received_ms = round((rst.ts_ns - inc.first_ns) / 1e6, 3)
+        rst.ts_ns = sent_ns
+        rst.detail = {"seq": seq, "in_window": seq == inc.closewait["rcv_nxt"], "seen_at": "client",
+                      "received_ms": received_ms}
 
     def _on_rst_received(self, inc: Incident, ev: Event, local_is_server: bool) -> None:
         if not local_is_server or ev.skaddr != inc.closewait["skaddr"]:
@@ -714,7 +728,7 @@ class Correlator:
             in_window = ev.ack == inc.closewait["rcv_nxt"] if inc.seen_server else None
             inc.add("rst", ev.ts_ns, seq=ev.ack, in_window=in_window, seen_at="client")
         elif rst.detail.get("seen_at") == "server":
-            rst.detail.update(seq=ev.ack, seen_at="client", sent_ms=round((ev.ts_ns - inc.first_ns) / 1e6, 3))
+            self._rst_sent_after_received(inc, rst, ev.ts_ns, ev.ack)
 
     def _adopt_server(self, inc: Incident, ev: Event) -> None:
         """The server end's SYN_CHALLENGED for an incident the client's end

@@ -11,7 +11,8 @@ it through the same pure correlator reproduces the live run's output.
 
 Layout: the magic line, one JSON header line (format version, tracer
 version, kernel, backend, the kernel's TCP state numbering, HZ, the clock
-offset, the event size, the correlator's settings), then frames of
+offset, the event size, the correlator's settings, the host's name and boot
+id), then frames of
 `<kind u8><length u32 LE><payload>`.
 """
 
@@ -19,9 +20,11 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import BinaryIO
 
 from tracer import __version__
@@ -145,6 +148,17 @@ class Writer:
     def end(self, summary: dict) -> None:
         self._frame(END, json.dumps(summary, separators=(",", ":")).encode())
         self._flush()
+
+
+def host_identity() -> dict:
+    """Which host and which boot a recording is of: a join
+    (tracer/pipeline/join.py) knows two recordings of one boot share the
+    kernel's clock, and names each recording's host."""
+    try:
+        boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot_id = None
+    return {"host": socket.gethostname(), "boot_id": boot_id}
 
 
 def read_header(f: BinaryIO) -> dict:

@@ -6,35 +6,92 @@ through the same calls the live session made, in the same order; each
 incident gets the host context recorded for it. A damaged frame ends the
 replay: everything before it has been analysed and written, then the error
 names the offset.
+
+The filters a live run takes (-p, --netns, -4/-6) apply to the recorded
+events as the kernel applies them (tracer/pipeline/filters.py). Several
+recordings, made on the hosts at the two ends of the same connections, are
+joined into one stream (tracer/pipeline/join.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+from tracer.pipeline.filters import Filters
 from tracer.pipeline import recording
 from tracer.pipeline.correlator import Correlator, Settings
 from tracer.pipeline.events import decode
 from tracer.pipeline.flow import Pipeline, RecordedHost
 from tracer.pipeline.records import Clock
 
+NO_FILTERS = Filters()
+
 
 class ReplayError(Exception):
     pass
 
 
-def replay(path: str, sink: Callable[[dict], None], verbose: bool = False, all_events: bool = False) -> dict:
-    """Write the recording's records to sink; returns (and writes) the summary."""
+def open_recording(path: str):
+    """The open file (positioned after the header) and its header."""
     try:
-        f = open(path, "rb")  # noqa: SIM115 - closed below
+        f = open(path, "rb")  # noqa: SIM115 - the caller closes it
     except OSError as e:
         raise ReplayError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        return f, recording.read_header(f)
+    except recording.RecordingError as e:
+        f.close()
+        raise ReplayError(f"{path}: {e}") from None
+
+
+def queue_passes(rec: dict, filters: Filters) -> bool:
+    """Whether a recorded `queue` record (a listener's accept queue) is the
+    filters' (a `storm` record, of the whole run, always is)."""
+    if rec.get("type") != "queue" or not filters.any:
+        return True
+    listener = str(rec.get("listener") or "")
+    addr, _, port = listener.rpartition(":")
+    if filters.port and port != str(filters.port):
+        return False
+    if filters.netns and rec.get("netns") != filters.netns:
+        return False
+    return not filters.family or ("[" in addr) == (filters.family == "ipv6")
+
+
+def kernel_counts(end: dict, filters: Filters) -> dict | None:
+    """The kernel's counts a recording's end kept, to set beside what the
+    replay reports. None under replay filters: the kernel counted the whole
+    live selection, and its rows cannot say which collisions a port filter
+    would keep."""
+    kernel = end.get("kernel")
+    if not isinstance(kernel, dict) or "collisions" not in kernel or filters.any:
+        return None
+    return {k: v for k, v in kernel.items() if k not in ("reported", "unreported", "by_server_omitted")}
+
+
+def replay(paths: str | list[str], sink: Callable[[dict], None], verbose: bool = False, all_events: bool = False,
+           filters: Filters = NO_FILTERS) -> dict:
+    """Write the recording's records to sink; returns (and writes) the
+    summary. Several paths: recordings of the hosts at each end, joined
+    (tracer/pipeline/join.py)."""
+    paths = [paths] if isinstance(paths, str) else list(paths)
+    if len(paths) > 1:
+        from tracer.pipeline import join  # noqa: PLC0415 - only for a join
+
+        return join.replay_joined(paths, sink, verbose, all_events, filters)
+    rec, error = replay_one(paths[0], sink, verbose, all_events, filters)
+    if error is not None:
+        raise ReplayError(error)
+    return rec
+
+
+def replay_one(path: str, sink: Callable[[dict], None], verbose: bool = False, all_events: bool = False,
+               filters: Filters = NO_FILTERS, host: RecordedHost | None = None) -> tuple[dict, str | None]:
+    """One recording: (the summary record, the error that cut it short or None).
+    host: a RecordedHost of the caller's (a join looks at each incident)."""
+    f, head = open_recording(path)
     with f:
-        try:
-            head = recording.read_header(f)
-        except recording.RecordingError as e:
-            raise ReplayError(f"{path}: {e}") from None
-        host = RecordedHost()
+        host = host if host is not None else RecordedHost()
         pipeline = Pipeline(Correlator(head["tcp_states"], head.get("hz"), Settings.from_header(head)),
                             Clock(head["clock_offset_ns"]), head["backend"], sink,
                             host=host, verbose=verbose, all_events=all_events)
@@ -43,7 +100,9 @@ def replay(path: str, sink: Callable[[dict], None], verbose: bool = False, all_e
         def apply(fr: recording.Frame, contexts: dict[int, dict]) -> None:
             host.contexts.update(contexts)  # for the incidents reported after this frame
             if fr.kind == recording.EVENT:
-                pipeline.feed(decode(fr.payload))
+                ev = decode(fr.payload)
+                if filters.passes(ev):
+                    pipeline.feed(ev)
             elif fr.kind == recording.LOST:
                 pipeline.lost(fr.u64())
             elif fr.kind == recording.SKIPPED:
@@ -59,7 +118,9 @@ def replay(path: str, sink: Callable[[dict], None], verbose: bool = False, all_e
             elif fr.kind == recording.FLUSH:
                 pipeline.flush()
             elif fr.kind == recording.QUEUE:
-                pipeline.queue(fr.json())
+                rec = fr.json()
+                if queue_passes(rec, filters):
+                    pipeline.queue(rec)
             elif fr.kind == recording.END:
                 end.update(fr.json())
             pipeline.release()
@@ -90,13 +151,15 @@ def replay(path: str, sink: Callable[[dict], None], verbose: bool = False, all_e
         pipeline.release(force=True)
         pipeline.losses.undecodable = end.get("undecodable_events", 0)
         pipeline.losses.skipped_runs = end.get("skipped_runs")
-        kernel = end.get("kernel")
-        if isinstance(kernel, dict):
-            kernel = {k: v for k, v in kernel.items() if k not in ("reported", "unreported", "by_server_omitted")}
         rec = pipeline.finish(end.get("stopped_by", "recording cut short"), end.get("state_hook"),
-                              kernel if isinstance(kernel, dict) and "collisions" in kernel else None, replay_of={
-            "path": path, "kernel": head.get("kernel"), "backend": head["backend"], "tracer": head.get("tracer"),
-            "duration_s": end.get("duration_s")})
-        if error is not None:
-            raise ReplayError(f"{path}: {error}; everything before it was replayed")
-        return rec
+                              kernel_counts(end, filters), replay_of=replay_of(path, head, end, filters))
+        return rec, (f"{path}: {error}; everything before it was replayed" if error is not None else None)
+
+
+def replay_of(path: str, head: dict, end: dict, filters: Filters) -> dict:
+    out = {"path": path, "kernel": head.get("kernel"), "backend": head["backend"], "tracer": head.get("tracer"),
+           "duration_s": end.get("duration_s")}
+    if filters.any:
+        out["filters"] = filters.as_dict()
+    return out
+
