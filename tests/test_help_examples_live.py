@@ -13,7 +13,8 @@ harmless:
   (demo, doctor, inventory, replay) end by themselves;
 - in a fresh directory per example, holding a copy of `run.rec` (a recording
   of the demo's collision, made once by the real tracer) for the replay
-  examples; the files the examples record (run.rec, demo.rec, top.rec) land
+  examples, and under each other `.rec` name a replay example gives (a join's
+  recordings); the files the examples record (run.rec, demo.rec, top.rec) land
   there too.
 
 `top` with stdout not a terminal prints plain lines (no redraw), and ends
@@ -215,6 +216,9 @@ def test_help_example_runs(example, example_ns, recording, tmp_path):
     written = recorded_file(argv)
     if written != RECORDING:  # for the replay examples; one that records run.rec must write it itself
         shutil.copy(recording, tmp_path / RECORDING)
+    for name in argv:  # a join's recordings (client.rec server.rec): copies of it, each a real recording
+        if name.endswith(".rec") and name not in (written, RECORDING):
+            shutil.copy(recording, tmp_path / name)
     journal = None
     if "--journal" in argv:  # where journald's socket would be: one the test binds
         journal = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)

@@ -123,6 +123,30 @@ def kernel_line(kernel: dict) -> str:
     return text
 
 
+def _shift(basis: str, shift_ms: float, uncertainty_ms: float | None) -> str:
+    if basis == "reference":
+        return "its clock is the reference"
+    if basis == "same_clock":
+        return "the same boot of the same kernel: one clock, not shifted"
+    within = "within an unknown error" if uncertainty_ms is None else f"+-{uncertainty_ms:.3f} ms"
+    how = "by the collisions seen at both ends" if basis == "matched" else "by the hosts' wall clocks"
+    return f"clock shifted {shift_ms:+.3f} ms {within} ({how})"
+
+
+def joined_line(joined: dict) -> str:
+    """A joined collision's recordings and the clock shift its times got."""
+    return (f"joined from {' + '.join(joined['recordings']) or 'no recording'}: "
+            + _shift(joined["clock_basis"], joined["clock_shift_ms"], joined["clock_uncertainty_ms"]))
+
+
+def joined_recording_line(j: dict) -> str:
+    """One recording of a join, in the summary."""
+    clock = j["clock"]
+    return (f"  recording {j['path']} (host {j.get('host') or '?'}, {j['collisions_alone']} collision(s) alone, "
+            f"{clock['matched']} seen at both ends): "
+            + _shift(clock["basis"], clock["shift_ms"], clock["uncertainty_ms"]))
+
+
 def event_line(rec: dict) -> str:
     """One kernel event (an `event` record, --all-events) on one line."""
     states = rec.get("oldstate_name", rec["oldstate"])
@@ -257,6 +281,9 @@ class TextWriter:
                 facts.append(f"listener held by: unknown ({OWNER_UNKNOWN[q['owners_unknown']]})", style="yellow")
         if rec.get("repeat_of"):
             facts.append(f"\nrepeat of collision #{rec['repeat_of']['id']} (same {rec['repeat_of']['same']})")
+        if rec.get("joined"):
+            facts.append("\n")
+            facts.append(inert(joined_line(rec["joined"])), style="dim")
         if rec["incomplete"]:
             facts.append(inert(f"   (incomplete: {', '.join(rec.get('incomplete_reasons') or ['events lost'])})"),
                          style="red")
@@ -361,6 +388,8 @@ class TextWriter:
             for what in ("events_not_submitted", "untracked", "uncounted"):
                 if kernel.get(what):
                     self.console.print(Text(f"warning: {kernel[what]} {LOSS_WORDS[what]}", style="red"))
+        for j in rec.get("joined") or ():
+            self.console.print(Text(inert(joined_recording_line(j)), style="dim"))
         rec_state = rec.get("recording") or {}
         if rec_state.get("stopped"):
             at = rec_state.get("stopped_at_bytes")
