@@ -117,11 +117,13 @@ def capped_collision(ns, bounding: str, *scenario_args: str) -> dict:
     return rec
 
 
+@pytest.mark.capabilities
 def test_with_exactly_the_units_capabilities_the_tracer_sees_the_collision(ns):
     rec = capped_collision(ns, SET)
     assert rec["outcome"] == "recovered" and not rec["incomplete"]
 
 
+@pytest.mark.capabilities
 @pytest.mark.parametrize("dropped, fatal", [("net_admin", True), ("sys_admin", True), ("sys_ptrace", False),
                                             ("dac_read_search", False)])
 def test_each_capability_dropped_fails_or_degrades_as_doctor_says(dropped, fatal):
@@ -139,6 +141,7 @@ def test_each_capability_dropped_fails_or_degrades_as_doctor_says(dropped, fatal
         assert trace.returncode == 0 and json.loads(trace.stdout.splitlines()[0])["type"] == "ready", trace.stderr
 
 
+@pytest.mark.capabilities
 @pytest.mark.parametrize("bounding, named", [(SET, True), ("-all,+sys_admin,+net_admin", False)])
 def test_without_ptrace_and_dac_read_search_another_users_process_is_not_named_and_says_why(ns, bounding, named):
     """The leaking server runs as nobody (uid 65534). With the unit's whole
