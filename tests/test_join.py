@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 
 import pytest
 
@@ -213,3 +214,45 @@ def test_estimate_needs_the_same_tuple_and_the_same_numbers(tmp_path):
 
     assert estimate_shift(incidents(server), incidents(client)) is None
 
+
+
+def in_container(name: str) -> dict:
+    return {"unit": None, "container": {"name": name, "id": "ab" * 32, "runtime": "podman"}, "pod": None}
+
+
+class ContainerHost(NoHost):
+    """The server's host named the socket's holder, in container `web`
+    (or nothing: `named` False)."""
+
+    def __init__(self, named: bool = True):
+        self.named = named
+
+    def context(self, inc):
+        owners = [{"pid": 7, "comm": "leaky", "fd": 4, "workload": in_container("web")}] if self.named else []
+        return {"owners": owners, "listener": None}
+
+
+@pytest.mark.parametrize("join", [False, True])
+def test_the_replay_takes_the_workload_filters_by_the_processes_recorded(tmp_path, join):
+    """--container/--pod/--unit at replay, through the command line: a
+    collision is kept when a process its host named runs in the workload;
+    the others are counted as outside the selection, never silently gone."""
+    from tests.test_cli import invoke  # noqa: PLC0415
+
+    events = [e for i, c in enumerate(collisions()) for e in both_ends(c, T0 + i * S)]
+    server, client = split(events)
+    record(tmp_path / "server.rec", server[:len(server) // 2], ContainerHost())
+    record(tmp_path / "later.rec", moved(server[len(server) // 2:], 0), ContainerHost(named=False))
+    record(tmp_path / "client.rec", client, EndHost(False, True))
+    recordings = [str(tmp_path / "server.rec")] + ([str(tmp_path / "client.rec")] if join else [])
+    # joined: the client's second collision (seen by it alone, its process in no container) is not web's either
+    for name, reported, outside in (("web", 1, {"not_selected": 1} if join else {}),
+                                    ("db", 0, {"not_selected": 2 if join else 1})):
+        r = invoke(["replay", "--json", "--container", name, *recordings])
+        assert r.exit_code == 0, r.output
+        records = [json.loads(line) for line in r.stdout.splitlines()]
+        assert sum(1 for x in records if x["type"] == "collision") == reported, records
+        assert records[-1]["outside_selection"] == outside and records[-1]["kernel"] is None
+    r = invoke(["replay", "--json", "--container", "web", str(tmp_path / "later.rec")])
+    records = [json.loads(line) for line in r.stdout.splitlines()]
+    assert records[-1]["collisions"] == 0 and records[-1]["outside_selection"] == {"unattributed": 1}

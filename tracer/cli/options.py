@@ -129,9 +129,11 @@ FILTERS = ("port", "netns", "ipv4", "ipv6")
 WORKLOAD_FILTERS = ("container", "pod", "unit")  # resolved to namespaces: trace and top
 
 
-def option(name: str, hidden: bool = False):
+def option(name: str, hidden: bool = False, **overrides):
+    """The named option; overrides: keyword arguments of click.option that
+    differ for one subcommand (a help text that reads differently there)."""
     decls, kwargs = OPTIONS[name]
-    return click.option(*decls, hidden=hidden, **kwargs)
+    return click.option(*decls, hidden=hidden, **{**kwargs, **overrides})
 
 
 def takes(*names: str):

@@ -11,6 +11,7 @@ import time
 from tracer.host import inventory, sockdiag
 from tracer.pipeline.correlator import Incident
 from tracer.pipeline.events import Event
+from tracer.pipeline.records import named_processes
 from tracer.host.procfs import Owner, OwnerCache
 from tracer.host.workload import Workloads
 
@@ -199,8 +200,7 @@ class Diagnoser:
         if proc:
             ctx["client_process"] = {**proc, "workload": self.workloads.as_dict(proc["pid"], proc["comm"])}
         if self.selection is not None:
-            named = owners + (ctx["listener"] or {}).get("owners", []) + ([ctx["client_process"]] if proc else [])
-            outside = self.selection.outside([inc.netns, inc.client_netns], named)
+            outside = self.selection.outside([inc.netns, inc.client_netns], named_processes(ctx))
             if outside is not None:
                 ctx["outside_selection"] = outside
         return ctx

@@ -27,7 +27,7 @@ from typing import Protocol
 
 from tracer.pipeline.correlator import Correlator, Incident
 from tracer.pipeline.events import Event, encode
-from tracer.pipeline.records import Clock, Summary, collision_record, event_stream_record
+from tracer.pipeline.records import Clock, Summary, collision_record, event_stream_record, named_processes
 from tracer.pipeline.reorder import Reorderer
 
 
@@ -79,15 +79,32 @@ class RecordedHost(NoHost):
     waited for the live host's lookups). An incident waits for its context
     as it waited live; the end of the recording releases every one."""
 
-    def __init__(self):
+    def __init__(self, select: Callable[[list[dict]], str | None] | None = None):
         self.contexts: dict[int, dict] = {}
         self.ended = False
+        self.select = select
 
     def waiting(self, inc: Incident) -> bool:
         return not self.ended and inc.id not in self.contexts
 
     def context(self, inc: Incident) -> dict | None:
-        return self.contexts.pop(inc.id, None)
+        return selected(self.contexts.pop(inc.id, None), self.select)
+
+
+def selected(context: dict | None, select: Callable[[list[dict]], str | None] | None) -> dict | None:
+    """A replay's workload selection (--container/--pod/--unit) applied to a
+    recorded context: `select` takes the processes it names and says why the
+    collision is not the selection's (None: it is). Not the selection's: the
+    context says so (`outside_selection`), and the pipeline counts it
+    instead of reporting it. A recording keeps no namespace's workloads, so
+    a replay keeps a collision by the processes it names only."""
+    if select is None:
+        return context
+    context = dict(context or {})
+    why = select(named_processes(context))
+    if why is not None:
+        context["outside_selection"] = why
+    return context
 
 
 @dataclass

@@ -50,7 +50,7 @@ from tracer.pipeline.filters import Filters
 from tracer.pipeline import recording
 from tracer.pipeline.correlator import Correlator, Incident, Key, Settings
 from tracer.pipeline.events import decode
-from tracer.pipeline.flow import NoHost, Pipeline, RecordedHost
+from tracer.pipeline.flow import NoHost, Pipeline, RecordedHost, selected
 from tracer.pipeline.records import Clock
 from tracer.pipeline.replay import ReplayError, kernel_counts, open_recording, queue_passes, replay_of, replay_one
 
@@ -178,8 +178,10 @@ class JoinedHost(NoHost):
     """A join's host: each incident's context from the solo incidents on its
     tuple that overlap it, the server end's and the client end's."""
 
-    def __init__(self, seen: list[list[Seen]], alignments: list[Alignment]):
+    def __init__(self, seen: list[list[Seen]], alignments: list[Alignment],
+                 select: Callable[[list[dict]], str | None] | None = None):
         self.alignments = alignments
+        self.select = select
         self.by_key: dict[Key, list[Seen]] = {}
         for per_source in seen:
             for s in per_source:
@@ -203,6 +205,9 @@ class JoinedHost(NoHost):
         return best
 
     def context(self, inc: Incident) -> dict | None:
+        return selected(self._joined_context(inc), self.select)
+
+    def _joined_context(self, inc: Incident) -> dict | None:
         server = self._part(inc, "server") if inc.seen_server else None
         if server is not None:
             server.taken = True
@@ -290,7 +295,7 @@ def _items(source: int, path: str, shift_ns: int, filters: Filters) -> Iterator[
 
 
 def replay_joined(paths: list[str], sink: Callable[[dict], None], verbose: bool = False, all_events: bool = False,
-                  filters: Filters | None = None) -> dict:
+                  filters: Filters | None = None, select: Callable[[list[dict]], str | None] | None = None) -> dict:
     filters = filters or Filters()
     heads = []
     for path in paths:
@@ -315,7 +320,7 @@ def replay_joined(paths: list[str], sink: Callable[[dict], None], verbose: bool 
     # 2. together
     hz = heads[0].get("hz") if all(h.get("hz") == heads[0].get("hz") for h in heads) else None
     backends = sorted({h["backend"] for h in heads})
-    host = JoinedHost(seen, alignments)
+    host = JoinedHost(seen, alignments, select)
     pipeline = Pipeline(Correlator(states, hz, Settings.from_header(heads[0])), Clock(heads[0]["clock_offset_ns"]),
                         "+".join(backends), _marking(sink, host, paths), host=host, verbose=verbose,
                         all_events=all_events)

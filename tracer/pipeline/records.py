@@ -180,6 +180,15 @@ def short_name(workload: dict | None) -> str | None:
     return workload.get("unit")
 
 
+def named_processes(context: dict) -> list[dict]:
+    """The processes a collision's host context names (each with its
+    `workload`): the lingering socket's holders, the listener's, the
+    connecting process. A workload selection keeps a collision naming one of
+    its own (live: in a namespace it shares with others; in a replay: always)."""
+    return (list(context.get("owners") or []) + list((context.get("listener") or {}).get("owners") or [])
+            + ([context["client_process"]] if context.get("client_process") else []))
+
+
 def _who(o: dict) -> str:
     """`comm (pid N)`, and its workload's short name where known."""
     short = short_name(o.get("workload"))

@@ -70,16 +70,16 @@ def kernel_counts(end: dict, filters: Filters) -> dict | None:
 
 
 def replay(paths: str | list[str], sink: Callable[[dict], None], verbose: bool = False, all_events: bool = False,
-           filters: Filters = NO_FILTERS) -> dict:
+           filters: Filters = NO_FILTERS, select: Callable[[list[dict]], str | None] | None = None) -> dict:
     """Write the recording's records to sink; returns (and writes) the
     summary. Several paths: recordings of the hosts at each end, joined
-    (tracer/pipeline/join.py)."""
+    (tracer/pipeline/join.py). select: the workload filters (flow.selected)."""
     paths = [paths] if isinstance(paths, str) else list(paths)
     if len(paths) > 1:
         from tracer.pipeline import join  # noqa: PLC0415 - only for a join
 
-        return join.replay_joined(paths, sink, verbose, all_events, filters)
-    rec, error = replay_one(paths[0], sink, verbose, all_events, filters)
+        return join.replay_joined(paths, sink, verbose, all_events, filters, select)
+    rec, error = replay_one(paths[0], sink, verbose, all_events, filters, RecordedHost(select))
     if error is not None:
         raise ReplayError(error)
     return rec
