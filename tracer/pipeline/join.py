@@ -52,7 +52,7 @@ from tracer.pipeline.correlator import Correlator, Incident, Key, Settings
 from tracer.pipeline.events import decode
 from tracer.pipeline.flow import NoHost, Pipeline, RecordedHost, selected
 from tracer.pipeline.records import Clock
-from tracer.pipeline.replay import ReplayError, kernel_counts, open_recording, queue_passes, replay_of, replay_one
+from tracer.pipeline.replay import ReplayError, open_recording, queue_passes, replay_one
 
 MATCH_SLACK_NS = 1_000_000_000  # an incident of one recording belongs to a joined one it overlaps within this
 
@@ -356,7 +356,7 @@ def replay_joined(paths: list[str], sink: Callable[[dict], None], verbose: bool 
     pipeline.losses.skipped_runs = sum(skipped) if skipped else None
     joined = [{**r["replay_of"], "host": h.get("host"), "clock": a.as_dict(), "collisions_alone": r["collisions"],
                "stopped_by": r["stopped_by"]} for r, h, a in zip(solo, heads, alignments)]
-    rec = pipeline.finish(" / ".join(r["stopped_by"] for r in solo), None, _summed_kernel(heads, paths, filters),
+    rec = pipeline.finish(" / ".join(r["stopped_by"] for r in solo), None, _summed_kernel(solo),
                           replay_of=joined[0], joined=joined)
     if errors:
         raise ReplayError("; ".join(errors))
@@ -381,30 +381,19 @@ def _marking(sink: Callable[[dict], None], host: JoinedHost, paths: list[str]) -
     return write
 
 
-def _summed_kernel(heads: list[dict], paths: list[str], filters: Filters) -> dict | None:
+def _summed_kernel(solo: list[dict]) -> dict | None:
     """The kernels' counts, summed (each host counts the collisions of its own
-    server ends); None unless every recording kept them."""
-    counts = []
-    for path in paths:
-        f, _ = open_recording(path)
-        end: dict = {}
-        with f:
-            try:
-                for fr in recording.frames(f, f.tell()):
-                    if fr.kind == recording.END:
-                        end = fr.json()
-            except recording.RecordingError:
-                pass
-        kernel = kernel_counts(end, filters)
+    server ends), from each recording's replay alone; None unless every one
+    has them (a recording made before 0.5, or replay filters)."""
+    out: dict = {"by_server": []}
+    for rec in solo:
+        kernel = rec.get("kernel")
         if kernel is None:
             return None
-        counts.append(kernel)
-    out: dict = {}
-    for kernel in counts:
         for k, v in kernel.items():
             if k == "by_server":
-                out.setdefault(k, []).extend(v)
-            elif isinstance(v, int) and not isinstance(v, bool):
+                out[k].extend(v)
+            elif k not in ("reported", "unreported") and isinstance(v, int) and not isinstance(v, bool):
                 out[k] = out.get(k, 0) + v
-    out.setdefault("by_server", []).sort(key=lambda r: (-r.get("collisions", 0), -r.get("syn_hits", 0)))
+    out["by_server"].sort(key=lambda r: (-r.get("collisions", 0), -r.get("syn_hits", 0)))
     return out
