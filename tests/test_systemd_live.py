@@ -132,7 +132,7 @@ def test_each_capability_dropped_fails_or_degrades_as_doctor_says(dropped, fatal
     rep = json.loads(doctor.stdout)
     named = [m for m in rep["capabilities"]["missing"] if m["capability"] == f"CAP_{dropped.upper()}"]
     assert named and named[0]["fatal"] is fatal, rep["capabilities"]
-    trace = capped(bounding, "trace", "--json", "--duration", "1")
+    trace = capped(bounding, "trace", "--json", "--backend", BACKEND, "--duration", "1")
     if fatal:
         assert doctor.returncode == 1 and not rep["ok"]
         assert trace.returncode == 1 and len(trace.stderr.splitlines()) == 1 and "Traceback" not in trace.stderr
