@@ -47,7 +47,7 @@ def demo(ipv4, ipv6, timeout, as_json, no_color, **params):
     ip = "::1" if fam == "ipv6" else "127.0.0.1"
     try:
         capabilities.require_root()
-        ns = netns.NetNS(name).__enter__()
+        ns = netns.NetNS(name, fin_timeout=None).__enter__()  # the scenario sets its own (TCP_LINGER2)
     except RUNTIME_ERRORS as e:
         fail(str(e))
     options = session_options(params, filters=program.Filters(netns=ns.inode, family=fam))

@@ -26,9 +26,11 @@ def _ip(*args: str) -> None:
 
 
 class NetNS:
-    """A named network namespace with loopback up; removed on exit."""
+    """A named network namespace with loopback up; removed on exit.
+    fin_timeout: its net.ipv4.tcp_fin_timeout (None: left as it is, where
+    /proc/sys may be read-only, in a container)."""
 
-    def __init__(self, name: str, fin_timeout: int = 1):
+    def __init__(self, name: str, fin_timeout: int | None = 1):
         self.name = name
         self.fin_timeout = fin_timeout
 
@@ -37,7 +39,8 @@ class NetNS:
         try:
             _ip("-n", self.name, "link", "set", "lo", "up")
             # the client's FIN-WAIT-2 holds the port for tcp_fin_timeout (60 s by default)
-            self.sysctl("net.ipv4.tcp_fin_timeout", str(self.fin_timeout))
+            if self.fin_timeout is not None:
+                self.sysctl("net.ipv4.tcp_fin_timeout", str(self.fin_timeout))
         except Exception:
             self.delete()
             raise

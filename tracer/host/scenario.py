@@ -32,7 +32,7 @@ import time
 
 from tracer.host import netns
 
-TCP_INFO, TCP_REPAIR = 11, 19  # linux/tcp.h
+TCP_LINGER2, TCP_INFO, TCP_REPAIR = 8, 11, 19  # linux/tcp.h
 TCP_FIN_WAIT2 = 5  # include/net/tcp_states.h (struct tcp_info's first byte)
 PR_SET_NAME, PR_SET_PDEATHSIG, PR_SET_DUMPABLE = 15, 1, 4  # linux/prctl.h
 
@@ -99,10 +99,14 @@ def forked(fn, *args):
 
 
 def connect_once(args, fam: int, first: bool) -> socket.socket | None:
-    """A client socket bound to the fixed port (once it is free)."""
+    """A client socket bound to the fixed port (once it is free). Its
+    FIN-WAIT-2 lasts --fin-timeout seconds (TCP_LINGER2: the socket's own
+    tcp_fin_timeout, so no sysctl is needed: /proc/sys is read-only in a
+    container)."""
     deadline = time.monotonic() + args.port_wait
     while True:
         s = socket.socket(fam, socket.SOCK_STREAM)
+        s.setsockopt(socket.IPPROTO_TCP, TCP_LINGER2, args.fin_timeout)
         try:
             s.bind((args.client_ip, args.client_port))
             return s
@@ -200,6 +204,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--client-port", type=int, default=39836)
     p.add_argument("--backlog", type=int, default=8)
     p.add_argument("--port-wait", type=float, default=10.0)
+    p.add_argument("--fin-timeout", type=int, default=1,
+                   help="seconds the client's FIN-WAIT-2 lasts (TCP_LINGER2), after which the port is free")
     p.add_argument("--connect-timeout", type=float, default=10.0)
     p.add_argument("--fast", action="store_true",
                    help="free the client port at once (TCP_REPAIR) instead of waiting for FIN-WAIT-2 to expire")

@@ -126,8 +126,9 @@ def require_root(why: str = "it loads BPF programs") -> None:
 # CAP_BPF and CAP_PERFMON are what loading and attaching need on Linux >= 5.8;
 # CAP_SYS_ADMIN, needed anyway (the self-test's private network namespace,
 # setns into other namespaces for sock_diag), grants both on every kernel.
-# The unit's CapabilityBoundingSet= (tracer/system/tcpcollide-trace.service) is
-# this set; tests/test_systemd.py holds them together.
+# The unit's CapabilityBoundingSet= (tracer/system/tcpcollide-trace.service) and the
+# DaemonSet's capabilities (tracer/system/daemonset.yaml) are this set;
+# tests/test_systemd.py and tests/test_image.py hold them together.
 CAPABILITIES = {  # name: (bit, what is lost without it, fatal)
     "CAP_SYS_ADMIN": (21, "the self-test's private network namespace (unshare) and the lookups in other "
                           "namespaces (setns) fail, and with neither CAP_BPF nor CAP_PERFMON nothing loads: the "
