@@ -256,3 +256,17 @@ def test_the_replay_takes_the_workload_filters_by_the_processes_recorded(tmp_pat
     r = invoke(["replay", "--json", "--container", "web", str(tmp_path / "later.rec")])
     records = [json.loads(line) for line in r.stdout.splitlines()]
     assert records[-1]["collisions"] == 0 and records[-1]["outside_selection"] == {"unattributed": 1}
+
+
+def test_events_two_recordings_of_one_host_both_hold_are_fed_once(tmp_path):
+    """Two tracers on one host whose filters overlap (one unfiltered, one
+    on the server's namespace) stamped the same kernel events microseconds
+    apart: joined, each event counts once, and the summary says how many
+    were dropped as twins."""
+    both, server, _ = three(tmp_path)
+    events = [e for i, c in enumerate(collisions()) for e in both_ends(c, T0 + i * S)]
+    server_events, _ = split(events)
+    record(tmp_path / "server.rec", moved(server_events, 4_000), EndHost(True, False))
+    reports, summary = joined(tmp_path / "both.rec", tmp_path / "server.rec")
+    assert [plain(r) for r in reports] == [plain(r) for r in both]
+    assert summary["joined_duplicates"] == len(server_events)

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -211,7 +212,10 @@ class JoinedHost(NoHost):
         server = self._part(inc, "server") if inc.seen_server else None
         if server is not None:
             server.taken = True
-        client = self._part(inc, "client") if inc.seen_client else None
+        if server is not None and server.incident.seen_client:
+            client = server  # one host saw both ends itself
+        else:
+            client = self._part(inc, "client") if inc.seen_client else None
         if client is not None:
             client.taken = True
         parts = [p for p in (server, client) if p is not None]
@@ -229,9 +233,6 @@ class JoinedHost(NoHost):
         if sconn or cconn:
             ctx["connection"] = {"server": (sconn or {}).get("server"), "client": (cconn or {}).get("client"),
                                  "at_ns": max(c["at_ns"] for c in (sconn, cconn) if c)}
-        for k in ("outside_selection",):
-            if k in cctx and k not in ctx:
-                ctx[k] = cctx[k]
         return ctx
 
     def _with_shifted_connection(self, part: Seen, ctx: dict | None) -> dict | None:
@@ -245,6 +246,30 @@ class JoinedHost(NoHost):
 # -- the merged stream ------------------------------------------------------------
 
 CUT = -1  # a pseudo frame kind: the recording ends here, damaged
+TWIN_NS = 1_000_000  # two recordings' stamps of one kernel event are microseconds apart
+
+
+class Twins:
+    """Kernel events that two recordings of one host both hold (two tracers
+    whose filters overlap): fed once. The same event is the same socket,
+    tuple, numbers and states, stamped by the other tracer's program within
+    TWIN_NS; two hosts' events never are (other namespaces, other sockets)."""
+
+    def __init__(self):
+        self.recent: OrderedDict[tuple, tuple[int, int]] = OrderedDict()  # event -> (recording, time)
+        self.dropped = 0
+
+    def seen(self, source: int, ev) -> bool:
+        while self.recent and next(iter(self.recent.values()))[1] < ev.ts_ns - TWIN_NS:
+            self.recent.popitem(last=False)
+        key = (ev.type, ev.netns, ev.skaddr, ev.lport, ev.rport, ev.seq, ev.ack, ev.oldstate, ev.newstate)
+        other = self.recent.get(key)
+        if other is not None and other[0] != source:
+            self.dropped += 1
+            return True
+        self.recent[key] = (source, ev.ts_ns)
+        self.recent.move_to_end(key)
+        return False
 
 
 @dataclass(order=True)
@@ -325,9 +350,11 @@ def replay_joined(paths: list[str], sink: Callable[[dict], None], verbose: bool 
                         "+".join(backends), _marking(sink, host, paths), host=host, verbose=verbose,
                         all_events=all_events)
     hooks = [True] * len(paths)  # each tracer's state hook, as its recording says (attached at the start)
+    twins = Twins()
     for item in heapq.merge(*(_items(i, p, a.shift_ns, filters) for i, (p, a) in enumerate(zip(paths, alignments)))):
         if item.kind == recording.EVENT:
-            pipeline.feed(item.value)
+            if not twins.seen(item.source, item.value):
+                pipeline.feed(item.value)
         elif item.kind == recording.TICK:
             pipeline.tick(item.value)
         elif item.kind == recording.STATE_HOOK:
@@ -357,7 +384,7 @@ def replay_joined(paths: list[str], sink: Callable[[dict], None], verbose: bool 
     joined = [{**r["replay_of"], "host": h.get("host"), "clock": a.as_dict(), "collisions_alone": r["collisions"],
                "stopped_by": r["stopped_by"]} for r, h, a in zip(solo, heads, alignments)]
     rec = pipeline.finish(" / ".join(r["stopped_by"] for r in solo), None, _summed_kernel(solo),
-                          replay_of=joined[0], joined=joined)
+                          replay_of=joined[0], joined=joined, joined_duplicates=twins.dropped)
     if errors:
         raise ReplayError("; ".join(errors))
     return rec
