@@ -17,7 +17,7 @@ from tracer.pipeline import recording
 from tracer.pipeline.correlator import Correlator, Settings
 from tracer.pipeline.filters import Filters
 from tracer.pipeline.flow import NoHost, Pipeline
-from tracer.pipeline.join import estimate_shift
+from tracer.pipeline.join import estimate_shift, replay_recordings
 from tracer.pipeline.records import Clock
 from tracer.pipeline.replay import ReplayError, replay
 
@@ -89,7 +89,7 @@ def three(tmp_path, shift: int = 0, client_boot: str = "boot-1", client_offset: 
 
 def joined(*paths, **kw) -> tuple[list[dict], dict]:
     out: list[dict] = []
-    replay([str(p) for p in paths], out.append, **kw)
+    replay_recordings([str(p) for p in paths], out.append, **kw)
     return [r for r in out if r["type"] == "collision"], out[-1]
 
 
@@ -183,7 +183,7 @@ def test_a_damaged_recording_in_a_join_is_named_after_the_rest_is_replayed(tmp_p
     client.write_bytes(data[:-40])  # cut inside its last frames
     out: list[dict] = []
     with pytest.raises(ReplayError, match=f"^{client}: .* at byte offset"):
-        replay([str(server), str(client)], out.append)
+        replay_recordings([str(server), str(client)], out.append)
     assert out[-1]["type"] == "summary" and out[-1]["collisions"] == 2
 
 
@@ -192,7 +192,7 @@ def test_kernels_that_number_tcp_states_differently_are_not_joined(tmp_path):
     data = client.read_bytes().replace(b'"1":"ESTABLISHED"', b'"1":"SOMETHING"')
     client.write_bytes(data)
     with pytest.raises(ReplayError, match="number TCP states differently"):
-        replay([str(server), str(client)], lambda rec: None)
+        replay_recordings([str(server), str(client)], lambda rec: None)
 
 
 def test_estimate_needs_the_same_tuple_and_the_same_numbers(tmp_path):

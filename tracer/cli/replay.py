@@ -9,7 +9,8 @@ import click
 
 from tracer.cli.options import FILTERS, Command, examples, fail, filters, option, takes, writer
 from tracer.host import workload
-from tracer.pipeline.replay import ReplayError, replay
+from tracer.pipeline.join import replay_recordings
+from tracer.pipeline.replay import ReplayError
 
 EXAMPLES = examples(
     ("tcpcollide-trace replay run.rec", "the reports of the run recorded with --record run.rec"),
@@ -55,6 +56,6 @@ def replay_cmd(recordings, as_json, verbose, all_events, no_color, **filter_opti
         selection = workload.Selection([workload.Selector(kind, value) for kind, value in chosen.workloads])
         select = functools.partial(selection.outside, [])  # by the processes named: no namespace is known
     try:
-        replay(list(recordings), writer(as_json, no_color).write, verbose, all_events, chosen, select)
+        replay_recordings(list(recordings), writer(as_json, no_color).write, verbose, all_events, chosen, select)
     except ReplayError as e:
         fail(str(e))

@@ -53,7 +53,7 @@ from tracer.pipeline.correlator import Correlator, Incident, Key, Settings
 from tracer.pipeline.events import decode
 from tracer.pipeline.flow import NoHost, Pipeline, RecordedHost, selected
 from tracer.pipeline.records import Clock
-from tracer.pipeline.replay import ReplayError, open_recording, queue_passes, replay_one
+from tracer.pipeline.replay import ReplayError, open_recording, queue_passes, replay, replay_one
 
 MATCH_SLACK_NS = 1_000_000_000  # an incident of one recording belongs to a joined one it overlaps within this
 
@@ -317,6 +317,15 @@ def _items(source: int, path: str, shift_ns: int, filters: Filters) -> Iterator[
                 yield _Item(at, source, n, kind, value)
         except recording.RecordingError:
             yield _Item(at or 0, source, n + 1, CUT, None)
+
+
+def replay_recordings(paths: list[str], sink: Callable[[dict], None], verbose: bool = False,
+                      all_events: bool = False, filters: Filters | None = None,
+                      select: Callable[[list[dict]], str | None] | None = None) -> dict:
+    """`replay FILE...`: one recording replayed (tracer/pipeline/replay.py), several joined."""
+    if len(paths) == 1:
+        return replay(paths[0], sink, verbose, all_events, filters or Filters(), select)
+    return replay_joined(paths, sink, verbose, all_events, filters, select)
 
 
 def replay_joined(paths: list[str], sink: Callable[[dict], None], verbose: bool = False, all_events: bool = False,

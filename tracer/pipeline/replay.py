@@ -69,17 +69,12 @@ def kernel_counts(end: dict, filters: Filters) -> dict | None:
     return {k: v for k, v in kernel.items() if k not in ("reported", "unreported", "by_server_omitted")}
 
 
-def replay(paths: str | list[str], sink: Callable[[dict], None], verbose: bool = False, all_events: bool = False,
+def replay(path: str, sink: Callable[[dict], None], verbose: bool = False, all_events: bool = False,
            filters: Filters = NO_FILTERS, select: Callable[[list[dict]], str | None] | None = None) -> dict:
     """Write the recording's records to sink; returns (and writes) the
-    summary. Several paths: recordings of the hosts at each end, joined
-    (tracer/pipeline/join.py). select: the workload filters (flow.selected)."""
-    paths = [paths] if isinstance(paths, str) else list(paths)
-    if len(paths) > 1:
-        from tracer.pipeline import join  # noqa: PLC0415 - only for a join
-
-        return join.replay_joined(paths, sink, verbose, all_events, filters, select)
-    rec, error = replay_one(paths[0], sink, verbose, all_events, filters, RecordedHost(select))
+    summary. select: the workload filters (flow.selected). Several
+    recordings: tracer/pipeline/join.py."""
+    rec, error = replay_one(path, sink, verbose, all_events, filters, RecordedHost(select))
     if error is not None:
         raise ReplayError(error)
     return rec
