@@ -104,6 +104,15 @@ def test_same_socket_colliding_again_after_the_client_gave_up():
     assert [i.repeat_of for i in out] == [None, {"id": out[0].id, "same": "socket"}]
 
 
+def test_another_tuples_socket_at_a_reused_address_is_not_the_same_socket():
+    """A freed lingering socket's memory holds another socket later (TIME_WAIT
+    sockets above all): the same address on another tuple is no repeat."""
+    first = Collision()
+    second = Collision(client_port=first.client_port + 1, closewait_sk=first.closewait_sk)
+    _, out = run(first.seed_sequence() + second.seed_sequence(t0=T0 + 5 * S))
+    assert [i.repeat_of for i in out] == [None, None]
+
+
 def test_a_new_lingering_socket_on_an_open_tuple_supersedes_it():
     first = Collision()
     second = Collision(closewait_sk=first.closewait_sk + 0x1000)

@@ -249,8 +249,10 @@ class Correlator:
         self._state_off_since: int | None = None
         self._state_gaps: deque[tuple[int, int]] = deque(maxlen=MAX_STATE_GAPS)
         self.open: dict[Key, Incident] = {}
-        # finished incidents, by lingering socket and by tuple (bounded, oldest first out)
-        self.recent_sockets: OrderedDict[tuple[int, int], int] = OrderedDict()
+        # finished incidents, by lingering socket and by tuple (bounded, oldest first out); a socket is
+        # its address and the tuple it holds: a freed socket's memory is soon another socket's (the slab),
+        # TIME_WAIT sockets' above all, and a new one at the same address on another tuple is not the same
+        self.recent_sockets: OrderedDict[tuple[int, int, Key], int] = OrderedDict()
         self.recent_tuples: OrderedDict[tuple[int, Key], int] = OrderedDict()
         self.next_id = 1
         # raw events kept per incident: only a verbose report shows them (Pipeline sets 0
@@ -500,7 +502,8 @@ class Correlator:
     def _earlier(self, inc: Incident) -> dict | None:
         """An earlier incident on the same lingering socket, or on the same
         connection tuple (a new lingering socket, the same port again)."""
-        same_socket = self.recent_sockets.get((inc.netns, inc.closewait["skaddr"])) if inc.seen_server else None
+        same_socket = (self.recent_sockets.get((inc.netns, inc.closewait["skaddr"], inc.key)) if inc.seen_server
+                       else None)
         if same_socket is not None:
             return {"id": same_socket, "same": "socket"}
         same_tuple = self.recent_tuples.get((inc.home_netns, inc.key))
@@ -852,7 +855,7 @@ class Correlator:
     def _remember(self, inc: Incident) -> None:
         tables = [(self.recent_tuples, (inc.home_netns, inc.key))]
         if inc.seen_server:
-            tables.append((self.recent_sockets, (inc.netns, inc.closewait["skaddr"])))
+            tables.append((self.recent_sockets, (inc.netns, inc.closewait["skaddr"], inc.key)))
         for table, key in tables:
             table[key] = inc.id
             table.move_to_end(key)
