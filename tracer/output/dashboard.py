@@ -140,9 +140,10 @@ class Dashboard:
         return t
 
     def render(self) -> Group:
+        # one line of an 80-column terminal, whatever the counts (a long one is cut, never wrapped)
         status = Text(
-            f"tcpcollide-trace top  backend {self.backend}  {self.rate:.0f} ev/s  {self.events} events  "
-            f"{self.lost} lost  {self.collisions} collisions", style="bold reverse")
+            f"top  backend {self.backend}  {self.rate:.0f} ev/s  {self.events} events  "
+            f"{self.lost} lost  {self.collisions} collisions", style="bold reverse", no_wrap=True, overflow="ellipsis")
         storm = [Text(storm_line(self.storm), style="red bold")] if self.storm is not None else []
         counters = Table.grid(padding=(0, 1))
         counters.add_row(self._counter("outcome", self.by_outcome), self._counter("server port", self.by_port),
