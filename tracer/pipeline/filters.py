@@ -11,7 +11,8 @@ AF_BY_NAME = {"ipv4": 2, "ipv6": 10}
 
 @dataclass(frozen=True)
 class Filters:
-    """What the operator asked to see. Applied in the kernel."""
+    """What the operator asked to see: applied in the kernel live, to the
+    recorded events in a replay (passes())."""
 
     port: int | None = None
     netns: int | None = None
@@ -41,7 +42,8 @@ class Filters:
         port, namespace and family filters: the kernel's own test
         (tc_fill_sock_tw in bpf/collide/sock.bpf.h), for a replay given the
         filters a live run takes. Workload filters are namespaces the live
-        host resolved: a recording cannot apply them."""
+        host resolved, which a recording does not keep: a replay applies them
+        to the processes each collision names (flow.selected)."""
         if self.port and ev.lport != self.port and ev.rport != self.port:
             return False
         if self.netns and ev.netns != self.netns:

@@ -53,7 +53,7 @@ from tracer.pipeline.correlator import Correlator, Incident, Key, Settings
 from tracer.pipeline.events import decode
 from tracer.pipeline.flow import NoHost, Pipeline, RecordedHost, selected
 from tracer.pipeline.records import Clock
-from tracer.pipeline.replay import ReplayError, open_recording, queue_passes, replay, replay_one
+from tracer.pipeline.replay import UNTIMED, ReplayError, apply_untimed, open_recording, replay, replay_one
 
 MATCH_SLACK_NS = 1_000_000_000  # an incident of one recording belongs to a joined one it overlaps within this
 
@@ -309,7 +309,7 @@ def _items(source: int, path: str, shift_ns: int, filters: Filters) -> Iterator[
                     t = at if at is not None else 0
                 elif kind in (recording.CONTEXT, recording.FLUSH, recording.END):
                     continue  # contexts: JoinedHost; the end: one flush for all
-                else:
+                else:  # UNTIMED
                     value = fr
                     t = at if at is not None else 0
                 at = t if at is None else max(at, t)
@@ -371,17 +371,8 @@ def replay_joined(paths: list[str], sink: Callable[[dict], None], verbose: bool 
             hooks[item.source] = item.value[0]
             if all(hooks) != before:  # away whenever any tracer's was
                 pipeline.state_hook(all(hooks), item.value[1])
-        elif item.kind == recording.LOST:
-            pipeline.lost(item.value.u64())
-        elif item.kind == recording.SKIPPED:
-            runs, only_state_hook = item.value.u64s()
-            pipeline.skipped(runs, only_state_hook=bool(only_state_hook))
-        elif item.kind == recording.EVICTED:
-            pipeline.evicted(recording.evicted_keys(item.value.json()))
-        elif item.kind == recording.QUEUE:
-            rec = item.value.json()
-            if queue_passes(rec, filters):
-                pipeline.queue(rec)
+        elif item.kind in UNTIMED:
+            apply_untimed(pipeline, item.value, filters)
         elif item.kind == CUT:
             pipeline.correlator.cut()
         pipeline.release()

@@ -266,7 +266,8 @@ class Summary:
         if counts is None:
             return None
         rows = counts.get("by_server", [])
-        return {**counts, "by_server": rows[:BY_SERVER_MAX], "by_server_omitted": counts.get("by_server_omitted", 0) + max(0, len(rows) - BY_SERVER_MAX),
+        omitted = counts.get("by_server_omitted", 0) + max(0, len(rows) - BY_SERVER_MAX)  # a join's: each one's too
+        return {**counts, "by_server": rows[:BY_SERVER_MAX], "by_server_omitted": omitted,
                 "reported": self.server_seen, "unreported": max(0, counts["collisions"] - self.server_seen)}
 
     def record(self, events: int, lost: int, reason: str, undecodable: int = 0, skipped: int | None = None,

@@ -58,6 +58,26 @@ def queue_passes(rec: dict, filters: Filters) -> bool:
     return not filters.family or ("[" in addr) == (filters.family == "ipv6")
 
 
+# the frames that carry no time of their own, fed as they come (in a join too)
+UNTIMED = (recording.LOST, recording.SKIPPED, recording.EVICTED, recording.QUEUE)
+
+
+def apply_untimed(pipeline: Pipeline, fr: recording.Frame, filters: Filters) -> None:
+    """Feed one UNTIMED frame: lost events, skipped runs, evicted tracking,
+    a queue (or storm) record."""
+    if fr.kind == recording.LOST:
+        pipeline.lost(fr.u64())
+    elif fr.kind == recording.SKIPPED:
+        runs, only_state_hook = fr.u64s()
+        pipeline.skipped(runs, only_state_hook=bool(only_state_hook))
+    elif fr.kind == recording.EVICTED:
+        pipeline.evicted(recording.evicted_keys(fr.json()))
+    elif fr.kind == recording.QUEUE:
+        rec = fr.json()
+        if queue_passes(rec, filters):
+            pipeline.queue(rec)
+
+
 def kernel_counts(end: dict, filters: Filters) -> dict | None:
     """The kernel's counts a recording's end kept, to set beside what the
     replay reports. None under replay filters: the kernel counted the whole
@@ -98,13 +118,8 @@ def replay_one(path: str, sink: Callable[[dict], None], verbose: bool = False, a
                 ev = decode(fr.payload)
                 if filters.passes(ev):
                     pipeline.feed(ev)
-            elif fr.kind == recording.LOST:
-                pipeline.lost(fr.u64())
-            elif fr.kind == recording.SKIPPED:
-                runs, only_state_hook = fr.u64s()
-                pipeline.skipped(runs, only_state_hook=bool(only_state_hook))
-            elif fr.kind == recording.EVICTED:
-                pipeline.evicted(recording.evicted_keys(fr.json()))
+            elif fr.kind in UNTIMED:
+                apply_untimed(pipeline, fr, filters)
             elif fr.kind == recording.STATE_HOOK:
                 hook = fr.json()
                 pipeline.state_hook(hook["attached"], hook["at_ns"])
@@ -112,10 +127,6 @@ def replay_one(path: str, sink: Callable[[dict], None], verbose: bool = False, a
                 pipeline.tick(fr.u64())
             elif fr.kind == recording.FLUSH:
                 pipeline.flush()
-            elif fr.kind == recording.QUEUE:
-                rec = fr.json()
-                if queue_passes(rec, filters):
-                    pipeline.queue(rec)
             elif fr.kind == recording.END:
                 end.update(fr.json())
             pipeline.release()
