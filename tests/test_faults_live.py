@@ -438,6 +438,20 @@ def nft(ns, *rules: str) -> None:
     assert r.returncode == 0, r.stderr
 
 
+def exited(pid: int, seconds: float) -> bool:
+    """Whether the process exited (gone, or a zombie: its files closed) within `seconds`."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+        except (OSError, IndexError):
+            return True
+        if state in ("Z", "X"):
+            return True
+        time.sleep(0.01)
+    return False
+
+
 def tracked_map(pid: int) -> int:
     return next(i for i in bpf_objects(pid)["map"] if _map_name(i) == "tracked")
 
@@ -471,6 +485,9 @@ def test_an_incident_cut_short_by_its_host_ends_with_what_was_seen_and_leaves_no
         sc.stdin.flush()
         time.sleep(0.5)
         os.kill(server_pid, signal.SIGKILL)
+        # its exit closes the socket (CLOSE_WAIT -> LAST_ACK) before anything else happens: on a loaded
+        # machine the client, killed next, could otherwise close first and end the incident
+        assert exited(server_pid, 10 * SLOW), "the server process did not exit"
         if fault == "the network namespace is deleted":
             sc.kill()
             sc.wait()
