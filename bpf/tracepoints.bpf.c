@@ -104,6 +104,9 @@ static __always_inline int tc_on_kfree_skb(void *ctx, const void *skb, const voi
 	if (!rx_sk)
 		return 0;
 #ifdef TC_USE_TP_SYN_CHALLENGED
+#ifndef K_SKB_DROP_REASON_TCP_INVALID_SYN
+#error "skb:kfree_skb as the collision's hook needs the drop reason TCP_INVALID_SYN, which this kernel lacks"
+#endif
 	if (reason == K_SKB_DROP_REASON_TCP_INVALID_SYN)
 		return tc_on_syn_challenged(ctx, rx_sk, TC_HOOK_TP_KFREE_SKB);
 #endif

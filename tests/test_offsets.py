@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from tracer.kernel import offsets
-from tracer.kernel.btf import BTF
+from tracer.kernel.btf import BTF, BTFError
 
 BTF_PATH = Path("/sys/kernel/btf/vmlinux")
 pytestmark = pytest.mark.skipif(not BTF_PATH.exists(), reason="no kernel BTF")
@@ -144,3 +144,31 @@ def test_program_text_refuses_an_include_loop(tmp_path):
     (tmp_path / "sub" / "b.bpf.h").write_text('int b;\n#include "../a.bpf.c"\n')
     with pytest.raises(BuildError, match="includes itself"):
         _inline_local_includes(tmp_path / "a.bpf.c")
+
+
+class _BTFWithout:
+    """The host's BTF less one enum (as Linux 5.10's BTF has no enum skb_drop_reason)."""
+
+    def __init__(self, btf, enum):
+        self._btf, self._enum = btf, enum
+
+    def enum_value(self, name, enum=None):
+        if enum == self._enum:
+            raise BTFError(f"no enum named {enum!r} in BTF")
+        return self._btf.enum_value(name, enum)
+
+    def __getattr__(self, name):
+        return getattr(self._btf, name)
+
+
+def test_a_kernel_without_drop_reasons_still_gets_every_other_macro():
+    """5.10: no enum skb_drop_reason. Its macro is left undefined (the BPF side
+    refuses the one hook that needs it); every other macro is there."""
+    d = offsets.btf_defines(_BTFWithout(BTF.load(), "skb_drop_reason"))
+    assert "K_SKB_DROP_REASON_TCP_INVALID_SYN" not in d
+    assert "K_TCP_CLOSE_WAIT" in d and "OFF_TP_SND_NXT" in d
+
+
+def test_a_missing_required_enum_is_still_an_error():
+    with pytest.raises(offsets.OffsetError, match="no enum"):
+        offsets.btf_defines(_BTFWithout(BTF.load(), None))

@@ -83,6 +83,13 @@ ENUMS = [
     ("K_SKB_DROP_REASON_TCP_INVALID_SYN", "SKB_DROP_REASON_TCP_INVALID_SYN", "skb_drop_reason"),
 ]
 
+# Enum values a kernel may lack, with the hook that needs them: where BTF has
+# no such value the macro stays undefined, and hook selection never picks
+# that hook there (tracer/kernel/hooks.py checks the tracepoint's fields,
+# which come with the enum). Drop reasons exist since Linux 5.17; the
+# skb:kfree_skb candidate needs rx_sk (6.11) as well.
+OPTIONAL_ENUMS = {"K_SKB_DROP_REASON_TCP_INVALID_SYN": "skb:kfree_skb"}
+
 # The TCP state names as the kernel numbers them (include/net/tcp_states.h);
 # the numbers are read from the running kernel, these are only the names.
 TCP_STATE_NAMES = [
@@ -108,7 +115,11 @@ def btf_defines(btf: BTF) -> dict[str, int]:
         macro, struct, path, anchor = SOCKET_INODE
         out[macro] = btf.member_offset(struct, path) - btf.member_offset(struct, anchor)
         for macro, name, enum in ENUMS:
-            out[macro] = btf.enum_value(name, enum)
+            try:
+                out[macro] = btf.enum_value(name, enum)
+            except BTFError:
+                if macro not in OPTIONAL_ENUMS:
+                    raise
     except BTFError as e:
         raise OffsetError(str(e)) from e
     out.update(usec_ts_defines(btf))
@@ -142,7 +153,9 @@ def header_defines() -> dict[str, str]:
 
 
 # What a program compiled against headers needs to see those names.
-HEADER_INCLUDES = ["linux/skbuff.h", "linux/tcp.h", "net/sock.h", "net/net_namespace.h", "net/dropreason.h"]
+HEADER_INCLUDES = ["linux/skbuff.h", "linux/tcp.h", "net/sock.h", "net/net_namespace.h"]
+# and where the kernel has it (Linux >= 6.0; before, drop reasons live in skbuff.h or nowhere)
+HEADER_OPTIONAL_INCLUDES = ["net/dropreason.h"]
 
 
 def tcp_states(btf: BTF) -> dict[int, str]:

@@ -124,7 +124,8 @@ def build_spec(plan: Plan, types: KernelTypes) -> BuildSpec:
         header_dirs: list[Path] = []
     else:
         cflags = ["-I", str(bpf_dir())]
-        prelude = "".join(f"#include <{h}>\n" for h in offsets.HEADER_INCLUDES)
+        prelude = "".join(f"#include <{h}>\n" for h in offsets.HEADER_INCLUDES) + "".join(
+            f"#if __has_include(<{h}>)\n#include <{h}>\n#endif\n" for h in offsets.HEADER_OPTIONAL_INCLUDES)
         ksrc = None
         header_dirs = capabilities.header_include_dirs(Path(types.source.removeprefix("headers:")))
     cflags += [f"-D{k}={v}" for k, v in sorted(defines.items())]
