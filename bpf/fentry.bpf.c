@@ -20,7 +20,22 @@ KFUNC_PROBE(tcp_rcv_state_process, void *sk, void *skb)
 }
 #endif
 
+#ifdef TC_USE_FE_CHALLENGE_RCV
+/* the return of the call whose SYN tc_on_rcv_state() found challenged
+ * (tc_challenge_enter): the challenge ACK was sent in between, or held back */
+KRETFUNC_PROBE(tcp_rcv_state_process, void *sk)
+{
+	return tc_on_challenge(ctx, sk, TC_HOOK_FE_RCV_EXIT);
+}
+#endif
+
 #ifdef TC_USE_FE_CHALLENGE
+KFUNC_PROBE(tcp_send_challenge_ack, void *sk)
+{
+	tc_challenge_enter(sk);
+	return 0;
+}
+
 KRETFUNC_PROBE(tcp_send_challenge_ack, void *sk)
 {
 	return tc_on_challenge(ctx, sk, TC_HOOK_FE_CHALLENGE);

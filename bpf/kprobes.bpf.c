@@ -29,29 +29,21 @@ int tc_kp_rcv_state(struct pt_regs *ctx)
 #endif
 
 #ifdef TC_USE_KP_CHALLENGE
-/* tcp_send_challenge_ack(struct sock *sk, ...): the socket, kept for the
- * return probe (it runs in softirq with BH off: no nesting on a CPU) */
-BPF_PERCPU_ARRAY(challenge_sk, __u64, 1);
-
+/* tcp_send_challenge_ack(struct sock *sk, ...): entry and return */
 int tc_kp_challenge(struct pt_regs *ctx)
 {
-	int zero = 0;
-	__u64 sk = PT_REGS_PARM1(ctx);
-
-	challenge_sk.update(&zero, &sk);
+	tc_challenge_enter((const void *)PT_REGS_PARM1(ctx));
 	return 0;
 }
 
 int tc_kretp_challenge(struct pt_regs *ctx)
 {
 	int zero = 0;
-	__u64 *sk = challenge_sk.lookup(&zero);
+	struct tc_challenge_entry *e = challenge_entry.lookup(&zero);
 
-	if (!sk || !*sk)
+	if (!e || !e->sk)
 		return 0;
-	tc_on_challenge(ctx, (const void *)*sk, TC_HOOK_KP_CHALLENGE);
-	*sk = 0;
-	return 0;
+	return tc_on_challenge(ctx, (const void *)e->sk, TC_HOOK_KP_CHALLENGE);
 }
 #endif
 

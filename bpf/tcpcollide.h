@@ -44,7 +44,9 @@ enum tc_hook {
 	TC_HOOK_FE_QUEUE_ADD = 16,    /* fexit inet_csk_reqsk_queue_add */
 	TC_HOOK_FE_HASHDANCE = 17,    /* fexit inet_csk_complete_hashdance */
 	TC_HOOK_TP_KFREE_TW = 18,     /* tracepoint skb:kfree_skb, a SYN answered by a TIME_WAIT socket */
-	TC_HOOK_MAX = 19,
+	TC_HOOK_FE_RCV_EXIT = 19,     /* fexit tcp_rcv_state_process after a challenged SYN (no fentry on
+				       * tcp_send_challenge_ack: a static function absent from BTF, as on 5.10) */
+	TC_HOOK_MAX = 20,
 };
 
 /* Event flags. */

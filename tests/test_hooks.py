@@ -183,3 +183,36 @@ def test_every_raw_argument_is_used_by_the_bpf_sources():
         assert re.search(rf"#ifdef TC_RAW_{event}\b", text), event
         for name, _, _ in args:
             assert re.search(rf"TC_RAW_ARG\({event}, {name}\)", text), (event, name)
+
+
+# Debian 11's 5.10: kfree_skb has neither reason nor rx_sk; tcp_send_challenge_ack
+# is static and absent from BTF, but kallsyms has it (a kprobe can take it).
+FIELDS_5_10 = dict(ALL_TP_FIELDS, **{"skb:kfree_skb": ["skbaddr", "location", "protocol"]})
+FUNCS_5_10 = FUNCS - {"tcp_send_challenge_ack"}
+
+
+def test_5_10_gets_fentry_and_a_kprobe_for_the_challenge_ack():
+    plan = hooks.select(offer(tp_fields=FIELDS_5_10, btf_funcs=FUNCS_5_10))
+    got = backends(plan)
+    assert got["syn_challenged"] == "fentry:tcp_rcv_state_process"
+    assert got["challenge_ack"] == "kprobe:tcp_send_challenge_ack"
+    assert plan.backend == "fentry" and plan.defines()["TC_USE_CHALLENGE"] == 1
+
+
+def test_5_10_forced_fentry_judges_the_challenge_ack_at_the_return_of_tcp_rcv_state_process():
+    plan = hooks.select(offer(tp_fields=FIELDS_5_10, btf_funcs=FUNCS_5_10), "fentry")
+    got = backends(plan)
+    assert got["challenge_ack"] == "fentry:tcp_rcv_state_process@return"
+    d = plan.defines()
+    assert d["TC_USE_FE_CHALLENGE_RCV"] == 1 and d["TC_USE_CHALLENGE"] == 1 and "TC_USE_KP_CHALLENGE" not in d
+    # that return needs the fentry entry hook: with syn_challenged on a kprobe it is refused
+    plan = hooks.select(offer(tp_fields=FIELDS_5_10, btf_funcs=FUNCS_5_10),
+                        exclude={"fentry:tcp_rcv_state_process"})
+    got = backends(plan)
+    assert got["syn_challenged"] == "kprobe:tcp_rcv_state_process"
+    assert got["challenge_ack"] == "kprobe:tcp_send_challenge_ack"
+
+
+def test_5_10_tracepoints_alone_cannot_see_the_collision():
+    with pytest.raises(hooks.BackendError, match="5.17"):
+        hooks.select(offer(tp_fields=FIELDS_5_10, btf_funcs=FUNCS_5_10), "tracepoint")

@@ -38,6 +38,61 @@ static __always_inline void tc_count_syn(const struct tc_event *ev, int fresh)
 		c->collisions += 1;
 }
 
+#ifdef TC_USE_CHALLENGE
+/* The challenge hook's entry and return: the socket and its segs_out on
+ * entry (per CPU: tcp_send_challenge_ack() runs in softirq, or on PREEMPT_RT
+ * in a softirq thread holding the CPU's BH lock, so no other call runs on
+ * this CPU between the two), and on return whether segs_out moved: the ACK
+ * was transmitted, past the per-socket limiter (tcp_invalid_ratelimit) and
+ * the challenge-ACK limit (host-wide before Linux 6.0) alike. No clock is
+ * involved: a stamp compared with jiffies misjudges a call stretched over a
+ * tick boundary (a vCPU stalled by its host, a preempted softirq thread). */
+struct tc_challenge_entry {
+	__u64 sk;
+	__u32 segs_out;
+};
+BPF_PERCPU_ARRAY(challenge_entry, struct tc_challenge_entry, 1);
+
+static __always_inline void tc_challenge_enter(const void *sk)
+{
+	int zero = 0;
+	struct tc_challenge_entry e = {.sk = (__u64)sk};
+
+	tc_read(e.segs_out, sk, OFF_TP_SEGS_OUT);
+	challenge_entry.update(&zero, &e);
+}
+
+/* tcp_send_challenge_ack() returned: report whether the ACK went out. */
+static __always_inline int tc_on_challenge(void *ctx, const void *sk, __u32 hook)
+{
+	struct tc_event ev = {};
+	struct tc_challenge_entry *e;
+	__u32 segs_out = 0;
+	int zero = 0;
+
+	e = challenge_entry.lookup(&zero);
+	if (!e || !e->sk)
+		return 0;
+	if (e->sk != (__u64)sk) {
+		e->sk = 0;
+		return 0;
+	}
+	e->sk = 0;
+	tc_fired(hook);
+	if (!tc_sock_tracked(sk) || tc_fill_sock(sk, &ev))
+		return 0;
+	ev.type = TC_EV_CHALLENGE_ACK;
+	ev.hook = hook;
+	tc_read(ev.seq, sk, OFF_TP_SND_NXT);
+	tc_read(ev.ack, sk, OFF_TP_RCV_NXT);
+	tc_read(segs_out, sk, OFF_TP_SEGS_OUT);
+	if (segs_out != e->segs_out)
+		ev.flags |= TC_F_CHALLENGE_PASSED;
+	tc_submit(ctx, &ev);
+	return 0;
+}
+#endif
+
 /* A SYN was dropped by a socket that is not listening (skb drop reason
  * TCP_INVALID_SYN): tcp_validate_incoming() has just called
  * tcp_send_challenge_ack(). The collision starts here. */
@@ -96,6 +151,9 @@ static __always_inline int tc_on_rcv_state(void *ctx, const void *sk, const void
 
 	if (flags < 0 || (flags & (TC_TH_SYN | TC_TH_RST)) != TC_TH_SYN)
 		return 0;
+#ifdef TC_USE_FE_CHALLENGE_RCV
+	tc_challenge_enter(sk); /* the challenge ACK is judged at this call's return */
+#endif
 	return tc_on_syn_challenged(ctx, sk, hook);
 }
 
@@ -136,26 +194,6 @@ static __always_inline int tc_on_tw_syn(void *ctx, const void *tw, const void *s
 	if (flags < 0 || (flags & (TC_TH_SYN | TC_TH_RST | TC_TH_ACK)) != TC_TH_SYN)
 		return 0;
 	return tc_tw_syn_challenged(ctx, tw, hook);
-}
-
-/* tcp_send_challenge_ack() returned: report whether the ACK went out. */
-static __always_inline int tc_on_challenge(void *ctx, const void *sk, __u32 hook)
-{
-	struct tc_event ev = {};
-	__u32 last_oow = 0, now_j = (__u32)bpf_jiffies64();
-
-	tc_fired(hook);
-	if (!tc_sock_tracked(sk) || tc_fill_sock(sk, &ev))
-		return 0;
-	ev.type = TC_EV_CHALLENGE_ACK;
-	ev.hook = hook;
-	tc_read(ev.seq, sk, OFF_TP_SND_NXT);
-	tc_read(ev.ack, sk, OFF_TP_RCV_NXT);
-	tc_read(last_oow, sk, OFF_TP_LAST_OOW_ACK_TIME);
-	if (tc_challenge_passed(last_oow, now_j))
-		ev.flags |= TC_F_CHALLENGE_PASSED;
-	tc_submit(ctx, &ev);
-	return 0;
 }
 
 /* A child joined its listener's accept queue (sk_ack_backlog++). `added`:

@@ -57,10 +57,11 @@ class Candidate:
     needs: tuple[str, ...] = ()  # tracepoint fields the program reads
     probes: tuple[tuple[str, str, str], ...] = ()  # kprobes: (kind, function, BPF function name)
     hook: str = ""  # the enum tc_hook counter (bpf/tcpcollide.h) its programs increment
+    where: str = ""  # "return": at the targets' return, where another candidate takes their entry
 
     @property
     def name(self) -> str:
-        return f"{self.backend}:{'+'.join(self.targets)}"
+        return f"{self.backend}:{'+'.join(self.targets)}" + (f"@{self.where}" if self.where else "")
 
 
 def _tp(logical: str, tp: str, needs: tuple[str, ...], hook: str) -> Candidate:
@@ -88,6 +89,11 @@ CANDIDATES: dict[str, list[Candidate]] = {
         Candidate("challenge_ack", "kprobe", "TC_USE_KP_CHALLENGE", ("tcp_send_challenge_ack",),
                   probes=(("kprobe", "tcp_send_challenge_ack", "tc_kp_challenge"),
                           ("kretprobe", "tcp_send_challenge_ack", "tc_kretp_challenge")), hook="TC_HOOK_KP_CHALLENGE"),
+        # where tcp_send_challenge_ack is not in BTF (static, as on 5.10): the
+        # return of the tcp_rcv_state_process() call that challenged the SYN
+        # (the fentry syn_challenged hook marks it); only with that hook
+        Candidate("challenge_ack", "fentry", "TC_USE_FE_CHALLENGE_RCV", ("tcp_rcv_state_process",),
+                  hook="TC_HOOK_FE_RCV_EXIT", where="return"),
     ],
     "connect": [
         Candidate("connect", "fentry", "TC_USE_FE_CONNECT", ("tcp_v4_connect", "tcp_v6_connect"),
@@ -341,6 +347,10 @@ def select(offer: Offer, backend: str = "auto", exclude: set[str] = frozenset())
                 notes.append(f"{c.name} attached but never fired")
                 continue
             why = offer.check(c)
+            if not why and c.use == "TC_USE_FE_CHALLENGE_RCV" and not any(
+                    ch.logical == "syn_challenged" and ch.candidate and ch.candidate.use == "TC_USE_FE_SYN_CHALLENGED"
+                    for ch in choices):
+                why = "the fexit of tcp_rcv_state_process needs the fentry syn_challenged hook"
             if why:
                 notes.append(f"{c.backend}: {why}")
                 continue

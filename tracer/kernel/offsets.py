@@ -55,6 +55,10 @@ FIELDS = [
     Field("OFF_TP_COPIED_SEQ", "tcp_sock", "copied_seq", 4),
     Field("OFF_TP_RCV_TSTAMP", "tcp_sock", "rcv_tstamp", 4),
     Field("OFF_TP_LAST_OOW_ACK_TIME", "tcp_sock", "last_oow_ack_time", 4),
+    # segments the socket transmitted (__tcp_transmit_skb, since 4.6): the
+    # challenge hook compares it before and after tcp_send_challenge_ack() to
+    # know whether the ACK really went out, past every limiter
+    Field("OFF_TP_SEGS_OUT", "tcp_sock", "segs_out", 4),
     # tcp_connect() stamps the SYN's send time here (tcp_time_stamp_ts(): ms, or
     # us with tp->tcp_usec_ts); the client's view measures its penalty from it
     Field("OFF_TP_RETRANS_STAMP", "tcp_sock", "retrans_stamp", 4),
