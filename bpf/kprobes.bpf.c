@@ -29,9 +29,29 @@ int tc_kp_rcv_state(struct pt_regs *ctx)
 #endif
 
 #ifdef TC_USE_KP_CHALLENGE
-/* tcp_send_challenge_ack(struct sock *sk, ...): entry and return */
+/* tcp_send_challenge_ack(struct sock *sk, ...): entry and return. A
+ * kretprobe has no arguments: each CPU keeps the sockets of the calls in
+ * progress on it as a stack (a call interrupted by a softirq's call on
+ * another socket returns after it: last in, first out). */
+#define TC_CHALLENGE_DEPTH 4
+struct tc_challenge_stack {
+	__u32 depth;
+	__u64 sk[TC_CHALLENGE_DEPTH];
+};
+BPF_PERCPU_ARRAY(challenge_stack, struct tc_challenge_stack, 1);
+
 int tc_kp_challenge(struct pt_regs *ctx)
 {
+	int zero = 0;
+	struct tc_challenge_stack *st = challenge_stack.lookup(&zero);
+	__u32 d;
+
+	if (!st)
+		return 0;
+	d = st->depth;
+	if (d < TC_CHALLENGE_DEPTH)
+		st->sk[d] = PT_REGS_PARM1(ctx);
+	st->depth = d + 1;
 	tc_challenge_enter((const void *)PT_REGS_PARM1(ctx));
 	return 0;
 }
@@ -39,11 +59,19 @@ int tc_kp_challenge(struct pt_regs *ctx)
 int tc_kretp_challenge(struct pt_regs *ctx)
 {
 	int zero = 0;
-	struct tc_challenge_entry *e = challenge_entry.lookup(&zero);
+	struct tc_challenge_stack *st = challenge_stack.lookup(&zero);
+	__u32 d;
+	__u64 sk = 0;
 
-	if (!e || !e->sk)
+	if (!st || !st->depth)
 		return 0;
-	return tc_on_challenge(ctx, (const void *)e->sk, TC_HOOK_KP_CHALLENGE);
+	d = st->depth - 1;
+	st->depth = d;
+	if (d < TC_CHALLENGE_DEPTH)
+		sk = st->sk[d];
+	if (!sk)
+		return 0;
+	return tc_on_challenge(ctx, (const void *)sk, TC_HOOK_KP_CHALLENGE);
 }
 #endif
 

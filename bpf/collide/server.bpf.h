@@ -39,45 +39,39 @@ static __always_inline void tc_count_syn(const struct tc_event *ev, int fresh)
 }
 
 #ifdef TC_USE_CHALLENGE
-/* The challenge hook's entry and return: the socket and its segs_out on
- * entry (per CPU: tcp_send_challenge_ack() runs in softirq, or on PREEMPT_RT
- * in a softirq thread holding the CPU's BH lock, so no other call runs on
- * this CPU between the two), and on return whether segs_out moved: the ACK
- * was transmitted, past the per-socket limiter (tcp_invalid_ratelimit) and
- * the challenge-ACK limit (host-wide before Linux 6.0) alike. No clock is
- * involved: a stamp compared with jiffies misjudges a call stretched over a
- * tick boundary (a vCPU stalled by its host, a preempted softirq thread). */
-struct tc_challenge_entry {
-	__u64 sk;
-	__u32 segs_out;
-};
-BPF_PERCPU_ARRAY(challenge_entry, struct tc_challenge_entry, 1);
+/* The challenge hook's entry and return: the socket's segs_out on entry,
+ * kept by socket (the socket is locked for the whole call: no second call on
+ * it runs meanwhile, while calls on other sockets may nest or interleave on
+ * one CPU: a softirq interrupting the backlog processed in process context,
+ * a preempted softirq thread on PREEMPT_RT), and on return whether segs_out
+ * moved: the ACK was transmitted, past the per-socket limiter
+ * (tcp_invalid_ratelimit) and the challenge-ACK limit (host-wide before
+ * Linux 6.0) alike. No clock is involved: a stamp compared with jiffies
+ * misjudges a call stretched over a tick boundary (a vCPU stalled by its
+ * host, a preempted softirq thread). */
+BPF_TABLE("lru_hash", __u64, __u32, challenge_segs, 1024);
 
 static __always_inline void tc_challenge_enter(const void *sk)
 {
-	int zero = 0;
-	struct tc_challenge_entry e = {.sk = (__u64)sk};
+	__u64 key = (__u64)sk;
+	__u32 segs_out = 0;
 
-	tc_read(e.segs_out, sk, OFF_TP_SEGS_OUT);
-	challenge_entry.update(&zero, &e);
+	tc_read(segs_out, sk, OFF_TP_SEGS_OUT);
+	challenge_segs.update(&key, &segs_out);
 }
 
 /* tcp_send_challenge_ack() returned: report whether the ACK went out. */
 static __always_inline int tc_on_challenge(void *ctx, const void *sk, __u32 hook)
 {
 	struct tc_event ev = {};
-	struct tc_challenge_entry *e;
-	__u32 segs_out = 0;
-	int zero = 0;
+	__u64 key = (__u64)sk;
+	__u32 *before, segs_before, segs_out = 0;
 
-	e = challenge_entry.lookup(&zero);
-	if (!e || !e->sk)
+	before = challenge_segs.lookup(&key);
+	if (!before)
 		return 0;
-	if (e->sk != (__u64)sk) {
-		e->sk = 0;
-		return 0;
-	}
-	e->sk = 0;
+	segs_before = *before;
+	challenge_segs.delete(&key);
 	tc_fired(hook);
 	if (!tc_sock_tracked(sk) || tc_fill_sock(sk, &ev))
 		return 0;
@@ -86,7 +80,7 @@ static __always_inline int tc_on_challenge(void *ctx, const void *sk, __u32 hook
 	tc_read(ev.seq, sk, OFF_TP_SND_NXT);
 	tc_read(ev.ack, sk, OFF_TP_RCV_NXT);
 	tc_read(segs_out, sk, OFF_TP_SEGS_OUT);
-	if (segs_out != e->segs_out)
+	if (segs_out != segs_before)
 		ev.flags |= TC_F_CHALLENGE_PASSED;
 	tc_submit(ctx, &ev);
 	return 0;

@@ -240,7 +240,8 @@ def fentry_loads(btf_id: int) -> tuple[bool, str]:
 
 def prog_info(prog_fd: int) -> dict[str, int] | None:
     """run_time_ns, run_cnt (both 0 unless kernel.bpf_stats_enabled) and
-    recursion_misses of a loaded program; None if the kernel will not say."""
+    recursion_misses of a loaded program; None if the kernel will not say
+    (a field None: this kernel's bpf_prog_info ends before it)."""
     if prog_fd < 0:
         return None
     info = ctypes.create_string_buffer(_PROG_INFO_SIZE)
@@ -253,7 +254,8 @@ def prog_info(prog_fd: int) -> dict[str, int] | None:
     got = struct.unpack_from("I", attr, 4)[0]  # what the kernel filled (older kernels: less)
     fields = {"run_time_ns": PROG_INFO_RUN_TIME_NS, "run_cnt": PROG_INFO_RUN_CNT,
               "recursion_misses": PROG_INFO_RECURSION_MISSES}
-    return {name: struct.unpack_from("Q", info, off)[0] if off + 8 <= got else 0 for name, off in fields.items()}
+    # a field the kernel did not fill (recursion_misses before 5.12) is unknown, not 0
+    return {name: struct.unpack_from("Q", info, off)[0] if off + 8 <= got else None for name, off in fields.items()}
 
 
 class SkippedRuns:
@@ -275,7 +277,7 @@ class SkippedRuns:
     def _read(self) -> tuple[int, int] | None:
         """(state hook's recursion_misses less those its twin covered, the other programs')."""
         infos = {fd: prog_info(fd) for fd in self.prog_fds}
-        if not infos or any(i is None for i in infos.values()):
+        if not infos or any(i is None or i["recursion_misses"] is None for i in infos.values()):
             return None
         state = sum(i["recursion_misses"] for fd, i in infos.items() if fd in self.state_fds)
         other = sum(i["recursion_misses"] for i in infos.values()) - state

@@ -37,7 +37,8 @@ REQUIRED = ("set_state", "syn_challenged")
 
 # What a logical hook becomes when no backend serves it, where that is still useful.
 WITHOUT = {
-    "challenge_ack": "reported from the socket's challenge-ACK rate limiter stamp instead",
+    "challenge_ack": "reported from the socket's challenge-ACK rate limiter stamp instead (blind to "
+                     "net.ipv4.tcp_challenge_ack_limit)",
     "connect": "the connecting process is not reported",
     "queued": "deduced from the child reaching ESTABLISHED (tcp_child_process runs after the queue add)",
     "timewait_syn": "collisions with TIME_WAIT sockets are not reported",

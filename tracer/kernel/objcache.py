@@ -38,6 +38,7 @@ import hashlib
 import json
 import os
 import platform
+import resource
 import struct
 import tempfile
 from dataclasses import dataclass
@@ -299,10 +300,22 @@ class _TableLib:
         return self._maps[map_id]["max_entries"]
 
 
+def _raise_memlock() -> None:
+    """Before Linux 5.11 BPF maps and programs are charged to RLIMIT_MEMLOCK
+    (since, to the memory cgroup): raise it as bcc does before it loads
+    anything. Without CAP_SYS_RESOURCE it stays as it is (newer kernels do
+    not need it)."""
+    try:
+        resource.setrlimit(resource.RLIMIT_MEMLOCK, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    except (ValueError, OSError):
+        pass
+
+
 def load(obj: dict):
     """A bcc BPF object over maps and programs made from a cached object, its
     tracepoint programs attached as bcc would have attached them."""
     BPF = _bcc_class()
+    _raise_memlock()
 
     class CachedBPF(BPF):
         """bcc's BPF over a cached object: no module, no compile."""
