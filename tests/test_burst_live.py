@@ -25,7 +25,7 @@ import pytest
 from tests.live import REPO, SLOW, Tracer, require_live
 from tests.test_overflow_live import sound
 
-pytestmark = pytest.mark.live
+pytestmark = [pytest.mark.live, pytest.mark.rt]  # rt: scripts/guest-run runs it on PREEMPT_RT
 
 BURST = 400
 

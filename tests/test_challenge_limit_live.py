@@ -33,7 +33,7 @@ import pytest
 from tests.live import REPO, SLOW, Tracer, require_live
 from tests.test_overflow_live import sound
 
-pytestmark = [pytest.mark.live, pytest.mark.matrix]
+pytestmark = [pytest.mark.live, pytest.mark.matrix, pytest.mark.rt]
 
 BURST = 24
 LIMIT = 16  # a second's budget: 8 to 23 challenge ACKs; a burst spanning two seconds: at least 16

@@ -26,7 +26,7 @@ import pytest
 from tests.live import REPO, SLOW, Tracer, require_live
 from tracer import session
 
-pytestmark = pytest.mark.live
+pytestmark = [pytest.mark.live, pytest.mark.rt]  # rt: scripts/guest-run runs it on PREEMPT_RT
 
 STORM_PORTS = 6000  # collisions in the storm: far beyond what the buffer holds (2 MiB per CPU here)
 AFTER_PORTS = 20  # collisions after the resume
