@@ -501,3 +501,17 @@ def test_an_owner_the_scan_could_not_read_is_said_so():
     plain = OwnerCache(min_interval_s=0, scan=lambda wanted=None: {})
     plain.SCAN_SHARE = 0
     assert plain.lookup(2) == [] and plain.status(2) == "not_held"
+
+
+def test_a_challenge_ack_held_back_by_the_limit_then_a_recovery_after_the_rto_is_explained():
+    """Synthetic stream: the first SYN's challenge ACK is held back (the
+    challenge-ACK limit, host-wide before 6.0), the client's SYN comes again
+    after its RTO, is challenged and answered, and the connection recovers."""
+    col = Collision()
+    events = [col.syn_challenged(T0, passed=False), col.retransmit(T0 + S)] + col.seed_sequence(t0=T0 + S + 20_000)
+    _, [inc] = run(events)
+    rec = collision_record(inc, CLOCK, "tracepoint")
+    assert (rec["outcome"], rec["outcome_detail"]) == ("recovered", "recovered_after_rto")
+    assert rec["challenge_acks_limited"] == 1 and rec["challenge_acks_sent"] == 1 and rec["syn_hits"] == 2
+    assert rec["penalty_ms"] >= 1000
+    assert "held back by the kernel's rate limits" in rec["explanation"]

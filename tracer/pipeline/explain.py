@@ -106,6 +106,11 @@ def _outcome(inc: Incident) -> list[str]:
         if detail == "recovered_fast":
             return [text + ": the client retried right after the RST (Linux >= 5.6 clients re-arm their SYN "
                            "timer at once when a challenge ACK answers their SYN)."]
+        if inc.challenges_limited:
+            return [text + f": {inc.challenges_limited} challenge ACK(s) were first held back by the kernel's rate "
+                           "limits (net.ipv4.tcp_challenge_ack_limit, host-wide before Linux 6.0 and per network "
+                           "namespace since; net.ipv4.tcp_invalid_ratelimit per socket), so the client heard nothing "
+                           "and waited for its SYN's retransmission timeout before colliding again."]
         return [text + ": the retry waited for a full retransmission timeout (clients before Linux 5.6 and "
                        "non-Linux clients wait 1 s or 3 s; so does a SYN that hit the socket twice)."]
     out = []
@@ -113,7 +118,8 @@ def _outcome(inc: Incident) -> list[str]:
         out.append(
             f"The client's SYN hit the lingering socket {inc.syn_hits} times; {inc.challenges_limited} challenge "
             "ACK(s) were held back by the kernel's rate limits (net.ipv4.tcp_invalid_ratelimit per socket, "
-            "net.ipv4.tcp_challenge_ack_limit host-wide), so the client never learnt the numbers it needs to "
+            "net.ipv4.tcp_challenge_ack_limit host-wide before Linux 6.0, per namespace since), so the client never "
+            "learnt the numbers it needs to "
             "reset the old socket.")
     elif inc.stuck_reason == "stuck_challenge_ack_lost":
         out.append(
