@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -17,6 +18,7 @@ import pytest
 
 from tests.live import BACKEND, BIN, SLOW, STATE_HOOK, bpf_prog_ids, read_steps, require_live, scenario
 from tests.test_systemd import parse_entry
+from tracer.resources import service_unit
 
 pytestmark = pytest.mark.live
 
@@ -91,17 +93,30 @@ def test_ready_after_the_hooks_fire_status_watchdog_and_the_journal(ns, tmp_path
 SET = "-all,+sys_admin,+net_admin,+sys_ptrace,+dac_read_search,+bpf,+perfmon"  # the unit's bounding set
 
 
+def unit_limits() -> None:
+    """The unit's resource limits (LimitMEMLOCK=: before 5.11 BPF maps count against it), set as
+    systemd sets them, before the capabilities are dropped (a preexec_fn)."""
+    line = next(x for x in service_unit().read_text().splitlines() if x.startswith("LimitMEMLOCK="))
+    value = line.split("=", 1)[1]
+    limit = resource.RLIM_INFINITY if value == "infinity" else int(value)
+    try:
+        resource.setrlimit(resource.RLIMIT_MEMLOCK, (limit, limit))
+    except (ValueError, OSError):
+        pass  # no CAP_SYS_RESOURCE here (this project's machines; their kernel charges the memory cgroup instead)
+
+
 def capped(bounding: str, *argv: str, **kw) -> subprocess.CompletedProcess:
-    """The tracer as root with only these capabilities (setpriv --bounding-set, as CapabilityBoundingSet= does)."""
+    """The tracer as root with only these capabilities (setpriv --bounding-set, as CapabilityBoundingSet= does)
+    and the unit's resource limits."""
     return subprocess.run(["setpriv", f"--bounding-set={bounding}", "--", str(BIN), *argv], capture_output=True,
-                          text=True, timeout=120 * SLOW, **kw)
+                          text=True, timeout=120 * SLOW, preexec_fn=unit_limits, **kw)
 
 
 def capped_collision(ns, bounding: str, *scenario_args: str) -> dict:
     """The tracer, capped to `bounding`, through one collision of the scenario (in `ns`): its report."""
     proc = subprocess.Popen(["setpriv", f"--bounding-set={bounding}", "--", str(BIN), "trace", "--json", "--backend",
                              BACKEND, "--netns", str(ns.inode), "-c", "1", "--duration", str(60 * SLOW)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=unit_limits)
     try:
         ready = json.loads(proc.stdout.readline())
         sc = scenario("--server-ns", ns.name, "--fast", *scenario_args)

@@ -49,7 +49,7 @@ static __always_inline void tc_count_syn(const struct tc_event *ev, int fresh)
  * Linux 6.0) alike. No clock is involved: a stamp compared with jiffies
  * misjudges a call stretched over a tick boundary (a vCPU stalled by its
  * host, a preempted softirq thread). */
-BPF_TABLE("lru_hash", __u64, __u32, challenge_segs, 1024);
+BPF_TABLE("lru_hash", __u64, __u32, challenge_segs, 256); /* calls in progress: a few per CPU at most */
 
 static __always_inline void tc_challenge_enter(const void *sk)
 {
