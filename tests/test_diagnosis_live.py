@@ -59,6 +59,7 @@ def trace_scenario(tracer_args: list[str], scenario_args: list[str], settle: flo
     return steps, [r for r in records if r["type"] == "collision"]
 
 
+@pytest.mark.matrix
 def test_culprit_process_fd_and_unread_bytes_of_an_older_socket(ns):
     """A CLOSE_WAIT socket held by a named server process, older than the
     tracer: the report names its pid, command and fd, and the unread bytes."""
@@ -110,6 +111,7 @@ DROP_CHALLENGE_ACK = (
 )
 
 
+@pytest.mark.matrix
 def test_stuck_when_a_middlebox_drops_the_challenge_ack(two_hosts):
     """An nftables rule in the client's namespace drops the challenge ACK: no
     RST comes back, the client keeps retransmitting its SYN into the
@@ -170,6 +172,7 @@ def test_the_same_port_colliding_again(ns):
     assert "incident #%d" % first["id"] in second["explanation"]
 
 
+@pytest.mark.matrix
 def test_seed_leaves_a_ghost_that_ss_counts(ns):
     """The seed's second experiment: the killed CLOSE_WAIT socket was never
     accepted and stays counted in the listener's Recv-Q; the report's queue
@@ -201,6 +204,7 @@ def test_seed_leaves_a_ghost_that_ss_counts(ns):
     assert f"the program {comm} (pid {proc.pid}), fd {listen['fd']}" in rec["explanation"]
 
 
+@pytest.mark.matrix
 def test_last_ack_collision(ns):
     """A SYN hitting a LAST_ACK socket (the server closed, its FIN is dropped)
     is reported as a related incident with its own explanation."""
