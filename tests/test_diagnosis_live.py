@@ -119,7 +119,8 @@ def test_stuck_when_a_middlebox_drops_the_challenge_ack(two_hosts):
     srv, cli = two_hosts
     nft(cli, *DROP_CHALLENGE_ACK)
     args = ["--server-ns", srv.name, "--client-ns", cli.name, "--server-ip", "10.198.0.1",
-            "--client-ip", "10.198.0.2", "--fast", "--connect-timeout", "8", "--hold", "0"]
+            # the client must outlast the incident timeout (a slow guest scales that one), or it gives up first
+            "--client-ip", "10.198.0.2", "--fast", "--connect-timeout", str(8 * SLOW), "--hold", "0"]
     tracer = Tracer("--incident-timeout", str(3.6 * SLOW), "-p", "12345")
     try:
         tracer.wait_ready()
