@@ -61,12 +61,14 @@ def cache(tmp_path):
 
 def test_the_second_start_loads_what_the_first_compiled_and_detects_the_collision(cache):
     first, found1, _ = demo(cache)
-    if first["backend"] == "fentry":  # fentry programs are compiled at every start, and said so
-        assert first["object_cache"]["state"] == "unsupported"
-        return
+    # every backend's object is kept: fentry/fexit programs are loaded again with the attach
+    # type and BTF id of their function, found at load time
     assert first["object_cache"]["state"] == "stored", first["object_cache"]
     assert "compile_load" in first["stages_s"] and "load_cached" not in first["stages_s"]
-    assert len(cached_files(cache)) == 1
+    # one object per plan the start tried: a hook the self-test found silent (an inlined
+    # function: fentry on inet_csk_reqsk_queue_add on Debian's 6.x) makes a second plan
+    replanned = any("attached but never fired" in h["note"] for h in first["hooks"])
+    assert len(cached_files(cache)) == 1 + replanned
     second, found2, _ = demo(cache)
     assert second["object_cache"] == {"state": "hit", "path": first["object_cache"]["path"]}
     assert "load_cached" in second["stages_s"] and "compile_load" not in second["stages_s"]

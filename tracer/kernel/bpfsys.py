@@ -34,6 +34,7 @@ BPF_BTF_LOAD = 18
 BPF_BTF_GET_FD_BY_ID = 19
 BPF_PROG_TYPE_TRACING = 26
 BPF_TRACE_FENTRY = 24
+BPF_TRACE_FEXIT = 25
 
 # union bpf_attr, the BPF_PROG_LOAD part: byte offsets of the fields used
 _LOAD_PROG_TYPE, _LOAD_INSN_CNT, _LOAD_INSNS, _LOAD_LICENSE = 0, 4, 8, 16
@@ -170,10 +171,11 @@ def map_create(typ: int, key_size: int, value_size: int, max_entries: int, flags
 
 
 def prog_load(prog_type: int, insns: bytes, license_: bytes, kern_version: int, name: str,
-              btf_fd: int = -1, func_type_id: int = 0, expected_attach_type: int = 0) -> int:
+              btf_fd: int = -1, func_type_id: int = 0, expected_attach_type: int = 0, attach_btf_id: int = 0) -> int:
     """BPF_PROG_LOAD of one program (no subprograms): its fd. With BTF, its
     one func_info record names it (bpftool shows the full name). A refusal
-    carries the verifier's last words."""
+    carries the verifier's last words. attach_btf_id: the vmlinux BTF id of
+    the function a tracing (fentry/fexit) program attaches to."""
     code = ctypes.create_string_buffer(insns, len(insns))
     lic = ctypes.create_string_buffer(license_)
     log = ctypes.create_string_buffer(1 << 16)
@@ -186,6 +188,8 @@ def prog_load(prog_type: int, insns: bytes, license_: bytes, kern_version: int, 
     _put(attr, _LOAD_KERN_VERSION, "I", kern_version)
     _name(attr, _LOAD_PROG_NAME, name)
     _put(attr, _LOAD_EXPECTED_ATTACH_TYPE, "I", expected_attach_type)
+    if attach_btf_id:
+        _put(attr, _LOAD_ATTACH_BTF_ID, "I", attach_btf_id)
     if btf_fd >= 0 and func_type_id:
         _put(attr, _LOAD_PROG_BTF_FD, "I", btf_fd)
         _put(attr, _LOAD_FUNC_INFO_REC_SIZE, "I", 8)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import atexit
 import base64
 import contextlib
+import ctypes
 import hashlib
 import json
 import os
@@ -52,10 +53,13 @@ FORMAT = 1
 DEFAULT_DIR = "/var/cache/tcpcollide-trace"
 KEEP = 16  # objects kept; the oldest go first (a filter's value is part of the key)
 # function name prefixes bcc attaches at load (BPF._trace_autoload), and how
-_AUTOLOAD = (("raw_tracepoint__", "raw"), ("tracepoint__", "tp"))
-# programs this cache cannot load again (fentry/fexit need attach BTF ids and
-# trampolines; LSM the same): such objects are not stored
-_UNSUPPORTED = (b"kfunc__", b"kretfunc__", b"lsm__", b"kprobe__", b"kretprobe__")
+_AUTOLOAD = (("raw_tracepoint__", "raw"), ("tracepoint__", "tp"), ("kfunc__", "fentry"), ("kretfunc__", "fexit"))
+# fentry/fexit programs are loaded with the attach type and the vmlinux BTF id
+# of their function, both found at load time as bcc finds them (libbpf)
+_TRACING_ATTACH = (("kfunc__", bpfsys.BPF_TRACE_FENTRY), ("kretfunc__", bpfsys.BPF_TRACE_FEXIT))
+# programs this cache cannot load again (LSM: not used; bcc's own kprobe__
+# autoload names): such objects are not stored
+_UNSUPPORTED = (b"lsm__", b"kprobe__", b"kretprobe__")
 _LD_IMM64, _CALL = 0x18, 0x85
 _PSEUDO_MAP_FD = 1
 
@@ -205,7 +209,7 @@ def store(b, spec) -> Outcome:
     except (OSError, ValueError) as e:
         return Outcome("failed", None, f"reading the compiled object back: {e}")
     if obj is None:
-        return Outcome("unsupported", None, "fentry programs are compiled at every start")
+        return Outcome("unsupported", None, "this program's kind is compiled at every start")
     path = where / f"obj-{key(spec)}.json"
     body = json.dumps(obj, separators=(",", ":"), sort_keys=True)
     data = json.dumps({"sha256": hashlib.sha256(body.encode()).hexdigest(), "object": body}).encode()
@@ -300,6 +304,16 @@ class _TableLib:
         return self._maps[map_id]["max_entries"]
 
 
+def _vmlinux_btf_id(func: str, attach_type: int) -> int:
+    """The vmlinux BTF id of a kernel function, as bcc finds it for an
+    fentry/fexit program (libbpf's libbpf_find_vmlinux_btf_id, in libbcc)."""
+    from bcc import libbcc  # noqa: PLC0415 - bcc is imported only where a program is loaded
+
+    f = libbcc.lib.libbpf_find_vmlinux_btf_id
+    f.restype, f.argtypes = ctypes.c_int, [ctypes.c_char_p, ctypes.c_int]
+    return f(func.encode(), attach_type)
+
+
 def _raise_memlock() -> None:
     """Before Linux 5.11 BPF maps and programs are charged to RLIMIT_MEMLOCK
     (since, to the memory cgroup): raise it as bcc does before it loads
@@ -342,6 +356,10 @@ def load(obj: dict):
                             fn = f["name"].encode()
                             if kind == "raw":
                                 self.attach_raw_tracepoint(tp=fn[len(prefix):], fn_name=fn)
+                            elif kind == "fentry":
+                                self.attach_kfunc(fn_name=fn)
+                            elif kind == "fexit":
+                                self.attach_kretfunc(fn_name=fn)
                             else:
                                 self.attach_tracepoint(tp=fn[len(prefix):].replace(b"__", b":"), fn_name=fn)
                             break
@@ -377,10 +395,18 @@ def load(obj: dict):
             insns = bytearray(base64.b64decode(f["insns"]))
             for n, index in f["relocs"]:
                 struct.pack_into("<i", insns, n * 8 + 4, self._map_fds[index])
+            btf_id = 0
+            if prog_type == BPF.TRACING:
+                prefix, attach_type = next(((p, t) for p, t in _TRACING_ATTACH if name.startswith(p)), ("", -1))
+                if not prefix:
+                    raise Exception(f"Failed to load BPF program {name}: not an fentry or fexit program")
+                btf_id = _vmlinux_btf_id(name[len(prefix):], attach_type)
+                if btf_id < 0:
+                    raise Exception(f"Failed to load BPF program {name}: no {name[len(prefix):]} in vmlinux BTF")
             try:
                 fd = bpfsys.prog_load(prog_type, bytes(insns), self._obj["license"].encode(),
                                       self._obj["kern_version"], name, self._btf_fd,
-                                      self._func_types.get(name, 0), max(attach_type, 0))
+                                      self._func_types.get(name, 0), max(attach_type, 0), btf_id)
             except OSError as e:
                 raise Exception(f"Failed to load BPF program {name}: {e.strerror}") from None
             fn = BPF.Function(self, key, fd)

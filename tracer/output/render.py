@@ -90,7 +90,7 @@ _OBJECT_CACHE = {
     "stored": "program compiled, and kept for the next start",
     "miss": "program compiled",
     "off": "program compiled (the compiled-object cache is off)",
-    "unsupported": "program compiled (this backend's programs are compiled at every start)",
+    "unsupported": "program compiled (programs of this kind are compiled at every start)",
     "corrupt": "program compiled: the cached object was corrupt",
     "failed": "program compiled: the compiled-object cache failed",
     "refused": "program compiled: the cached object was not read",
