@@ -227,7 +227,7 @@ class Choice:
         return {
             "logical": self.logical,
             "backend": c.backend if c else None,
-            "target": "+".join(c.targets) if c else None,
+            "target": c.name.split(":", 1)[1] if c else None,  # "tcp_rcv_state_process@return": at its return
             "attach": attach,
             "lazy": self.lazy,
             "available": c is not None,
