@@ -80,6 +80,12 @@ def say(kind: str, **kw) -> None:
 
 def raise_nofile(want: int) -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < want:
+        try:  # root with CAP_SYS_RESOURCE raises the hard limit too (a VM's init may set a low one)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))
+            return want
+        except (ValueError, OSError):
+            pass
     target = max(soft, min(want, hard if hard != resource.RLIM_INFINITY else want))
     if target > hard:
         target = hard
