@@ -46,8 +46,7 @@ def _live():
 
 
 def test_challenge_acks_held_back_by_the_limit_are_each_reported_and_add_up_to_the_kernels_counts(ns):
-    subprocess.run(["ip", "netns", "exec", ns.name, "sysctl", "-qw", f"net.ipv4.tcp_challenge_ack_limit={LIMIT}"],
-                   check=True)
+    ns.sysctl("net.ipv4.tcp_challenge_ack_limit", str(LIMIT))
     tracer = Tracer("--netns", str(ns.inode), "--state-hook", "always")
     try:
         ready = tracer.wait_ready()
