@@ -19,6 +19,7 @@ connections that never collided.
 from __future__ import annotations
 
 import ipaddress
+import zlib
 import json
 import random
 from dataclasses import dataclass
@@ -65,6 +66,9 @@ def addr(text: str) -> bytes:
     return ipaddress.ip_address(text).packed.ljust(16, b"\0")
 
 
+DEFAULT_SPREAD = zlib.crc32(f"127.0.0.1 12345 127.0.0.1 39836 {0xFFFF888100000000:x}".encode())
+
+
 @dataclass
 class Collision:
     """One connection tuple and the sockets of both its ends."""
@@ -78,9 +82,19 @@ class Collision:
     closewait_sk: int = 0xFFFF888100000000
     client_sk: int = 0xFFFF888100000940
     child_sk: int = 0xFFFF8881000065C0
-    snd_nxt: int = 2471878311  # the lingering socket's numbers (old connection)
-    rcv_nxt: int = 2411062325
+    # the lingering socket's numbers (old connection); by default, 2471878311 and 2411062325 for the default
+    # tuple and socket, and others for others (the correlator joins two ends seen under two tuples on them)
+    snd_nxt: int | None = None
+    rcv_nxt: int | None = None
     cpu: int = 0
+
+    def __post_init__(self):
+        spread = (zlib.crc32(f"{self.server_ip} {self.server_port} {self.client_ip} {self.client_port} "
+                             f"{self.closewait_sk:x}".encode()) - DEFAULT_SPREAD) % 2**32
+        if self.snd_nxt is None:
+            self.snd_nxt = (2471878311 + spread) % 2**32
+        if self.rcv_nxt is None:
+            self.rcv_nxt = (2411062325 + spread * 7) % 2**32
 
     @property
     def family(self) -> int:

@@ -76,6 +76,7 @@ def test_evictions_are_what_was_added_and_neither_deleted_nor_left():
     # an ended incident deleted by user space is not an eviction
     class Inc:  # noqa: D401 - the fields untrack() reads
         key, first_ns, last_ns = keys[5], 0, time.monotonic_ns()
+    Inc.keys = (Inc.key,)
     t.untrack(Inc)
     assert t.sweep(set(keys[3:]) - {keys[5]} | set(new), force=True) == [] and t.evicted == 3
 

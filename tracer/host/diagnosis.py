@@ -8,7 +8,7 @@ from __future__ import annotations
 import ipaddress
 import time
 
-from tracer.host import inventory, sockdiag
+from tracer.host import conntrack, inventory, sockdiag
 from tracer.pipeline.correlator import Incident
 from tracer.pipeline.events import Event
 from tracer.pipeline.records import named_processes
@@ -68,6 +68,7 @@ class Diagnoser:
         self._batch_ports: dict[tuple[int, int, bool], dict | None] = {}  # by (netns, server port, client end)
         self._waiting: dict[int, float] = {}  # incident id -> when its report began to wait for a scan
         self.selection = None  # --container/--pod/--unit (tracer/host/workload.py Selection)
+        self.conntrack = conntrack.Conntrack()
 
     def watch(self, rec: dict) -> None:
         """Follow a collision's listener while its queue holds ghosts: tell
@@ -89,6 +90,7 @@ class Diagnoser:
         ghosts changed, or they are gone. (And closes the sock_diag sockets
         left idle.)"""
         self.pool.close_idle()
+        self.conntrack.close_idle()
         if not self.watched or time.monotonic() - self._polled < WATCH_INTERVAL_S:
             return []
         self._polled = time.monotonic()
@@ -118,6 +120,7 @@ class Diagnoser:
 
     def close(self) -> None:
         self.pool.close()
+        self.conntrack.close()
 
     def rest(self) -> None:
         """The tracer is quiet (no incident, no event for a while): drop the
@@ -199,6 +202,9 @@ class Diagnoser:
         proc = ctx.get("client_process") or inc.client_process
         if proc:
             ctx["client_process"] = {**proc, "workload": self.workloads.as_dict(proc["pid"], proc["comm"])}
+        translator = self.translator(inc)
+        if translator is not None:
+            ctx["conntrack"] = translator
         if self.selection is not None:
             outside = self.selection.outside([inc.netns, inc.client_netns], named_processes(ctx))
             if outside is not None:
@@ -213,15 +219,16 @@ class Diagnoser:
         they were asked for (CLOCK_MONOTONIC, the kernel events' clock). One
         dump per namespace and port serves every incident ending in a batch
         (a tracer that was stopped through a storm ends thousands at once)."""
-        ends = {"server": (inc.netns, inc.server, inc.client) if inc.seen_server else None,
-                "client": (inc.client_netns, inc.client, inc.server) if inc.client_netns is not None else None}
-        server_port = int(inc.server.rsplit(":", 1)[1])
+        tuples = inc.ends()
+        ends = {"server": (inc.netns, *tuples["server"]) if inc.seen_server else None,
+                "client": (inc.client_netns, *tuples["client"]) if inc.client_netns is not None else None}
         out: dict = {}
         for end, where in ends.items():
             out[end] = None
             if where is None:
                 continue
             netns, local, remote = where
+            server_port = int((local if end == "server" else remote).rsplit(":", 1)[1])
             key = (netns, server_port, end == "client")  # the client's sockets by their remote port: one dump too
             if key not in self._batch_ports:
                 path = self._ns_path(netns)
@@ -235,6 +242,28 @@ class Diagnoser:
                 out[end] = list(listed.get((local, remote), []))
         out["at_ns"] = time.monotonic_ns()
         return out
+
+    def translator(self, inc: Incident) -> dict | None:
+        """The conntrack entry of the translation between the ends, where a
+        namespace of this host makes it (tracer/host/conntrack.py): asked
+        with the client's tuple (the entry's ORIGINAL one) when the client's
+        end was seen, else with the server's (its REPLY one). None when no
+        translation is possible (both ends on loopback)."""
+        ends = inc.ends()
+        if inc.seen_client or inc.translated is not None:
+            local, remote = ends["client"]
+            direction = "original"
+        else:
+            local, remote = ends["server"]
+            direction = "reply"
+        (src, sport), (dst, dport) = _addr_port(local), _addr_port(remote)
+        if ipaddress.ip_address(src).is_loopback and ipaddress.ip_address(dst).is_loopback:
+            return None
+        if time.monotonic() - self._ns_scanned >= 1.0:
+            self._ns_scanned = time.monotonic()
+            self._ns_paths = sockdiag.namespaces()
+        first = [ns for ns in (inc.client_netns, inc.netns) if ns is not None]
+        return self.conntrack.find(inc.family, direction, src, sport, dst, dport, self._ns_paths, first)
 
     def _ns_path(self, netns: int) -> str | None:
         if netns not in self._ns_paths and time.monotonic() - self._ns_scanned >= 1.0:

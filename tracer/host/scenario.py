@@ -98,7 +98,8 @@ def forked(fn, *args):
         os.waitpid(pid, 0)
 
 
-def connect_once(args, fam: int, first: bool) -> socket.socket | None:
+def connect_once(args, fam: int, first: bool, ip: str | None = None, port: int | None = None
+                 ) -> socket.socket | None:
     """A client socket bound to the fixed port (once it is free). Its
     FIN-WAIT-2 lasts --fin-timeout seconds (TCP_LINGER2: the socket's own
     tcp_fin_timeout, so no sysctl is needed: /proc/sys is read-only in a
@@ -108,12 +109,12 @@ def connect_once(args, fam: int, first: bool) -> socket.socket | None:
         s = socket.socket(fam, socket.SOCK_STREAM)
         s.setsockopt(socket.IPPROTO_TCP, TCP_LINGER2, args.fin_timeout)
         try:
-            s.bind((args.client_ip, args.client_port))
+            s.bind((ip or args.client_ip, port or args.client_port))
             return s
         except OSError:
             s.close()
             if first or time.monotonic() > deadline:
-                say("error", note=f"port {args.client_port} still busy after {args.port_wait} s")
+                say("error", note=f"port {port or args.client_port} still busy after {args.port_wait} s")
                 return None
             time.sleep(0.05)
 
@@ -150,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
     if args.external_server:
         say("listen", addr=f"{args.server_ip}:{args.server_port}", note="another program's server")
         return clients(args, fam)
-    listener = listen(args.listen_ip or args.server_ip, args.server_port, args.backlog)
+    listener = listen(args.listen_ip or args.server_ip, args.listen_port or args.server_port, args.backlog)
     with contextlib.ExitStack() as stack:
         if args.accept:
             server_pid = stack.enter_context(forked(serve, listener, args.server_comm, args.close_on_eof,
@@ -174,7 +175,9 @@ def clients(args: argparse.Namespace, fam: int) -> int:
         time.sleep(args.before_close)
         hang_up(args, conn)
         say("first_close" if n == 1 else "close", client_port=args.client_port, note="server end now in CLOSE_WAIT")
-        conn = connect_once(args, fam, False)
+        if args.reconnect_after:
+            time.sleep(args.reconnect_after)
+        conn = connect_once(args, fam, False, args.second_ip or args.client_ip, args.second_port or args.client_port)
         if conn is None:
             return 1
         say("port_free", note="the client's FIN-WAIT-2 expired; the CLOSE_WAIT socket still holds the tuple")
@@ -199,9 +202,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--client-ns", default="")
     p.add_argument("--server-ip", default="127.0.0.1", help="the address clients connect to")
     p.add_argument("--listen-ip", default="", help="the listener's address (default: --server-ip; '::' for dual-stack)")
+    p.add_argument("--listen-port", type=int, default=0,
+                   help="the listener's port (default: --server-port; another one behind a DNAT)")
     p.add_argument("--client-ip", default="127.0.0.1")
     p.add_argument("--server-port", type=int, default=12345)
     p.add_argument("--client-port", type=int, default=39836)
+    p.add_argument("--second-ip", default="",
+                   help="the reconnecting client's address (default: --client-ip): another host behind the same NAT")
+    p.add_argument("--second-port", type=int, default=0,
+                   help="the reconnecting client's port (default: --client-port): a NAT maps it onto the freed one")
+    p.add_argument("--reconnect-after", type=float, default=0.0,
+                   help="seconds to wait before reconnecting (a NAT's conntrack entry of the first connection expires)")
     p.add_argument("--backlog", type=int, default=8)
     p.add_argument("--port-wait", type=float, default=10.0)
     p.add_argument("--fin-timeout", type=int, default=1,

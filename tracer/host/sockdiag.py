@@ -288,8 +288,9 @@ class Pool:
 
     IDLE_S = 2.0
 
-    def __init__(self, keep: bool = True):
+    def __init__(self, keep: bool = True, opener=None):
         self.keep = keep
+        self.opener = opener or _diag_socket_in  # another netlink family's (tracer/host/conntrack.py)
         self._open: dict[int, tuple[socket.socket, float]] = {}
 
     @classmethod
@@ -300,7 +301,7 @@ class Pool:
     @contextlib.contextmanager
     def socket(self, netns: int, ns_path: str):
         held = self._open.pop(netns, None)
-        sock = held[0] if held is not None else _diag_socket_in(ns_path)
+        sock = held[0] if held is not None else self.opener(ns_path)
         try:
             yield sock
         except BaseException:

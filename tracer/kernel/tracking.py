@@ -91,17 +91,18 @@ class Tracking:
         be one this incident never saw: the kernel side also tracks
         collisions the user's filters leave out, such as the server's end of
         a collision traced from the client's namespace.)"""
-        key = self.tracked.Key()
-        family, saddr, sport, caddr, cport = inc.key
-        key.family, key.sport, key.cport = family, sport, cport
-        key.saddr = (ctypes.c_ubyte * 16)(*saddr.ljust(16, b"\0"))
-        key.caddr = (ctypes.c_ubyte * 16)(*caddr.ljust(16, b"\0"))
-        try:
-            if self.tracked[key].first_ns <= max(inc.last_ns, inc.first_ns):
-                del self.tracked[key]
-                self.deleted += 1
-        except KeyError:
-            pass
+        for tup in inc.keys:
+            key = self.tracked.Key()
+            family, saddr, sport, caddr, cport = tup
+            key.family, key.sport, key.cport = family, sport, cport
+            key.saddr = (ctypes.c_ubyte * 16)(*saddr.ljust(16, b"\0"))
+            key.caddr = (ctypes.c_ubyte * 16)(*caddr.ljust(16, b"\0"))
+            try:
+                if self.tracked[key].first_ns <= max(inc.last_ns, inc.first_ns):
+                    del self.tracked[key]
+                    self.deleted += 1
+            except KeyError:
+                pass
 
     def keep(self, busy: bool) -> None:
         """Hold the tracking window open while incidents are open (or events

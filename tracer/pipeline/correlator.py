@@ -122,6 +122,10 @@ class Incident:
     challenges_received: int = 0  # challenge ACKs the client received (and answered with RST)
     client_syn_ns: int | None = None  # when the client sent its first SYN (tp->retrans_stamp)
     skips_near: bool = False  # the kernel skipped BPF runs while it was open or about to start
+    # the two ends see the connection under different tuples (an address translation between them):
+    # {"before": Key, "after": Key}, the client's tuple and the server's; `alias` is the one that is not `key`
+    translated: dict | None = None
+    alias: Key | None = None
 
     @property
     def view(self) -> str:
@@ -129,6 +133,19 @@ class Incident:
         if self.seen_server and self.seen_client:
             return "both"
         return "client" if self.seen_client else "server"
+
+    @property
+    def keys(self) -> tuple[Key, ...]:
+        """Its tuples: the one it is keyed by, and the other end's when a translation is between them."""
+        return (self.key,) if self.alias is None else (self.key, self.alias)
+
+    def ends(self) -> dict[str, tuple[str, str]]:
+        """Each end's (local, remote) endpoints, as that end sees them."""
+        if self.translated is None:
+            return {"server": (self.server, self.client), "client": (self.client, self.server)}
+        before, after = self.translated["before"], self.translated["after"]
+        return {"server": (endpoint(after, True), endpoint(after, False)),
+                "client": (endpoint(before, False), endpoint(before, True))}
 
     @property
     def home_netns(self) -> int | None:
@@ -185,6 +202,21 @@ class Incident:
         s = Step(name, ts_ns, detail)
         self.steps.append(s)
         return s
+
+
+def endpoint(key: Key, server: bool) -> str:
+    """A tuple's server (or client) end, as ADDR:PORT."""
+    family, saddr, sport, caddr, cport = key
+    return format_addr(family, saddr, sport) if server else format_addr(family, caddr, cport)
+
+
+def translation_kind(before: Key, after: Key) -> str | None:
+    """What changed between the client's tuple and the server's: "snat" (the
+    client's address or port: masquerade or snat), "dnat" (the server's), both
+    ("snat+dnat"), or None."""
+    src = before[3:] != after[3:]
+    dst = before[1:3] != after[1:3]
+    return "snat+dnat" if src and dst else "snat" if src else "dnat" if dst else None
 
 
 def _key(ev: Event, local_is_server: bool) -> Key:
@@ -248,7 +280,10 @@ class Correlator:
         # gap (None: attached), and the gaps that ended, latest last.
         self._state_off_since: int | None = None
         self._state_gaps: deque[tuple[int, int]] = deque(maxlen=MAX_STATE_GAPS)
-        self.open: dict[Key, Incident] = {}
+        self.open: dict[Key, Incident] = {}  # by each of its tuples (two when a translation is between its ends)
+        # open incidents by the challenge ACK's numbers (family, snd_nxt, rcv_nxt): a NAT rewrites addresses and
+        # ports, not sequence numbers, so the two ends of one collision seen under two tuples share them
+        self._by_numbers: dict[tuple[int, int, int], Incident] = {}
         # finished incidents, by lingering socket and by tuple (bounded, oldest first out); a socket is
         # its address and the tuple it holds: a freed socket's memory is soon another socket's (the slab),
         # TIME_WAIT sockets' above all, and a new one at the same address on another tuple is not the same
@@ -323,7 +358,29 @@ class Correlator:
 
     def _opened(self, inc: Incident) -> None:
         self.open[inc.key] = inc
+        self._by_numbers[_numbers(inc)] = inc
         self._due = min(self._due, self._deadline(inc))
+
+    def _twin(self, ev: Event, end: str) -> Incident | None:
+        """The open incident that saw only the other end of this collision
+        under another tuple: the same challenge ACK's numbers (the lingering
+        socket's snd_nxt and rcv_nxt, as it sent them and as the client got
+        them), with its `end` not seen yet."""
+        inc = self._by_numbers.get((ev.family, ev.seq, ev.ack))
+        if inc is None or inc.alias is not None or (inc.seen_client if end == "client" else inc.seen_server):
+            return None
+        return inc
+
+    def _join(self, inc: Incident, key: Key, local_is_server: bool) -> None:
+        """The other end of `inc`, seen under the tuple `key`: one collision
+        through an address translation. The report names each end as it
+        sees itself (the server's address from its end, the client's from
+        its end) and both tuples (`translated`)."""
+        inc.alias = key
+        self.open[key] = inc
+        before, after = (inc.key, key) if local_is_server else (key, inc.key)
+        inc.translated = {"before": before, "after": after}
+        inc.server, inc.client = endpoint(after, True), endpoint(before, False)
 
     def lost(self, count: int, at_ns: int | None = None) -> None:
         """The kernel dropped `count` events: every open incident may miss
@@ -436,6 +493,10 @@ class Correlator:
         key = _key(ev, True)
         done = []
         inc = self.open.get(key)
+        if inc is None:
+            inc = self._twin(ev, "server")
+            if inc is not None:  # the client's end, seen under another tuple: a translation between them
+                self._join(inc, key, True)
         if inc is not None and not inc.seen_server:
             # the client's end started it (its event came first): the same collision
             self._adopt_server(inc, ev)
@@ -655,6 +716,10 @@ class Correlator:
             # a new connecting socket on the same tuple: a new attempt, a new incident
             done.append(self._close(inc, "superseded"))
             inc = None
+        if inc is None:
+            inc = self._twin(ev, "client")
+            if inc is not None:
+                self._join(inc, key, False)
         if inc is not None:
             if len(inc.events) < self.raw_events:
                 inc.events.append(ev)
@@ -740,8 +805,11 @@ class Correlator:
         inc.seen_server = True
         inc.netns = ev.netns
         inc.lingering_state = self._state(ev.oldstate)
+        if self._by_numbers.get(_numbers(inc)) is inc:  # indexed again by the numbers as sent
+            del self._by_numbers[_numbers(inc)]
         inc.closewait.update(skaddr=ev.skaddr, inode=ev.sk_ino or None, snd_nxt=ev.seq, rcv_nxt=ev.ack,
                              age_s=age_s, age_source=age_source, unread_bytes=ev.unread)
+        self._by_numbers[_numbers(inc)] = inc
         inc.last_ns = ev.ts_ns
         if len(inc.events) < self.raw_events:
             inc.events.append(ev)
@@ -780,7 +848,11 @@ class Correlator:
         )
 
     def _close(self, inc: Incident, why: str) -> Incident:
-        self.open.pop(inc.key, None)
+        for key in inc.keys:
+            if self.open.get(key) is inc:
+                del self.open[key]
+        if self._by_numbers.get(_numbers(inc)) is inc:
+            del self._by_numbers[_numbers(inc)]
         inc.ended_by = why
         if inc.skips_near and not self._complete(inc):
             inc.mark_incomplete("runs_skipped")
@@ -854,6 +926,8 @@ class Correlator:
 
     def _remember(self, inc: Incident) -> None:
         tables = [(self.recent_tuples, (inc.home_netns, inc.key))]
+        if inc.alias is not None:
+            tables.append((self.recent_tuples, (inc.client_netns, inc.translated["before"])))
         if inc.seen_server:
             tables.append((self.recent_sockets, (inc.netns, inc.closewait["skaddr"], inc.key)))
         for table, key in tables:
@@ -879,6 +953,10 @@ STEP_HANDLERS = {
     "queued": Correlator._on_queued,
     "challenge_ack": Correlator._on_challenge_ack,
 }
+
+
+def _numbers(inc: Incident) -> tuple[int, int, int]:
+    return inc.family, inc.closewait["snd_nxt"], inc.closewait["rcv_nxt"]
 
 
 class HandlerTableError(Exception):

@@ -7,6 +7,7 @@ port reuse, or a middlebox dropping the challenge ACK.
 
 from __future__ import annotations
 
+from tracer.pipeline import translation
 from tracer.pipeline.correlator import Incident
 
 # Why a socket in each lingering state is still there.
@@ -213,7 +214,7 @@ def _process(proc: dict | None) -> str:
     return f" ({proc['comm']}, pid {proc['pid']})" if proc else ""
 
 
-def _explain_client(inc: Incident, proc: dict | None) -> str:
+def _explain_client(inc: Incident, proc: dict | None, context: dict) -> str:
     """Only the client's end was traced: the culprit is on the remote server."""
     ack = inc.step("challenge_ack")
     numbers = f" (seq {ack.detail['seq']}, ack {ack.detail['ack']})" if ack is not None else ""
@@ -237,11 +238,16 @@ def _explain_client(inc: Incident, proc: dict | None) -> str:
                      "answering its SYNs with the old numbers: the RSTs do not reach the server or do not kill the "
                      "old socket there (a firewall or NAT on the path dropping them?).")
     parts += _incomplete(inc)
+    nat = translation.describe(inc, context)
+    if nat is not None:
+        parts.insert(1, translation.sentence(nat, _process(proc), "for an old connection"))
     parts.append(
         f"Fix: on the server {inc.server}, make its application close its sockets when the peer hangs up "
         "(read() returning 0, EPOLLRDHUP). Until then every client reusing such a port pays this delay (about "
         "13 ms on Linux >= 5.6 clients, 1 s or more elsewhere); this client can avoid it by not reusing source "
         "ports quickly (a wider net.ipv4.ip_local_port_range, no fixed bind() ports).")
+    if nat is not None:
+        parts.append(translation.fix(nat, None))
     return " ".join(parts)
 
 
@@ -249,13 +255,16 @@ def explain(inc: Incident, context: dict | None = None) -> str:
     context = context or {}
     proc = inc.client_process or context.get("client_process")
     if inc.view == "client":
-        return _explain_client(inc, proc)
+        return _explain_client(inc, proc, context)
     owners = context.get("owners", [])
     lingering = inc.lingering_state
     parts = [
         f"The client {inc.client}{_process(proc)} opened a new connection to {inc.server} from a port that an old "
         f"connection still holds on the server side: that socket has been in {lingering}{_age(inc)}."
     ]
+    nat = translation.describe(inc, context)
+    if nat is not None:
+        parts.append(translation.sentence(nat, _process(proc), f"in {lingering}"))
     if lingering in WHY_LINGERING:
         parts.append(WHY_LINGERING[lingering])
     if lingering == "CLOSE_WAIT":
@@ -287,6 +296,10 @@ def explain(inc: Incident, context: dict | None = None) -> str:
     if rst is not None and rst.detail.get("seen_at") == "client":
         window = ": exactly the challenge ACK's ack number, so it is in window" if rst.detail.get("in_window") else ""
         parts.append(f"The client, still in SYN-SENT, answered with RST (seq {rst.detail.get('seq')}{window}).")
+    elif rst is not None and nat is not None:
+        parts.append("The lingering socket then received an RST: from the client, or from the NAT itself (a "
+                     "translator that cannot map the challenge ACK back answers it with its own RST); the client's "
+                     "end is not traced on this host to tell.")
     elif rst is not None:
         parts.append("The lingering socket then received an RST from the client.")
     if inc.has("closewait_closed"):
@@ -299,4 +312,6 @@ def explain(inc: Incident, context: dict | None = None) -> str:
     fix = _fix(inc, owners, context.get("listener"))
     if fix:
         parts.append(fix)
+    if nat is not None:
+        parts.append(translation.fix(nat, inc.closewait.get("age_s")))
     return " ".join(parts)

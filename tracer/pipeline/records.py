@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from tracer import __version__
 from tracer.pipeline.correlator import Incident
 from tracer.pipeline.events import AF_INET6, FLAGS, Event
+from tracer.pipeline import translation
 from tracer.pipeline.explain import explain
 
 SCHEMA_VERSION = 1
@@ -127,6 +128,8 @@ def collision_record(inc: Incident, clock: Clock, backend: str, verbose: bool = 
         "listener": context.get("listener"),
         "repeat_of": inc.repeat_of,
         "client_netns": inc.client_netns,
+        "translation": translation.describe(inc, context),
+        "translation_unknown": translation.unknown(inc, context),
         "client_process": context.get("client_process") or inc.client_process,
         "challenge_acks_sent": inc.challenges_sent,
         "challenge_acks_received": inc.challenges_received,
