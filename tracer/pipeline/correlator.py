@@ -340,7 +340,7 @@ class Correlator:
             return []
         done = []
         due = float("inf")
-        for inc in list(self.open.values()):
+        for inc in self.incidents():
             est = inc.step("established")
             if est is not None and now_ns - est.ts_ns >= self.grace_ns:
                 done.append(self._close(inc, "complete"))
@@ -355,6 +355,10 @@ class Correlator:
         """When its wait is over: the grace after it was established, else the timeout."""
         est = inc.step("established")
         return est.ts_ns + self.grace_ns if est is not None else inc.first_ns + self.timeout_ns
+
+    def incidents(self) -> list[Incident]:
+        """The open incidents, each once (`open` holds a translated one under both its tuples)."""
+        return list({id(inc): inc for inc in self.open.values()}.values())
 
     def _opened(self, inc: Incident) -> None:
         self.open[inc.key] = inc
@@ -413,7 +417,7 @@ class Correlator:
                 inc.mark_incomplete("tracking_evicted")
 
     def _mark(self, reason: str, at_ns: int | None) -> None:
-        for inc in self.open.values():
+        for inc in self.incidents():
             self._may_miss(inc, reason)
         if at_ns is None:
             self._unplaced.add(reason)
@@ -463,12 +467,12 @@ class Correlator:
     def cut(self) -> None:
         """The stream was cut short (a recording that ends before its end):
         what happened next to the incidents open now is not known."""
-        for inc in self.open.values():
+        for inc in self.incidents():
             inc.mark_incomplete("recording_cut")
 
     def flush(self) -> list[Incident]:
         """The stream ended: close every open incident with what is known."""
-        return [self._close(inc, "flush") for inc in list(self.open.values())]
+        return [self._close(inc, "flush") for inc in self.incidents()]
 
     # -- event handlers ----------------------------------------------------
 

@@ -119,9 +119,12 @@ def _client_exchange(inc: Incident) -> int | None:
                 None)
 
 
-def _numbers(inc: Incident) -> tuple[Key, int, int]:
-    """A collision's identity across hosts: its tuple and the challenge ACK's seq/ack."""
-    return inc.key, inc.closewait["snd_nxt"], inc.closewait["rcv_nxt"]
+def _numbers(inc: Incident) -> tuple[int, int, int]:
+    """A collision's identity across hosts: the challenge ACK's seq/ack (as the
+    server sent them, as the client received them), not its tuple: a NAT
+    between the hosts shows each end another tuple, and rewrites no sequence
+    numbers."""
+    return inc.family, inc.closewait["snd_nxt"], inc.closewait["rcv_nxt"]
 
 
 def estimate_shift(reference: list[Incident], other: list[Incident]) -> tuple[int, int, int] | None:
@@ -186,7 +189,8 @@ class JoinedHost(NoHost):
         self.by_key: dict[Key, list[Seen]] = {}
         for per_source in seen:
             for s in per_source:
-                self.by_key.setdefault(s.incident.key, []).append(s)
+                for key in s.incident.keys:
+                    self.by_key.setdefault(key, []).append(s)
         self.sources: dict[int, list[int]] = {}  # joined incident id -> the recordings it was seen in
 
     def _shifted(self, s: Seen, ns: int) -> int:
@@ -194,7 +198,7 @@ class JoinedHost(NoHost):
 
     def _part(self, inc: Incident, end: str) -> Seen | None:
         best = None
-        for s in self.by_key.get(inc.key, ()):
+        for s in (s for key in inc.keys for s in self.by_key.get(key, ())):
             if s.taken or not (s.incident.seen_server if end == "server" else s.incident.seen_client):
                 continue
             first, last = self._shifted(s, s.incident.first_ns), self._shifted(s, s.incident.last_ns)
@@ -226,6 +230,9 @@ class JoinedHost(NoHost):
             return self._with_shifted_connection(parts[0], parts[0].context)
         sctx, cctx = server.context or {}, client.context or {}
         ctx = {k: v for k, v in sctx.items() if k not in ("client_process", "connection")}
+        found = [c["conntrack"] for c in (sctx, cctx) if c.get("conntrack")]
+        if found:  # the host that translates it (either end's, or neither)
+            ctx["conntrack"] = next((c for c in found if c.get("entry")), found[0])
         if "client_process" in cctx or "client_process" in sctx:
             ctx["client_process"] = cctx.get("client_process") or sctx.get("client_process")
         sconn = self._with_shifted_connection(server, sctx).get("connection") if "connection" in sctx else None
