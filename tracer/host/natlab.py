@@ -86,6 +86,7 @@ class NatLab:
         self.client = netns.NetNS(f"{tag}-c")
         self.router = netns.NetNS(f"{tag}-r")
         self.server = netns.NetNS(f"{tag}-s")
+        self.inodes: dict[str, int] = {}  # each namespace's inode (kept after they are removed)
 
     def __enter__(self) -> NatLab:
         made = []
@@ -94,6 +95,7 @@ class NatLab:
                 ns.__enter__()
                 made.append(ns)
             self._wire()
+            self.inodes = {"client": self.client.inode, "router": self.router.inode, "server": self.server.inode}
         except Exception:
             for ns in made:
                 ns.delete()
@@ -104,14 +106,15 @@ class NatLab:
         for ns in (self.client, self.router, self.server):
             ns.delete()
 
-    @property
-    def namespaces(self) -> dict[str, int]:
-        return {"client": self.client.inode, "router": self.router.inode, "server": self.server.inode}
-
     def _wire(self) -> None:
         p = self.plan
         v6 = p.family == 6
         tag = f"{self.router.inode % 100000}"
+        if v6:
+            # no duplicate address detection on the links: a tentative link-local address delays neighbour
+            # discovery by a second or so, long enough for a client's SYN to be retransmitted
+            for ns in (self.client, self.router, self.server):
+                ns.sysctl("net.ipv6.conf.default.accept_dad", "0")
         netns.veth(self.client, self.router, [f"{p.client}/{p.prefix}", f"{p.second}/{p.prefix}"],
                    [f"{p.inside}/{p.prefix}"], name=f"ti{tag}")
         netns.veth(self.router, self.server, [f"{p.outside}/{p.prefix}"], [f"{p.server}/{p.prefix}"],
@@ -136,7 +139,7 @@ class NatLab:
         nat = {
             "masquerade": f'chain nat_post {{ type nat hook postrouting priority srcnat;\n    oifname "{outside_dev}" masquerade\n  }}',
             "snat": (f'chain nat_post {{ type nat hook postrouting priority srcnat;\n    oifname "{outside_dev}" '
-                     f'snat {fam} to {out}:{SNAT_PORT}-{SNAT_PORT}\n  }}'),
+                     f'meta l4proto tcp snat {fam} to {out}:{SNAT_PORT}-{SNAT_PORT}\n  }}'),
             "dnat": (f'chain nat_pre {{ type nat hook prerouting priority dstnat;\n    iifname "{inside_dev}" '
                      f'tcp dport {PUBLISHED_PORT} dnat {fam} to {srv}:{SERVER_PORT}\n  }}'),
         }[self.kind]
