@@ -11,6 +11,7 @@ import click
 from tracer import __version__
 from tracer.cli.options import RUNTIME_ERRORS, Command, examples, takes, writer
 from tracer import selftest
+from tracer.host import conntrack
 from tracer.kernel import capabilities, hooks, program
 from tracer.session import Options, Stages, attach
 
@@ -38,6 +39,9 @@ def diagnose(backend: str, run_selftest: bool, btf_path: str | None, types_sourc
     rep["headers"] = str(capabilities.headers_dir()) if capabilities.headers_dir() else None
     rep["lockdown"] = capabilities.lockdown()
     rep["kprobes"] = capabilities.kprobes_available(rep["tracefs"] and Path(rep["tracefs"]))
+    # a translated connection's conntrack entry (tracer/host/conntrack.py); not a problem when missing
+    problem = conntrack.probe() if rep["root"] else "not asked (needs root)"
+    rep["conntrack"] = {"visible": problem is None if rep["root"] else None, "problem": problem}
     stages.done("checks")
     types = None
     try:

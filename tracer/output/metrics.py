@@ -206,6 +206,11 @@ class Metrics:
                                    ["workload"], registry=r)
         self.penalty = Histogram("tcpcollide_penalty_seconds", "Delay a colliding client paid: first SYN to "
                                  "established", buckets=PENALTY_BUCKETS, registry=r)
+        self.translated = Counter("tcpcollide_translated_collisions", "Collisions reported through an address "
+                                  "translation (NAT), by kind: snat, dnat, snat+dnat", ["kind"], registry=r)
+        self.translation_skipped = Counter("tcpcollide_translation_lookups_skipped", "Collisions whose translation "
+                                           "was not looked for in conntrack (the lookups' budget was spent, or "
+                                           "ctnetlink could not be asked)", registry=r)
         self.events = Counter("tcpcollide_events", "Kernel events received", registry=r)
         self.lost = Counter("tcpcollide_lost_events", "Kernel events lost (perf buffer full)", registry=r)
         self.skipped = Counter("tcpcollide_skipped_runs", "Runs of the tracer's BPF programs the kernel skipped "
@@ -240,6 +245,10 @@ class Metrics:
         self.collisions.labels(port, rec["outcome"], rec.get("outcome_detail") or "",
                                rec["lingering_state"] or "unknown").inc()
         self.by_workload.labels(culprit_workload(rec) or "").inc()
+        if rec.get("translation"):
+            self.translated.labels(rec["translation"]["kind"] or "").inc()
+        if rec.get("translation_unknown"):
+            self.translation_skipped.inc()
         if rec["penalty_ms"] is not None:
             self.penalty.observe(rec["penalty_ms"] / 1000)
         self.sockets.invalidate()

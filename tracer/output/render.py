@@ -49,6 +49,18 @@ def inert(s: object) -> str:
     return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(s))
 
 
+def translation_line(t: dict) -> str:
+    """The NAT between the ends: `snat: 10.0.1.7:43210 -> 192.0.2.10:43210 (conntrack, netns N)`."""
+    b, a = t["before"], t["after"]
+    moved = [f"{b['client']} -> {a['client']}"] if b["client"] != a["client"] else []
+    if b["server"] != a["server"]:
+        moved.append(f"{b['server']} -> {a['server']}")
+    ct = t.get("conntrack")
+    where = (f"conntrack in netns {ct['netns']}: {ct['tcp_state']}" if ct else
+             f"conntrack: {t.get('conntrack_unknown')}")
+    return f"NAT ({t['kind']}): {', '.join(moved)}  [{where}]"
+
+
 class JsonWriter:
     """JSON lines. flush_each: flush after every record; otherwise the
     caller flushes (a live session does after each batch of events: one
@@ -279,6 +291,13 @@ class TextWriter:
             if not q.get("owners") and q.get("owners_unknown") in OWNER_UNKNOWN:
                 facts.append("\n")
                 facts.append(f"listener held by: unknown ({OWNER_UNKNOWN[q['owners_unknown']]})", style="yellow")
+        nat = rec.get("translation")
+        if nat:
+            facts.append("\n")
+            facts.append(inert(translation_line(nat)), style="bold")
+        elif rec.get("translation_unknown"):
+            facts.append("\n")
+            facts.append(f"translation: not looked for ({rec['translation_unknown']})", style="yellow")
         if rec.get("repeat_of"):
             facts.append(f"\nrepeat of collision #{rec['repeat_of']['id']} (same {rec['repeat_of']['same']})")
         if rec.get("joined"):
@@ -313,6 +332,11 @@ class TextWriter:
         fentry = {True: "yes", False: "no", None: "unknown"}[rec["fentry"]]
         line("fentry", fentry + (f" ({rec['fentry_note']})" if rec["fentry_note"] else ""))
         line("backend", rec["backend"] or "none")
+        if rec.get("conntrack"):
+            ct = rec["conntrack"]
+            line("conntrack", "visible: translations are named from their entries (ctnetlink)" if ct["visible"]
+                 else f"not visible ({ct['problem']}): translations are named only where both ends are traced",
+                 "" if ct["visible"] else "yellow")
         if rec.get("stages_s"):
             line("took", ", ".join(f"{k} {v:.3f} s" for k, v in rec["stages_s"].items()))
         if rec.get("object_cache"):
@@ -401,6 +425,13 @@ class TextWriter:
             self.console.print(Text(
                 f"warning: {dropped['records']} record(s) ({dropped['bytes']} bytes) were dropped while standard "
                 "output was not read", style="red"))
+        if rec.get("translated"):
+            self.console.print(Text(inert("through a NAT: " + ", ".join(
+                f"{kind} {n}" for kind, n in sorted(rec["translated"].items())))))
+        if rec.get("translation_unknown"):
+            self.console.print(Text(
+                f"warning: the translation of {sum(rec['translation_unknown'].values())} collision(s) was not looked "
+                f"for in conntrack ({', '.join(sorted(rec['translation_unknown']))})", style="yellow"))
         outside = rec.get("outside_selection") or {}
         if outside:
             self.console.print(Text(

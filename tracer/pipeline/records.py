@@ -244,6 +244,8 @@ class Summary:
     collisions: int = 0
     server_seen: int = 0  # collisions whose server end was seen (what the kernel's counts count)
     outside_selection: Counter = field(default_factory=Counter)  # not reported: not the --container/--pod/--unit's
+    translated: Counter = field(default_factory=Counter)  # collisions through a NAT, by kind
+    translation_unknown: Counter = field(default_factory=Counter)  # translation lookups not made, by why
 
     def add(self, rec: dict) -> None:
         self.collisions += 1
@@ -251,6 +253,10 @@ class Summary:
             self.server_seen += 1
         self.outcomes[rec["outcome"]] += 1
         self.culprits[culprit_of(rec)] += 1
+        if rec.get("translation"):
+            self.translated[rec["translation"]["kind"]] += 1
+        if rec.get("translation_unknown"):
+            self.translation_unknown[rec["translation_unknown"]] += 1
         p = rec["penalty_ms"]
         if p is not None and (self.worst_penalty_ms is None or p > self.worst_penalty_ms):
             self.worst_penalty_ms = p
@@ -288,6 +294,8 @@ class Summary:
             "state_hook": state_hook,
             "kernel": self.kernel(kernel),
             "outside_selection": dict(self.outside_selection),
+            "translated": dict(self.translated),
+            "translation_unknown": dict(self.translation_unknown),
             "duration_s": round((time.monotonic_ns() - self.started_ns) / 1e9, 3),
             "stopped_by": reason,
         }
