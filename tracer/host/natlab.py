@@ -151,6 +151,8 @@ class NatLab:
   }}
   chain forwarded {{ type filter hook forward priority filter;
     ct state invalid counter{drop} comment "invalid_forward"
+    iifname "{outside_dev}" tcp flags & (syn | ack | rst | fin) == ack counter comment "bare_ack_to_client"
+    iifname "{inside_dev}" tcp flags & rst == rst counter comment "rst_from_client"
   }}
   chain to_router {{ type filter hook input priority filter;
     ct state invalid counter{drop} comment "invalid_input"
@@ -165,7 +167,10 @@ class NatLab:
         """Packets counted by the ruleset's counters, by comment: invalid (all
         that conntrack judged invalid), invalid_forward, invalid_input (of
         those, forwarded or for the router itself: dropped with
-        invalid="drop"), router_rst (resets the router's own stack sent)."""
+        invalid="drop"), router_rst (resets the router's own stack sent),
+        bare_ack_to_client (bare ACKs forwarded from the server's side to the
+        client's: during a reconnect, the challenge ACK let through),
+        rst_from_client (resets forwarded from the client's side)."""
         r = subprocess.run(["ip", "netns", "exec", self.router.name, "nft", "-j", "list", "table", "inet", "tclab"],
                            capture_output=True, text=True, check=True)
         out = {}
