@@ -39,6 +39,23 @@ FIX_LINGERING = {
 }
 
 
+def short_name(workload: dict | None) -> str | None:
+    """A workload (its JSON form) in a few words, of low cardinality (never a
+    pid): namespace/pod, else the container's name (or runtime and short id),
+    else the systemd unit; None when nothing is known."""
+    if not workload:
+        return None
+    pod, container = workload.get("pod"), workload.get("container")
+    if pod:
+        return f"{pod['namespace']}/{pod['name']}" if pod.get("name") else f"pod {pod['uid']}"
+    if container:
+        if container.get("name"):
+            return container["name"]
+        if container.get("id"):
+            return f"{container.get('runtime') or 'container'} {container['id'][:12]}"
+    return workload.get("unit")
+
+
 def _ms(ns: int) -> str:
     ms = ns / 1e6
     return f"{ms:.1f} ms" if ms < 1000 else f"{ms / 1000:.2f} s"
@@ -211,7 +228,10 @@ def _fix(inc: Incident, owners: list[dict], listener: dict | None = None) -> str
 
 
 def _process(proc: dict | None) -> str:
-    return f" ({proc['comm']}, pid {proc['pid']})" if proc else ""
+    if not proc:
+        return ""
+    where = short_name(proc.get("workload"))
+    return f" ({proc['comm']}, pid {proc['pid']}" + (f", in {where})" if where else ")")
 
 
 def _explain_client(inc: Incident, proc: dict | None, context: dict) -> str:

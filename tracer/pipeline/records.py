@@ -17,7 +17,7 @@ from tracer import __version__
 from tracer.pipeline.correlator import Incident
 from tracer.pipeline.events import AF_INET6, FLAGS, Event
 from tracer.pipeline import translation
-from tracer.pipeline.explain import explain
+from tracer.pipeline.explain import explain, short_name
 
 SCHEMA_VERSION = 1
 BY_SERVER_MAX = 20  # the busiest (network namespace, server port, lingering state) a record lists
@@ -164,23 +164,6 @@ def ready_record(backend: str, hooks: list[dict], types_source: str, filters: di
         "object_cache": object_cache,
         "pid": os.getpid(),
     }
-
-
-def short_name(workload: dict | None) -> str | None:
-    """A workload (its JSON form) in a few words, of low cardinality (never a
-    pid): namespace/pod, else the container's name (or runtime and short id),
-    else the systemd unit; None when nothing is known."""
-    if not workload:
-        return None
-    pod, container = workload.get("pod"), workload.get("container")
-    if pod:
-        return f"{pod['namespace']}/{pod['name']}" if pod.get("name") else f"pod {pod['uid']}"
-    if container:
-        if container.get("name"):
-            return container["name"]
-        if container.get("id"):
-            return f"{container.get('runtime') or 'container'} {container['id'][:12]}"
-    return workload.get("unit")
 
 
 def named_processes(context: dict) -> list[dict]:
