@@ -57,6 +57,7 @@ F_OBSERVED = FLAGS["TC_F_AGE_OBSERVED"]
 F_PASSED = FLAGS["TC_F_CHALLENGE_PASSED"]
 F_JIFFIES = FLAGS["TC_F_AGE_JIFFIES"]
 F_SYN_STAMP = FLAGS["TC_F_SYN_STAMP"]
+F_SEEN = FLAGS["TC_F_CHALLENGE_SEEN"]
 
 T0 = 5_000 * S  # an arbitrary kernel monotonic time for synthetic streams
 
@@ -141,6 +142,17 @@ class Collision:
         return self.server_ev("syn_challenged", ts, "CLOSE_WAIT", hook="tp_kfree_skb", seq=self.snd_nxt,
                               ack=self.rcv_nxt, observed_age_ns=observed_age_ns or 0, age_jiffies=age_jiffies or 0,
                               flags=flags)
+
+    def syn_challenged_hooked(self, ts: int) -> Event:
+        """The SYN's event where a challenge hook is attached (fentry/kprobe):
+        it says a challenge_ack event follows (TC_F_CHALLENGE_SEEN)."""
+        return self.server_ev("syn_challenged", ts, "CLOSE_WAIT", hook="fe_rcv_state", seq=self.snd_nxt,
+                              ack=self.rcv_nxt, age_jiffies=7250, flags=F_SEEN | F_JIFFIES)
+
+    def challenge_ack(self, ts: int, passed: bool = True) -> Event:
+        """tcp_send_challenge_ack() returned: the ACK went out (or the limiter held it back)."""
+        return self.server_ev("challenge_ack", ts, "CLOSE_WAIT", hook="kp_challenge", seq=self.snd_nxt,
+                              ack=self.rcv_nxt, flags=F_PASSED if passed else 0)
 
     def rst_sent(self, ts: int, seq: int | None = None) -> Event:
         """The client, in SYN-SENT, answers the challenge ACK."""

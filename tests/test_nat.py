@@ -196,3 +196,35 @@ def test_ctnetlink_messages():
     assert entry["original"] == {"src": "[fd98:1::3]:39836", "dst": "[fd98:2::2]:12345"}
     assert entry["status"] == ["seen_reply", "assured", "confirmed", "src_nat"]
     assert entry["tcp_state"] == "ESTABLISHED" and entry["timeout_s"] == 58
+
+
+def test_a_challenge_event_ordered_after_the_clients_receipt_is_one_step():
+    """Synthetic. The challenge hook's event stamped after the client's
+    receipt of that ACK (another CPU): one challenge_ack step, the send's,
+    with the receipt's numbers; nothing missed."""
+    outside, inside = masquerade()
+    events = [outside.syn_challenged_hooked(T0), inside.client_challenged(T0 + 20_000, syn_ts=T0 - 20_000),
+              outside.challenge_ack(T0 + 30_000)] + [e for e in through_nat(outside, inside)
+                                                     if e.type not in ("syn_challenged", "client_challenged")]
+    _, (inc,) = correlate(sorted(events, key=lambda e: e.ts_ns))
+    acks = [s for s in inc.steps if s.name == "challenge_ack"]
+    assert len(acks) == 1 and acks[0].ts_ns == T0 + 30_000 and acks[0].detail["matches_server"] is True
+    assert (inc.challenges_sent, inc.challenges_received) == (1, 1) and not inc.incomplete
+
+
+def test_a_challenge_event_that_never_came_is_said():
+    """Synthetic. The SYN's event announced the challenge hook's, which never
+    came (the kernel did not run that program; seen on 5.10 under emulation):
+    the client's receipt proves the send, and the incident says an event was
+    missed."""
+    outside, inside = masquerade()
+    events = [outside.syn_challenged_hooked(T0)] + [e for e in through_nat(outside, inside)
+                                                    if e.type != "syn_challenged"]
+    _, (inc,) = correlate(sorted(events, key=lambda e: e.ts_ns))
+    assert (inc.challenges_sent, inc.challenges_received) == (1, 1)
+    assert inc.incomplete_reasons == ["event_missed"] and inc.outcome_detail == "recovered_fast"
+    rec = collision_record(inc, Clock(0), "fentry")
+    assert "did not report a challenge ACK" in rec["explanation"]
+    # the server's end alone: nothing proves the send; it is not counted, and the miss is said
+    _, (alone,) = correlate([outside.syn_challenged_hooked(T0), outside.rst_received(T0 + 50_000)])
+    assert alone.challenges_sent == 0 and alone.incomplete_reasons == ["event_missed"]

@@ -81,14 +81,15 @@ def check_report(rec: dict, lab: NatLab, connect_ms: float) -> None:
     assert t["kind"] == ("dnat" if lab.kind == "dnat" else "snat") and t["seen_by"] == "both_ends"
     assert t["before"] == ends["before"] and t["after"] == ends["after"], t
     ct = t["conntrack"]
-    assert ct is not None and ct["netns"] == lab.inodes["router"], t
+    assert ct is not None and ct["netns"] == lab.inodes["router"], (t["conntrack_unknown"], t)
     assert ct["original"] == {"src": ends["before"]["client"], "dst": ends["before"]["server"]}
     assert ct["reply"] == {"src": ends["after"]["server"], "dst": ends["after"]["client"]}
     assert ("dst_nat" if lab.kind == "dnat" else "src_nat") in ct["status"]
     assert ct["timeouts_s"]["close_wait"] == 1
     assert t["rst_from"] == "client" and t["challenge_ack_reached_client"] is True
-    assert rec["challenge_acks_sent"] == 1 and rec["challenge_acks_received"] == 1
-    assert rec["outcome"] == "recovered" and not rec["incomplete"], rec
+    assert (rec["challenge_acks_sent"], rec["challenge_acks_received"]) == (1, 1), (rec["steps"], rec["backend"])
+    # a challenge hook's run the kernel skipped (kprobe, 5.10 under emulation) is said, and the count is right
+    assert rec["outcome"] == "recovered" and rec["incomplete_reasons"] in ([], ["event_missed"]), rec
     assert agrees_with_connect(rec["penalty_ms"], connect_ms, PENALTY_TOLERANCE_MS), (rec["penalty_ms"], connect_ms)
     assert [s["step"] for s in rec["steps"]][:4] == ["syn", "challenge_ack", "rst", "closewait_closed"]
     words = "forwarded the connection" if lab.kind == "dnat" else f"mapped the client {ends['before']['client']}"

@@ -48,8 +48,18 @@ TCP_STATES = ("NONE", "SYN_SENT", "SYN_RECV", "ESTABLISHED", "FIN_WAIT", "CLOSE_
 TIMEOUTS = ("established", "fin_wait", "close_wait", "last_ack", "time_wait", "close")
 
 
+ANSWER_S = 3.0  # the longest wait for ctnetlink's answer (the first question may load nf_conntrack_netlink)
+LOADED = "/sys/module/nf_conntrack"  # conntrack is in this kernel (built in, or its module loaded)
+
+
 class ConntrackError(Exception):
     pass
+
+
+def present() -> bool:
+    """Whether this kernel tracks connections at all: without conntrack, no
+    namespace can translate one (and asking ctnetlink would load it)."""
+    return os.path.exists(LOADED)
 
 
 def _attr(kind: int, payload: bytes) -> bytes:
@@ -129,7 +139,7 @@ def parse_entry(payload: bytes) -> dict:
 def _socket_in(ns_path: str) -> socket.socket:
     def open_() -> socket.socket:
         s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-        s.settimeout(1.0)
+        s.settimeout(ANSWER_S)
         return s
     return sockdiag.in_netns(ns_path, open_)
 
@@ -199,6 +209,8 @@ class Conntrack:
         {"entry": None, "unknown": why}: "not_found" (no namespace of this
         host translates it: the translator is elsewhere, or forgot it),
         "budget" (not asked), "unavailable" (ctnetlink cannot be used here)."""
+        if not present():
+            return {"entry": None, "unknown": "not_found"}
         order = [ns for ns in first if ns in ns_paths]
         root = os.stat("/proc/1/ns/net").st_ino if os.path.exists("/proc/1/ns/net") else None
         if root in ns_paths and root not in order:
@@ -236,13 +248,17 @@ class Conntrack:
 
 
 def probe() -> str | None:
-    """Whether conntrack can be asked here (None) or why not: doctor's line."""
+    """Whether conntrack can be asked here (None) or why not: doctor's line,
+    and the tracer's start (where it loads nf_conntrack_netlink, if it is a
+    module, once rather than at the first collision)."""
+    if not present():
+        return "no conntrack in this kernel (nf_conntrack not loaded): no namespace here translates connections"
     try:
         sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
     except OSError as e:
         return f"no NETLINK_NETFILTER socket ({e.strerror})"
     try:
-        sock.settimeout(1.0)
+        sock.settimeout(ANSWER_S)
         ask(sock, get_request(socket.AF_INET, "original", "192.0.2.1", 1, "192.0.2.2", 1))
     except (OSError, ConntrackError) as e:
         return f"ctnetlink does not answer ({e})"

@@ -69,6 +69,7 @@ class Diagnoser:
         self._waiting: dict[int, float] = {}  # incident id -> when its report began to wait for a scan
         self.selection = None  # --container/--pod/--unit (tracer/host/workload.py Selection)
         self.conntrack = conntrack.Conntrack()
+        conntrack.probe()  # its module loaded now, not at the first collision (a translation can only need it then)
 
     def watch(self, rec: dict) -> None:
         """Follow a collision's listener while its queue holds ghosts: tell

@@ -53,6 +53,8 @@ INCOMPLETE_REASONS = (
     "state_hook_off",  # it began while the lazy state hook was detached and never got established
     "established_unseen",  # so, but sock_diag found it established afterwards: the delay is not known
     "recording_cut",  # a replay: the recording ends (cut short: a full disk, a killed tracer) while it was open
+    # the challenge hook's event, announced by the SYN's (TC_F_CHALLENGE_SEEN), never came: the kernel did not run it
+    "event_missed",
 )
 # States of a socket on the collision's tuple that prove the new connection was
 # established, at each end (it was SYN_SENT at the client, and starts at
@@ -111,6 +113,7 @@ class Incident:
     client_process: dict | None = None  # who called connect() (connect hook)
     challenges_limited: int = 0  # challenge ACKs the rate limiter held back
     challenges_sent: int = 0  # challenge ACKs that went out
+    challenges_pending: int = 0  # challenged SYNs whose challenge hook's event has not come yet
     outcome_detail: str | None = None
     stuck_reason: str | None = None  # why the client kept hitting the socket (also when it then gave up)
     repeat_of: dict | None = None  # {"id": N, "same": "socket" | "port"}: an earlier incident on the same socket or tuple
@@ -554,6 +557,7 @@ class Correlator:
     def _challenge_from_syn(self, inc: Incident, ev: Event, retry: Step | None) -> None:
         """Without a challenge hook, the SYN event says whether the ACK went out."""
         if ev.has("TC_F_CHALLENGE_SEEN"):
+            inc.challenges_pending += 1
             return  # a TC_EV_CHALLENGE_ACK event follows
         sent = ev.has("TC_F_CHALLENGE_PASSED")
         if retry is not None:
@@ -630,9 +634,20 @@ class Correlator:
         """tcp_send_challenge_ack() returned (fentry/kprobe backends)."""
         if not local_is_server or ev.skaddr != inc.closewait["skaddr"]:
             return
+        inc.challenges_pending = max(0, inc.challenges_pending - 1)
         if ev.has("TC_F_CHALLENGE_PASSED"):
             inc.challenges_sent += 1
-            inc.add("challenge_ack", ev.ts_ns, seq=ev.seq, ack=ev.ack)
+            received = next((s for s in inc.steps if s.name == "challenge_ack" and s.detail.get("seen_at") == "client"),
+                            None)
+            if received is not None and inc.challenges_sent <= inc.challenges_received:
+                # the client's receipt of this very ACK was ordered first (another CPU's stamp): one step, the send's
+                got = {"received_seq": received.detail["seq"], "received_ack": received.detail["ack"],
+                       "matches_server": (received.detail["seq"], received.detail["ack"]) == (ev.seq, ev.ack),
+                       "received_ms": round((received.ts_ns - inc.first_ns) / 1e6, 3)}
+                received.ts_ns = ev.ts_ns
+                received.detail = {"seq": ev.seq, "ack": ev.ack, **got}
+            else:
+                inc.add("challenge_ack", ev.ts_ns, seq=ev.seq, ack=ev.ack)
         else:
             inc.challenges_limited += 1
 
@@ -852,6 +867,10 @@ class Correlator:
         )
 
     def _close(self, inc: Incident, why: str) -> Incident:
+        if inc.challenges_pending:
+            # the challenge hook did not report every challenged SYN: the client's receipts prove the sends
+            inc.challenges_sent += min(inc.challenges_pending, max(0, inc.challenges_received - inc.challenges_sent))
+            inc.mark_incomplete("event_missed")
         for key in inc.keys:
             if self.open.get(key) is inc:
                 del self.open[key]

@@ -174,6 +174,9 @@ INCOMPLETE_TEXT = {
                       "have been established unseen: it may well have recovered.",
     "recording_cut": "The recording ends while this collision was in progress (it was cut short): what came "
                      "after is not in it.",
+    "event_missed": "The hook on tcp_send_challenge_ack() did not report a challenge ACK that the SYN's hook said "
+                    "it would (the kernel did not run its program, which kernels before 5.12 do not count): the "
+                    "challenge ACKs counted as sent are the ones the client's end received.",
     "established_unseen": "The state hook was attached again only after this collision began and did not see the "
                           "connection established; the kernel's socket list showed it established afterwards.",
 }
