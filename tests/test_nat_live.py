@@ -146,7 +146,6 @@ def replay(*args: str) -> list[dict]:
     return [json.loads(line) for line in r.stdout.splitlines()]
 
 
-@pytest.mark.matrix
 def test_two_hosts_recordings_join_across_the_nat(tmp_path):
     """The client's host and the server's host each traced alone (a tracer
     per namespace, recording): each reports its end, under its own tuple;
