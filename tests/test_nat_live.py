@@ -26,14 +26,18 @@ on every kernel Debian ships: docs/kernels.md).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from tests.live import BIN, REPO, SLOW, Tracer, agrees_with_connect, late_hook, ns_name, read_steps, require_live, \
     scenario
-from tracer.host.natlab import NatLab
+from tracer.host.natlab import SERVER_PORT, NatLab
 
 pytestmark = pytest.mark.live
 ATTEMPTS = 3
@@ -176,3 +180,63 @@ def test_two_hosts_recordings_join_across_the_nat(tmp_path):
             timeless = [{k: v for k, v in st.items() if not k.endswith("_ms")} for st in j["steps"]]
             assert timeless == [{k: v for k, v in st.items() if not k.endswith("_ms")} for st in b["steps"]]
             return
+
+
+LISTENER = """
+import socket, sys, time
+listener = socket.create_server((sys.argv[1], int(sys.argv[2])), family=socket.AF_INET6 if ":" in sys.argv[1]
+                                else socket.AF_INET, backlog=8)
+print("ready", flush=True)
+time.sleep(3600)  # never accept()s
+"""
+
+
+def test_a_containers_connection_through_the_nat_names_its_workload():
+    """The client is a real container (Debian's podman with runc, joined to
+    the lab's client namespace, as a Docker host's or a node's pod): the
+    report names the connecting process and its container beside the
+    translation, in the NAT's sentence too."""
+    from tests.test_workload_live import _memory_cgroup  # noqa: PLC0415
+
+    if shutil.which("podman") is None or shutil.which("runc") is None:
+        pytest.fail("podman and runc are not installed (scripts/setup --for-tests installs them)")
+    name = ns_name("natpod")
+    parent = f"{_memory_cgroup()}/{name}"
+    podman = ["podman", "--runtime", "runc", "--cgroup-manager=cgroupfs"]
+    with NatLab(ns_name("natc"), "masquerade", 4) as lab:
+        p = lab.plan
+        server = subprocess.Popen(["ip", "netns", "exec", lab.server.name, sys.executable, "-c", LISTENER, p.server,
+                                   str(SERVER_PORT)], stdout=subprocess.PIPE, text=True)
+        tracer = Tracer("--incident-timeout", str(int(10 * SLOW)))
+        try:
+            assert server.stdout.readline().strip() == "ready"
+            tracer.wait_ready()
+            args = [a for a in lab.scenario_args() if a not in ("--server-ns", "--client-ns", lab.server.name,
+                                                                lab.client.name)]
+            r = subprocess.run([*podman, "run", "--rm", "--name", name, "--cgroup-parent", parent,
+                                "--ulimit", "nofile=20000:20000", "--ulimit", "nproc=1000:1000",
+                                "--cap-add", "NET_ADMIN",  # TCP_REPAIR: the first client leaves silently
+                                f"--network=ns:{lab.client.path}", "--workdir", str(REPO), "--env",
+                                f"PYTHONPATH={REPO}", "--rootfs", "/:O", sys.executable, "-m", "tracer.host.scenario",
+                                *args, "--external-server", "--connect-timeout", str(8 * SLOW)],
+                               capture_output=True, text=True, timeout=120 * SLOW)
+            steps = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+            assert steps and steps[-1]["step"] == "connected", (r.stdout, r.stderr)
+            rc, records, err = tracer.stop()
+            assert rc == 0, err
+        finally:
+            tracer.kill()
+            server.kill()
+            server.wait()
+            subprocess.run([*podman, "rm", "-f", "-t", "0", name], capture_output=True, timeout=60 * SLOW)
+            for made in sorted(Path("/sys/fs/cgroup").glob(f"**{parent}"), key=lambda q: -len(q.parts)):
+                for d in sorted((q for q in [made, *made.rglob("*")] if q.is_dir()), key=lambda q: -len(q.parts)):
+                    with contextlib.suppress(OSError):
+                        d.rmdir()
+        (rec,) = ours(records, lab)
+    assert rec["view"] == "both" and rec["translation"]["kind"] == "snat", rec
+    assert rec["translation"]["before"] == lab.tuples()["before"]
+    proc = rec["client_process"]
+    assert proc["workload"]["container"]["runtime"] == "podman" and proc["workload"]["container"]["name"] == name
+    assert f"mapped the client {lab.tuples()['before']['client']} ({proc['comm']}, pid {proc['pid']}, in {name}) " \
+           f"onto {lab.tuples()['after']['client']}" in rec["explanation"], rec["explanation"]
