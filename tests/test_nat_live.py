@@ -240,3 +240,41 @@ def test_a_containers_connection_through_the_nat_names_its_workload():
     assert proc["workload"]["container"]["runtime"] == "podman" and proc["workload"]["container"]["name"] == name
     assert f"mapped the client {lab.tuples()['before']['client']} ({proc['comm']}, pid {proc['pid']}, in {name}) " \
            f"onto {lab.tuples()['after']['client']}" in rec["explanation"], rec["explanation"]
+
+
+def test_a_challenge_ack_lost_behind_the_nat_is_one_stuck_report():
+    """The router drops the challenge ACK on its way back (a firewall on the
+    path, as when a pod's conntrack entries are scrubbed): the client never
+    hears why its SYNs go unanswered and gives up. One report, from the
+    server's end (the client's kernel saw nothing of the collision), stuck
+    with the challenge ACKs lost, its translation named from the router's
+    conntrack entry (still in SYN_SENT), and no claim that the ACK reached
+    the client."""
+    with NatLab(ns_name("natd"), "masquerade", 4) as lab:
+        tracer = Tracer("--incident-timeout", str(int(20 * SLOW)))
+        try:
+            tracer.wait_ready()
+            proc = scenario(*lab.scenario_args(), "--wait-stdin", "--connect-timeout", str(4 * SLOW), "--hold", "0",
+                            stdin=subprocess.PIPE)
+            read_steps(proc, until="waiting")
+            lab.drop_bare_acks()
+            proc.stdin.write("\n")
+            proc.stdin.flush()
+            steps = read_steps(proc)
+            proc.wait(timeout=60 * SLOW)
+            counters = lab.counters()
+            rc, records, err = tracer.stop()
+            assert rc == 0, err
+        finally:
+            tracer.kill()
+        assert steps[-1]["step"] == "connect_failed", steps
+        (rec,) = ours(records, lab)
+    assert counters["dropped_ack"] >= 2 and counters["rst_from_client"] == 0, counters
+    assert rec["view"] == "server" and rec["syn_hits"] >= 2, rec
+    assert (rec["outcome"], rec["stuck_reason"]) == ("stuck", "stuck_challenge_ack_lost"), rec
+    assert rec["challenge_acks_sent"] >= 2 and rec["challenge_acks_received"] == 0
+    t = rec["translation"]
+    assert t["seen_by"] == "conntrack" and t["kind"] == "snat" and t["before"] == lab.tuples()["before"], t
+    assert t["conntrack"]["tcp_state"] == "SYN_SENT" and t["conntrack"]["netns"] == lab.inodes["router"]
+    assert t["challenge_ack_reached_client"] is None and t["rst_from"] is None
+    assert "let the challenge ACK (a bare ACK from the server port) through the firewall or NAT" in rec["explanation"]

@@ -163,6 +163,14 @@ class NatLab:
 }}
 """
 
+    def drop_bare_acks(self) -> None:
+        """From now on the router drops bare ACKs from the server's side (a
+        firewall on the path that loses the challenge ACK: the client never
+        learns why its SYN goes unanswered)."""
+        tag = f"{self.router.inode % 100000}"
+        nft(self.router, f'add rule inet tclab forwarded iifname "to{tag}a" '
+                         f'tcp flags & (syn | ack | rst | fin) == ack counter drop comment "dropped_ack"\n')
+
     def counters(self) -> dict[str, int]:
         """Packets counted by the ruleset's counters, by comment: invalid (all
         that conntrack judged invalid), invalid_forward, invalid_input (of
