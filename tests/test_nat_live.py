@@ -201,7 +201,12 @@ def test_a_containers_connection_through_the_nat_names_its_workload():
     if shutil.which("podman") is None or shutil.which("runc") is None:
         pytest.fail("podman and runc are not installed (scripts/setup --for-tests installs them)")
     name = ns_name("natpod")
-    parent = f"{_memory_cgroup()}/{name}"
+    try:
+        base = _memory_cgroup()
+    except StopIteration:  # no v1 memory hierarchy (pure cgroup v2): the unified path
+        base = next(line.split(":", 2)[2] for line in Path("/proc/self/cgroup").read_text().splitlines()
+                    if line.startswith("0::"))
+    parent = f"{base.rstrip('/')}/{name}"
     podman = ["podman", "--runtime", "runc", "--cgroup-manager=cgroupfs"]
     with NatLab(ns_name("natc"), "masquerade", 4) as lab:
         p = lab.plan
