@@ -228,3 +228,17 @@ def test_a_challenge_event_that_never_came_is_said():
     # the server's end alone: nothing proves the send; it is not counted, and the miss is said
     _, (alone,) = correlate([outside.syn_challenged_hooked(T0), outside.rst_received(T0 + 50_000)])
     assert alone.challenges_sent == 0 and alone.incomplete_reasons == ["event_missed"]
+
+
+def test_a_repeat_through_the_nat_is_named():
+    """Synthetic. The same lingering socket hit again through the NAT (its
+    old connection's port mapped onto once more), whichever end's event
+    opened the first incident: the second says it repeats the first, on the
+    same socket."""
+    for client_first in (False, True):
+        outside, inside = masquerade()
+        first = through_nat(outside, inside, client_shift=-100_000 if client_first else 0)
+        second = [e for e in through_nat(outside, inside, t0=T0 + 5_000 * MS)]
+        _, incs = correlate(first + second)
+        assert [i.view for i in incs] == ["both", "both"]
+        assert incs[1].repeat_of == {"id": incs[0].id, "same": "socket"}, client_first

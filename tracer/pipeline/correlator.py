@@ -948,11 +948,14 @@ class Correlator:
             done.append(self._close(oldest, "evicted"))
 
     def _remember(self, inc: Incident) -> None:
-        tables = [(self.recent_tuples, (inc.home_netns, inc.key))]
-        if inc.alias is not None:
-            tables.append((self.recent_tuples, (inc.client_netns, inc.translated["before"])))
+        if inc.translated is None:
+            tables = [(self.recent_tuples, (inc.home_netns, inc.key))]
+        else:  # each end's namespace with the tuple it sees
+            tables = [(self.recent_tuples, (inc.netns, inc.translated["after"])),
+                      (self.recent_tuples, (inc.client_netns, inc.translated["before"]))]
         if inc.seen_server:
-            tables.append((self.recent_sockets, (inc.netns, inc.closewait["skaddr"], inc.key)))
+            server_key = inc.key if inc.translated is None else inc.translated["after"]
+            tables.append((self.recent_sockets, (inc.netns, inc.closewait["skaddr"], server_key)))
         for table, key in tables:
             table[key] = inc.id
             table.move_to_end(key)
