@@ -86,6 +86,7 @@ class Options:
     reorder_delay: float = 0.1
     record: str | None = None  # write a recording here (tracer/pipeline/recording.py)
     metrics: str | None = None  # serve Prometheus metrics on HOST:PORT (tracer/output/metrics.py)
+    web_config: str | None = None  # the metrics server's TLS and authentication (tracer/output/webconfig.py)
     # lazy: where the state-change hook is a raw tracepoint, attach it only while collisions are in progress
     # (every state change of every socket of the host otherwise runs it); always: keep it attached
     state_hook: str = "lazy"
@@ -198,8 +199,13 @@ class Session:
         if self.options.metrics:
             from tracer.output.metrics import Metrics  # noqa: PLC0415 - only when asked for
 
+            from tracer.output.webconfig import WebConfig, WebConfigError  # noqa: PLC0415
+
             try:
-                self.metrics = Metrics(self.options.metrics)
+                web = WebConfig(self.options.web_config) if self.options.web_config else None
+                self.metrics = Metrics(self.options.metrics, web=web)
+            except WebConfigError as e:
+                raise capabilities.KernelError(str(e)) from None
             except OSError as e:
                 raise capabilities.KernelError(str(e)) from None
             self.metrics.ready(ready["hooks"])

@@ -29,7 +29,7 @@ EXAMPLES = examples(
 @click.option("--timeout", type=float, default=30.0, show_default=True, metavar="SECONDS",
               callback=positive,
               help="Give up if no collision is reported by then.")
-@takes("as_json", "verbose", "all_events", *LOADING, "incident_timeout", "record", "metrics", "no_color")
+@takes("as_json", "verbose", "all_events", *LOADING, "incident_timeout", "record", "metrics", "web_config", "no_color")
 def demo(ipv4, ipv6, timeout, as_json, no_color, **params):
     """Reproduce a CLOSE_WAIT port collision in a private namespace, and trace it.
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import click
+
 from tracer.cli.options import RUNTIME_ERRORS, fail, filters, writer
 from tracer.output.stream import OutputClosed, Stdout
 from tracer.output.systemd import JournalWriter, Notifier, journal_is_stdout
@@ -16,7 +18,10 @@ def session_options(params: dict, **overrides) -> Options:
         selftest=not params.get("no_selftest", False), state_hook=params.get("state_hook", "lazy"),
         duration=params.get("duration"), count=params.get("count"), verbose=params.get("verbose", False),
         all_events=params.get("all_events", False), record=params.get("record"), metrics=params.get("metrics"),
+        web_config=params.get("web_config"),
     )
+    if settings["web_config"] and not settings["metrics"]:
+        raise click.UsageError("--web-config secures the metrics server: give --metrics HOST:PORT too")
     if params.get("incident_timeout") is not None:
         settings["incident_timeout"] = params["incident_timeout"]
     settings.update(overrides)

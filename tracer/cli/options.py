@@ -54,6 +54,18 @@ def _listen(ctx, param, value):
     return value
 
 
+def _web_config(ctx, param, value):
+    if value is None:
+        return None
+    from tracer.output.webconfig import WebConfigError, load  # noqa: PLC0415 - yaml only when asked for
+
+    try:
+        load(value)
+    except WebConfigError as e:
+        raise click.BadParameter(str(e)) from None
+    return value
+
+
 def _selectors(kind: str):
     def check(ctx, param, values):
         for v in values:
@@ -118,6 +130,10 @@ OPTIONS: dict[str, tuple[tuple[str, ...], dict]] = {
                                         "FILE`.")),
     "metrics": (("--metrics",), dict(callback=_listen, metavar="HOST:PORT",
                                      help="Serve Prometheus metrics on HOST:PORT (e.g. 0.0.0.0:9465, [::]:9465).")),
+    "web_config": (("--web-config",), dict(
+        callback=_web_config, metavar="FILE",
+        help="TLS and basic authentication for --metrics, in the format of Prometheus's exporter-toolkit "
+             "(tls_server_config, basic_auth_users with bcrypt hashes), as node_exporter reads it.")),
     "journal": (("--journal",), dict(
         is_flag=True, help="Write each record to the systemd journal as an entry with TCPCOLLIDE_* fields, not to "
                            "stdout (the default when $JOURNAL_STREAM says stdout is the journal).")),

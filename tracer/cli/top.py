@@ -16,7 +16,7 @@ EXAMPLES = examples(
 
 
 @click.command("top", cls=Command, epilog=EXAMPLES)
-@takes(*FILTERS, *WORKLOAD_FILTERS, "duration", "count", *LOADING, "incident_timeout", "record", "metrics", "no_color")
+@takes(*FILTERS, *WORKLOAD_FILTERS, "duration", "count", *LOADING, "incident_timeout", "record", "metrics", "web_config", "no_color")
 def top(no_color, **params):
     """A live dashboard: collisions as they complete, counters by outcome,
     server port, culprit process and client, CLOSE_WAIT sockets and ghosts

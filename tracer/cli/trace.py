@@ -8,7 +8,7 @@ from tracer.cli.live import live_output, run, session_options
 from tracer.cli.options import FILTERS, LOADING, WORKLOAD_FILTERS, Command, examples, takes
 
 TRACE_OPTIONS = (*FILTERS, *WORKLOAD_FILTERS, "duration", "count", "as_json", "verbose", "all_events", *LOADING, "incident_timeout",
-                 "record", "metrics", "journal", "no_color")
+                 "record", "metrics", "web_config", "journal", "no_color")
 
 EXAMPLES = examples(
     ("tcpcollide-trace trace", "trace the whole host until Ctrl-C (also: tcpcollide-trace)"),

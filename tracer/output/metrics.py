@@ -163,6 +163,30 @@ class Server(ThreadingMixIn, WSGIServer):
     def handle_error(self, request, client_address):
         self.failed += 1
 
+    web = None  # tracer/output/webconfig.py WebConfig: TLS, basic auth (--web-config)
+
+    def finish_request(self, request, client_address):
+        """With TLS, the handshake in the connection's own thread (a client
+        that never finishes it holds one slot, for REQUEST_TIMEOUT_S), then
+        the client certificate's names (client_allowed_sans)."""
+        policy = self.web.current() if self.web is not None else None
+        if policy is None or policy.tls is None:
+            super().finish_request(request, client_address)
+            return
+        request.settimeout(REQUEST_TIMEOUT_S)
+        try:
+            tls = policy.tls.wrap_socket(request, server_side=True)
+        except (OSError, ValueError):  # no TLS spoken, a certificate refused, a timeout
+            self.failed += 1
+            return
+        try:
+            if not self.web.peer_allowed(policy, tls.getpeercert()):
+                self.failed += 1
+                return
+            super().finish_request(tls, client_address)
+        finally:
+            tls.close()
+
 
 class ServerCollector:
     """What the metrics' own server turned away."""
@@ -182,21 +206,24 @@ class ServerCollector:
         yield from (refused, failed)
 
 
-def serve(host: str, port: int, registry: CollectorRegistry) -> tuple[Server, threading.Thread]:
-    """Serve `registry` on host:port from a daemon thread."""
+def serve(host: str, port: int, registry: CollectorRegistry, web=None) -> tuple[Server, threading.Thread]:
+    """Serve `registry` on host:port from a daemon thread (`web`: the
+    --web-config's WebConfig, or None: plain HTTP, no authentication)."""
     family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
 
     class _Server(Server):
         address_family = family
 
-    httpd = make_server(host, port, make_wsgi_app(registry), _Server, handler_class=_Handler)
+    app = make_wsgi_app(registry)
+    httpd = make_server(host, port, web.wsgi(app) if web is not None else app, _Server, handler_class=_Handler)
+    httpd.web = web
     thread = threading.Thread(target=httpd.serve_forever, name="metrics", daemon=True)
     thread.start()
     return httpd, thread
 
 
 class Metrics:
-    def __init__(self, listen: str, snapshot=inventory.snapshot):
+    def __init__(self, listen: str, snapshot=inventory.snapshot, web=None):
         self.registry = CollectorRegistry()
         r = self.registry
         self.collisions = Counter("tcpcollide_collisions", "Collisions reported, by server port and outcome",
@@ -229,7 +256,7 @@ class Metrics:
         r.register(served)
         host, port = parse_listen(listen)
         try:
-            self.server, self.thread = serve(host, port, r)
+            self.server, self.thread = serve(host, port, r, web)
         except OSError as e:
             raise OSError(f"cannot serve metrics on {listen}: {e.strerror}") from None
         served.server = self.server
