@@ -24,7 +24,7 @@ SYSTEM = Path(__file__).resolve().parent.parent / "tracer" / "system"
 @pytest.fixture(scope="module")
 def manifest():
     docs = [d for d in yaml.safe_load_all((SYSTEM / "daemonset.yaml").read_text()) if d]
-    assert {d["kind"] for d in docs} == {"Namespace", "DaemonSet"}
+    assert {d["kind"] for d in docs} == {"Namespace", "DaemonSet", "PodMonitor"}
     ds = next(d for d in docs if d["kind"] == "DaemonSet")
     assert ds["apiVersion"] == "apps/v1"
     assert ds["spec"]["selector"]["matchLabels"].items() <= ds["spec"]["template"]["metadata"]["labels"].items()
@@ -82,10 +82,29 @@ def test_the_metrics_port_is_the_units(manifest):
     assert args[args.index("--metrics") + 1] == f"0.0.0.0:{unit_port}"
     assert c["ports"] == [{"name": "metrics", "containerPort": int(unit_port), "hostPort": int(unit_port),
                            "protocol": "TCP"}]
-    for probe in ("readinessProbe", "livenessProbe"):
-        assert c[probe]["httpGet"] == {"path": "/metrics", "port": int(unit_port)}
+    for probe in ("readinessProbe", "livenessProbe"):  # the kubelet has no client certificate nor password
+        assert c[probe]["tcpSocket"] == {"port": int(unit_port)}
     annotations = manifest["spec"]["template"]["metadata"]["annotations"]
-    assert annotations["prometheus.io/port"] == unit_port
+    assert annotations["prometheus.io/port"] == unit_port and annotations["prometheus.io/scheme"] == "https"
+
+
+def test_the_metrics_are_secured_from_a_secret(manifest):
+    """--web-config's file is in the Secret mounted read-only, and the PodMonitor scrapes the
+    DaemonSet's pods on its port over TLS with a client certificate and basic auth."""
+    c, spec = container(manifest), pod(manifest)
+    args = c["args"]
+    web = args[args.index("--web-config") + 1]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    (mount,) = [m for m in c["volumeMounts"] if web.startswith(m["mountPath"] + "/")]
+    assert mount["readOnly"] is True and "secret" in volumes[mount["name"]]
+    assert volumes[mount["name"]]["secret"]["defaultMode"] == 0o400
+    docs = [d for d in yaml.safe_load_all((SYSTEM / "daemonset.yaml").read_text()) if d]
+    (pm,) = [d for d in docs if d["kind"] == "PodMonitor"]
+    assert pm["metadata"]["namespace"] == manifest["metadata"]["namespace"]
+    assert pm["spec"]["selector"]["matchLabels"].items() <= manifest["spec"]["template"]["metadata"]["labels"].items()
+    (ep,) = pm["spec"]["podMetricsEndpoints"]
+    assert ep["port"] == c["ports"][0]["name"] and ep["scheme"] == "https"
+    assert {"ca", "cert", "keySecret"} <= set(ep["tlsConfig"]) and {"username", "password"} <= set(ep["basicAuth"])
 
 
 def test_resources_are_set(manifest):
@@ -104,7 +123,9 @@ def test_the_image_runs_what_the_daemonset_runs(manifest):
     entry = json.loads(next(d for d in directives if d.startswith("ENTRYPOINT ")).split(" ", 1)[1])
     cmd = json.loads(next(d for d in directives if d.startswith("CMD ")).split(" ", 1)[1])
     assert entry == ["/usr/bin/tcpcollide-trace"]
-    assert cmd == container(manifest)["args"]
+    args = container(manifest)["args"]
+    at = args.index("--web-config")  # the Secret's file: the DaemonSet's own (a bare `podman run` has none)
+    assert cmd == args[:at] + args[at + 2:]
     assert "apt-get install" in text and "tcpcollide-trace_*_all.deb" in text
     assert "pip" not in text
     assert container(manifest)["image"] == f"tcpcollide-trace:{__version__}"  # what scripts/build-image tags
