@@ -159,6 +159,27 @@ def ask(sock: socket.socket, request: bytes) -> dict | None:
     return parse_entry(data[20:length])
 
 
+FORWARDING_TTL_S = 10.0
+
+
+def forwarding(ns_path: str) -> bool:
+    """net.ipv4.ip_forward or net.ipv6.conf.all.forwarding in the namespace
+    (true when it cannot be read: ask it rather than miss a translator)."""
+    def read() -> bool:
+        for name in ("ipv4/ip_forward", "ipv6/conf/all/forwarding"):
+            try:
+                with open(f"/proc/sys/net/{name}") as f:
+                    if f.read().strip() not in ("", "0"):
+                        return True
+            except OSError:
+                continue
+        return False
+    try:
+        return sockdiag.in_netns(ns_path, read)
+    except sockdiag.SockDiagError:
+        return True
+
+
 def timeouts(ns_path: str) -> dict[str, int] | None:
     """The namespace's conntrack TCP timeouts (seconds), None without conntrack there."""
     def read() -> dict[str, int] | None:
@@ -177,9 +198,10 @@ def timeouts(ns_path: str) -> dict[str, int] | None:
 
 
 class Conntrack:
-    """Finds a connection's conntrack entry in the host's namespaces, within a
-    budget of questions per second (BUDGET: a storm's thousands of
-    collisions on a node with hundreds of namespaces would otherwise ask
+    """Finds a connection's conntrack entry in the host's namespaces that can
+    hold it (the ends' own, the root one, and those that forward packets),
+    within a budget of questions per second (BUDGET: a storm's thousands of
+    collisions on a node with many forwarding namespaces would otherwise ask
     hundreds of thousands). `not_asked` counts the collisions whose entry was
     not looked for because the budget was spent."""
 
@@ -193,6 +215,7 @@ class Conntrack:
         self._tokens = float(self.BUDGET)
         self._refilled = time.monotonic()
         self._timeouts: dict[int, tuple[float, dict | None]] = {}
+        self._forwarding: dict[int, tuple[float, bool]] = {}
 
     def _spend(self, n: int) -> bool:
         now = time.monotonic()
@@ -203,6 +226,16 @@ class Conntrack:
         self._tokens -= n
         return True
 
+    def _forwards(self, ns: int, path: str) -> bool:
+        """Whether the namespace forwards packets (IPv4 or IPv6): a translator
+        between two other namespaces or hosts does (a router, a Docker host, a
+        node); a pod's or a container's own namespace does not. Cached."""
+        now = time.monotonic()
+        held = self._forwarding.get(ns)
+        if held is None or now - held[0] > FORWARDING_TTL_S:
+            held = self._forwarding[ns] = (now, forwarding(path))
+        return held[1]
+
     def find(self, family: int, direction: str, src: str, sport: int, dst: str, dport: int,
              ns_paths: dict[int, str], first: list[int]) -> dict:
         """{"entry": ..., "netns": N, "timeouts": {...}} where found, else
@@ -211,11 +244,13 @@ class Conntrack:
         "budget" (not asked), "unavailable" (ctnetlink cannot be used here)."""
         if not present():
             return {"entry": None, "unknown": "not_found"}
+        # the ends' own namespaces (a REDIRECT or DNAT on their own output), the root one, then the
+        # other namespaces that forward packets (only they can translate between two others)
         order = [ns for ns in first if ns in ns_paths]
         root = os.stat("/proc/1/ns/net").st_ino if os.path.exists("/proc/1/ns/net") else None
         if root in ns_paths and root not in order:
             order.append(root)
-        order += [ns for ns in sorted(ns_paths) if ns not in order]
+        order += [ns for ns in sorted(ns_paths) if ns not in order and self._forwards(ns, ns_paths[ns])]
         order = order[:self.MAX_NAMESPACES]
         if not self._spend(len(order)):
             self.not_asked += 1
