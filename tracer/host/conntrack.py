@@ -247,9 +247,13 @@ class Conntrack:
         # the ends' own namespaces (a REDIRECT or DNAT on their own output), the root one, then the
         # other namespaces that forward packets (only they can translate between two others)
         order = [ns for ns in first if ns in ns_paths]
-        root = os.stat("/proc/1/ns/net").st_ino if os.path.exists("/proc/1/ns/net") else None
-        if root in ns_paths and root not in order:
-            order.append(root)
+        for path in ("/proc/self/ns/net", "/proc/1/ns/net"):  # the tracer's (host network) and init's
+            try:
+                root = os.stat(path).st_ino
+            except OSError:
+                continue
+            if root in ns_paths and root not in order:
+                order.append(root)
         order += [ns for ns in sorted(ns_paths) if ns not in order and self._forwards(ns, ns_paths[ns])]
         order = order[:self.MAX_NAMESPACES]
         if not self._spend(len(order)):
