@@ -42,16 +42,21 @@ def positive(ctx, param, value):
     return value
 
 
+def _checked(value, check, errors):
+    """`value`, or click's one-line error with what check(value) raised."""
+    try:
+        check(value)
+    except errors as e:
+        raise click.BadParameter(str(e)) from None
+    return value
+
+
 def _listen(ctx, param, value):
     if value is None:
         return None
     from tracer.output.metrics import parse_listen  # noqa: PLC0415 - prometheus_client only when asked for
 
-    try:
-        parse_listen(value)
-    except ValueError as e:
-        raise click.BadParameter(str(e)) from None
-    return value
+    return _checked(value, parse_listen, ValueError)
 
 
 def _web_config(ctx, param, value):
@@ -59,11 +64,7 @@ def _web_config(ctx, param, value):
         return None
     from tracer.output.webconfig import WebConfigError, load  # noqa: PLC0415 - yaml only when asked for
 
-    try:
-        load(value)
-    except WebConfigError as e:
-        raise click.BadParameter(str(e)) from None
-    return value
+    return _checked(value, load, WebConfigError)
 
 
 def _selectors(kind: str):

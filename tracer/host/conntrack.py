@@ -27,6 +27,7 @@ import struct
 import time
 
 from tracer.host import sockdiag
+from tracer.pipeline.events import AF_INET, AF_INET6, format_addr
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_CTNETLINK, IPCTNL_MSG_CT_GET = 1, 1  # linux/netfilter/nfnetlink.h, nfnetlink_conntrack.h
@@ -110,8 +111,7 @@ def _endpoints(data: bytes) -> dict:
 def _endpoint(addr: bytes | None, port: int | None) -> str | None:
     if addr is None or port is None:
         return None
-    ip = ipaddress.ip_address(addr)
-    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+    return format_addr(AF_INET6 if len(addr) == 16 else AF_INET, addr, port)
 
 
 def parse_entry(payload: bytes) -> dict:
@@ -151,15 +151,10 @@ def ask(sock: socket.socket, request: bytes) -> dict | None:
     length, msg_type = struct.unpack_from("=IH", data, 0)
     if msg_type == NLMSG_ERROR:
         err = -struct.unpack_from("=i", data, 16)[0]
-        if err == 0:
-            return None
-        if err == errno.ENOENT:
+        if err in (0, errno.ENOENT):
             return None
         raise ConntrackError(os.strerror(err))
     return parse_entry(data[20:length])
-
-
-FORWARDING_TTL_S = 10.0
 
 
 def forwarding(ns_path: str) -> bool:
@@ -202,16 +197,14 @@ class Conntrack:
     hold it (the ends' own, the root one, and those that forward packets),
     within a budget of questions per second (BUDGET: a storm's thousands of
     collisions on a node with many forwarding namespaces would otherwise ask
-    hundreds of thousands). `not_asked` counts the collisions whose entry was
-    not looked for because the budget was spent."""
+    hundreds of thousands; a collision not looked for says so, `budget`)."""
 
     BUDGET = 2000  # namespace questions per second
-    MAX_NAMESPACES = 256  # asked per collision at most (the incident's own first, then the root, then the rest)
+    MAX_NAMESPACES = 256  # asked per collision at most (the ends' own first, then the host's, then the forwarding)
+    TTL_S = 10.0  # a namespace's forwarding and timeouts sysctls are read again after this long
 
     def __init__(self):
         self.pool = sockdiag.Pool(opener=_socket_in)
-        self.not_asked = 0
-        self.unavailable: str | None = None
         self._tokens = float(self.BUDGET)
         self._refilled = time.monotonic()
         self._timeouts: dict[int, tuple[float, dict | None]] = {}
@@ -226,15 +219,19 @@ class Conntrack:
         self._tokens -= n
         return True
 
+    def _sysctls(self, table: dict, ns: int, path: str, read):
+        """read(path) for namespace `ns`, kept TTL_S in `table`."""
+        now = time.monotonic()
+        held = table.get(ns)
+        if held is None or now - held[0] > self.TTL_S:
+            held = table[ns] = (now, read(path))
+        return held[1]
+
     def _forwards(self, ns: int, path: str) -> bool:
         """Whether the namespace forwards packets (IPv4 or IPv6): a translator
         between two other namespaces or hosts does (a router, a Docker host, a
-        node); a pod's or a container's own namespace does not. Cached."""
-        now = time.monotonic()
-        held = self._forwarding.get(ns)
-        if held is None or now - held[0] > FORWARDING_TTL_S:
-            held = self._forwarding[ns] = (now, forwarding(path))
-        return held[1]
+        node); a pod's or a container's own namespace does not."""
+        return self._sysctls(self._forwarding, ns, path, forwarding)
 
     def find(self, family: int, direction: str, src: str, sport: int, dst: str, dport: int,
              ns_paths: dict[int, str], first: list[int]) -> dict:
@@ -244,7 +241,7 @@ class Conntrack:
         "budget" (not asked), "unavailable" (ctnetlink cannot be used here)."""
         if not present():
             return {"entry": None, "unknown": "not_found"}
-        # the ends' own namespaces (a REDIRECT or DNAT on their own output), the root one, then the
+        # the ends' own namespaces (a REDIRECT or DNAT on their own output), the host's, then the
         # other namespaces that forward packets (only they can translate between two others)
         order = [ns for ns in first if ns in ns_paths]
         for path in ("/proc/self/ns/net", "/proc/1/ns/net"):  # the tracer's (host network) and init's
@@ -257,7 +254,6 @@ class Conntrack:
         order += [ns for ns in sorted(ns_paths) if ns not in order and self._forwards(ns, ns_paths[ns])]
         order = order[:self.MAX_NAMESPACES]
         if not self._spend(len(order)):
-            self.not_asked += 1
             return {"entry": None, "unknown": "budget"}
         request = get_request(family, direction, src, sport, dst, dport)
         errors = 0
@@ -273,11 +269,7 @@ class Conntrack:
         return {"entry": None, "unknown": "unavailable" if errors == len(order) else "not_found"}
 
     def _netns_timeouts(self, ns: int, path: str) -> dict | None:
-        now = time.monotonic()
-        held = self._timeouts.get(ns)
-        if held is None or now - held[0] > 10:
-            held = self._timeouts[ns] = (now, timeouts(path))
-        return held[1]
+        return self._sysctls(self._timeouts, ns, path, timeouts)
 
     def close_idle(self) -> None:
         self.pool.close_idle()

@@ -260,16 +260,19 @@ class Diagnoser:
         (src, sport), (dst, dport) = _addr_port(local), _addr_port(remote)
         if ipaddress.ip_address(src).is_loopback and ipaddress.ip_address(dst).is_loopback:
             return None
-        if time.monotonic() - self._ns_scanned >= 1.0:
-            self._ns_scanned = time.monotonic()
-            self._ns_paths = sockdiag.namespaces()
+        self._scan_namespaces()
         first = [ns for ns in (inc.client_netns, inc.netns) if ns is not None]
         return self.conntrack.find(inc.family, direction, src, sport, dst, dport, self._ns_paths, first)
 
-    def _ns_path(self, netns: int) -> str | None:
-        if netns not in self._ns_paths and time.monotonic() - self._ns_scanned >= 1.0:
+    def _scan_namespaces(self) -> None:
+        """The host's namespaces listed again, at most once a second."""
+        if time.monotonic() - self._ns_scanned >= 1.0:
             self._ns_scanned = time.monotonic()
             self._ns_paths = sockdiag.namespaces()
+
+    def _ns_path(self, netns: int) -> str | None:
+        if netns not in self._ns_paths:
+            self._scan_namespaces()
         return self._ns_paths.get(netns)
 
     def listener(self, inc: Incident) -> dict | None:

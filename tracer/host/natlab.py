@@ -29,11 +29,13 @@ what conntrack judged invalid and the resets the router's own stack sent
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import subprocess
 from dataclasses import dataclass
 
 from tracer.host import netns
+from tracer.pipeline.events import AF_INET, AF_INET6, format_addr
 
 KINDS = ("masquerade", "snat", "dnat")
 SERVER_PORT, PUBLISHED_PORT, SNAT_PORT = 12345, 8080, 40001
@@ -64,7 +66,8 @@ PLANS = {
 
 def endpoint(addr: str, port: int) -> str:
     """ADDR:PORT as the tracer writes it ([ADDR]:PORT for IPv6)."""
-    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+    ip = ipaddress.ip_address(addr)
+    return format_addr(AF_INET6 if ip.version == 6 else AF_INET, ip.packed, port)
 
 
 def nft(ns: netns.NetNS, script: str) -> None:

@@ -126,9 +126,8 @@ class Incident:
     client_syn_ns: int | None = None  # when the client sent its first SYN (tp->retrans_stamp)
     skips_near: bool = False  # the kernel skipped BPF runs while it was open or about to start
     # the two ends see the connection under different tuples (an address translation between them):
-    # {"before": Key, "after": Key}, the client's tuple and the server's; `alias` is the one that is not `key`
+    # {"before": Key, "after": Key}, the client's tuple and the server's (`key` is one of them)
     translated: dict | None = None
-    alias: Key | None = None
 
     @property
     def view(self) -> str:
@@ -140,7 +139,9 @@ class Incident:
     @property
     def keys(self) -> tuple[Key, ...]:
         """Its tuples: the one it is keyed by, and the other end's when a translation is between them."""
-        return (self.key,) if self.alias is None else (self.key, self.alias)
+        if self.translated is None:
+            return (self.key,)
+        return (self.key, *(k for k in self.translated.values() if k != self.key))
 
     def ends(self) -> dict[str, tuple[str, str]]:
         """Each end's (local, remote) endpoints, as that end sees them."""
@@ -374,7 +375,7 @@ class Correlator:
         socket's snd_nxt and rcv_nxt, as it sent them and as the client got
         them), with its `end` not seen yet."""
         inc = self._by_numbers.get((ev.family, ev.seq, ev.ack))
-        if inc is None or inc.alias is not None or (inc.seen_client if end == "client" else inc.seen_server):
+        if inc is None or inc.translated is not None or (inc.seen_client if end == "client" else inc.seen_server):
             return None
         return inc
 
@@ -383,7 +384,6 @@ class Correlator:
         through an address translation. The report names each end as it
         sees itself (the server's address from its end, the client's from
         its end) and both tuples (`translated`)."""
-        inc.alias = key
         self.open[key] = inc
         before, after = (inc.key, key) if local_is_server else (key, inc.key)
         inc.translated = {"before": before, "after": after}
